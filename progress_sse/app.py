@@ -1,0 +1,96 @@
+"""create_app(settings): the Starlette application, its lifespan, routes and error handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+
+from . import api, migrations
+from .context import Context
+from .errors import ProgressError
+from .hub import Hub
+from .logs import RequestLogMiddleware
+from .settings import Settings
+from .store.sqlite import SQLiteStore, dumps
+
+log = structlog.get_logger("progress_sse.app")
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build one independent service instance (nothing shared between instances)."""
+    settings = settings or Settings()
+    store = SQLiteStore(settings.db, synchronous=settings.synchronous,
+                        retention_events=settings.retention_events)
+    hub = Hub(settings.tail_size)
+    ctx = Context(settings=settings, store=store, hub=hub)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await asyncio.to_thread(migrations.migrate_sqlite, settings.db)
+        head = await store.start(hub.publish)
+        hub.reset(head)
+        log.info("service.started", db=settings.db, head=head)
+        try:
+            yield
+        finally:
+            hub.close()
+            await store.close()
+            log.info("service.stopped", head=hub.head)
+
+    routes = list(api.routes())
+    if WEB_DIR.is_dir():
+        routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(RequestLogMiddleware)],
+        exception_handlers={
+            ProgressError: _progress_error,
+            HTTPException: _http_error,
+            Exception: _server_error,
+        },
+    )
+    app.state.ctx = ctx
+    return app
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    err: dict[str, str] = {"code": code, "message": message}
+    if field is not None:
+        err["field"] = field
+    return Response(dumps({"error": err}), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+async def _progress_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProgressError)
+    return error_response(exc.status_code, exc.code, exc.message, exc.field, exc.headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if exc.status_code != 404 else f"no such path: {request.url.path}"
+    return error_response(exc.status_code, code, str(message), headers=exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("request.failed", path=request.url.path)
+    return error_response(500, "internal", "internal error; see the server log")

@@ -1,0 +1,83 @@
+"""The hub: an in-memory tail of the newest committed events, and wake-ups.
+
+The hub is a cache, not a queue: it holds no per-subscriber buffer and never drops
+anything for anyone. A stream keeps its own cursor, reads what is newer from the
+tail, and reads from the store when its cursor is older than the tail.
+
+Wake-ups are `asyncio.Event`s replaced at each publish: a waiter holds the event
+it took before reading, so a publish between its read and its wait still wakes it,
+and there is no lock that a cancelled waiter could leave held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from .store import Event
+
+
+class Hub:
+    def __init__(self, tail_size: int = 4096) -> None:
+        self.tail_size = tail_size
+        self.head = 0
+        self._tail: list[Event] = []
+        self._first = 1  # id of self._tail[0]
+        self._all = asyncio.Event()
+        self._by_job: dict[str, asyncio.Event] = {}
+        self.closed = False
+        self.streams = 0
+
+    def reset(self, head: int) -> None:
+        """Start from the store's head (nothing cached yet)."""
+        self.head = head
+        self._tail = []
+        self._first = head + 1
+
+    def publish(self, events: Sequence[Event]) -> None:
+        """Append committed events (ids contiguous, after head) and wake their streams."""
+        if not events:
+            return
+        if events[0].id != self.head + 1:
+            # a gap (ids skipped, e.g. by another writer): the tail restarts here,
+            # older cursors read from the store
+            self._tail = []
+            self._first = events[0].id
+        self._tail.extend(events)
+        self.head = events[-1].id
+        excess = len(self._tail) - self.tail_size
+        if excess > self.tail_size // 4:
+            del self._tail[:excess]
+            self._first += excess
+        wake, self._all = self._all, asyncio.Event()
+        wake.set()
+        by_job = self._by_job
+        if by_job:
+            for ev in events:
+                waiter = by_job.pop(ev.job_id, None)
+                if waiter is not None:
+                    waiter.set()
+
+    def waiter(self, job_id: str | None = None) -> asyncio.Event:
+        """The event the next publish (of this job, if named) will set. Take it before reading."""
+        if job_id is None:
+            return self._all
+        ev = self._by_job.get(job_id)
+        if ev is None:
+            ev = self._by_job[job_id] = asyncio.Event()
+        return ev
+
+    def after(self, cursor: int, limit: int) -> list[Event] | None:
+        """Events with id > cursor from the tail, or None when the tail no longer reaches back."""
+        if cursor + 1 < self._first:
+            return None
+        start = cursor + 1 - self._first
+        return self._tail[start:start + limit]
+
+    def close(self) -> None:
+        """End every stream: they see `closed` when woken."""
+        self.closed = True
+        self._all.set()
+        for ev in self._by_job.values():
+            ev.set()
+        self._by_job.clear()

@@ -1,0 +1,175 @@
+"""Request bodies: read within limits, decode JSON or form, and check each field.
+
+Every refusal names the field and the problem; nothing here touches the store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.requests import Request
+
+from .errors import BodyTooLarge, InvalidInput, UnsupportedMediaType
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+MAX_DEPTH = 8
+MAX_STAGES = 64
+MAX_DOC_BYTES = 16 * 1024  # `data`, `meta`, `result` each, serialised
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_body(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a dict: JSON object or form fields. An empty body is an empty dict."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BodyTooLarge(f"the body is larger than {limit} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not raw.strip():
+        return {}
+    if ctype in ("application/json", "") or ctype.endswith("+json"):
+        try:
+            value = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidInput(f"the body is not valid JSON: {exc}", field="body") from None
+        if not isinstance(value, dict):
+            raise InvalidInput("the body must be a JSON object", field="body")
+        return value
+    if ctype == "application/x-www-form-urlencoded":
+        try:
+            text = raw.decode("utf-8")
+            pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True,
+                              max_num_fields=100)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidInput(f"the form body is malformed: {exc}", field="body") from None
+        form: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in form:
+                raise InvalidInput(f"{key} is given more than once", field=key)
+            form[key] = _FormValue(value)
+        return form
+    raise UnsupportedMediaType(
+        f"content type {ctype!r} is not supported; send application/json or "
+        "application/x-www-form-urlencoded"
+    )
+
+
+class _FormValue(str):
+    """A form field: a string that may be read as a number or a boolean."""
+
+
+def unknown_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise InvalidInput(f"unknown field {extra[0]!r}; allowed: {sorted(allowed)}",
+                           field=extra[0])
+
+
+def text(body: dict[str, Any], name: str, *, max_len: int, required: bool = False,
+         default: str | None = None, pattern: re.Pattern[str] | None = None) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise InvalidInput(f"{name} is required", field=name)
+        return default
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string", field=name)
+    if len(value) > max_len:
+        raise InvalidInput(f"{name} is longer than {max_len} characters", field=name)
+    if "\x00" in value or any(ord(c) < 32 and c not in "\t\n\r" for c in value):
+        raise InvalidInput(f"{name} contains control characters", field=name)
+    if pattern is not None and not pattern.match(value):
+        raise InvalidInput(f"{name} must match {pattern.pattern}", field=name)
+    return value
+
+
+def number(body: dict[str, Any], name: str, *, low: float | None = None,
+           high: float | None = None, integer: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, _FormValue):
+        try:
+            value = int(value) if integer else float(value)
+        except ValueError:
+            raise InvalidInput(f"{name} must be a number", field=name) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(f"{name} must be a number", field=name)
+    if integer and not (isinstance(value, int) or float(value).is_integer()):
+        raise InvalidInput(f"{name} must be an integer", field=name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInput(f"{name} must be finite", field=name)
+    if abs(value) > 1e15:
+        raise InvalidInput(f"{name} is out of range", field=name)
+    if low is not None and value < low:
+        raise InvalidInput(f"{name} must be at least {low:g}", field=name)
+    if high is not None and value > high:
+        raise InvalidInput(f"{name} must be at most {high:g}", field=name)
+    return int(value) if integer else float(value)
+
+
+def boolean(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, _FormValue):
+        lowered = value.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+    if isinstance(value, bool):
+        return value
+    raise InvalidInput(f"{name} must be true or false", field=name)
+
+
+def document(body: dict[str, Any], name: str, *, mapping: bool = False) -> Any:
+    """A free JSON value (`data`, `meta`, `result`), bounded in size and depth."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, _FormValue):
+        value = str(value)
+    if mapping and not isinstance(value, dict):
+        raise InvalidInput(f"{name} must be a JSON object", field=name)
+    if _depth(value) > MAX_DEPTH:
+        raise InvalidInput(f"{name} is nested deeper than {MAX_DEPTH} levels", field=name)
+    if len(json.dumps(value, separators=(",", ":"))) > MAX_DOC_BYTES:
+        raise InvalidInput(f"{name} is larger than {MAX_DOC_BYTES} bytes", field=name)
+    return value
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > MAX_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level + 1)
+    return level
+
+
+def query_int(request: Request, name: str, *, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit():
+        raise InvalidInput(f"{name} must be a non-negative integer", field=name)
+    value = int(raw)
+    if not low <= value <= high:
+        raise InvalidInput(f"{name} must be between {low} and {high}", field=name)
+    return value

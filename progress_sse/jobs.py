@@ -1,0 +1,380 @@
+"""Job state machine and progress rules.
+
+Pure: every function takes the current job and the time, and returns the new job
+with the event drafts it produced; the store persists both in one transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import Conflict, InvalidInput, JobFinished, StaleAttempt
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE = frozenset({"queued", "running", "paused", "cancelling"})
+FINISH_STATUSES = TERMINAL
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Stage:
+    key: str
+    label: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Draft:
+    """An event not yet stored: its type and the fields it adds beside the job."""
+
+    type: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: str
+    kind: str
+    title: str
+    queue: str
+    status: str
+    created_at: float
+    updated_at: float
+    token_hash: str
+    heartbeat_timeout_s: float
+    stages: tuple[Stage, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+    progress: float = 0.0
+    current: float | None = None
+    total: float | None = None
+    stage: str | None = None
+    stage_progress: float | None = None
+    message: str | None = None
+    data: Any = None
+    result: Any = None
+    error: str | None = None
+    attempt: int = 1
+    last_seq: int | None = None
+    cancel_requested: bool = False
+    pause_requested: bool = False
+    control_reason: str | None = None
+    stalled: bool = False
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_post_at: float | None = None
+    final_event_id: int | None = None
+    # seconds spent per stage, kept for the estimator's history
+    stage_times: dict[str, float] = field(default_factory=dict)
+    stage_started_at: float | None = None
+    eta_state: dict[str, Any] = field(default_factory=dict)
+    eta_s: float | None = None
+    queue_position: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    def control(self) -> dict[str, Any]:
+        """The control state a worker reads from every response."""
+        return {
+            "cancel_requested": self.cancel_requested,
+            "pause_requested": self.pause_requested,
+            "reason": self.control_reason,
+            "status": self.status,
+            "attempt": self.attempt,
+        }
+
+    def public(self, now: float) -> dict[str, Any]:
+        """The job as viewers see it (no token hash, no estimator internals)."""
+        end = self.finished_at if self.finished_at is not None else now
+        elapsed = round(max(0.0, end - self.started_at), 3) if self.started_at else None
+        eta = None if self.finished else self.eta_s
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "title": self.title,
+            "queue": self.queue,
+            "status": self.status,
+            "progress": self.progress,
+            "current": self.current,
+            "total": self.total,
+            "stage": self.stage,
+            "stage_progress": self.stage_progress,
+            "stages": [
+                {"key": s.key, "label": s.label, "weight": s.weight} for s in self.stages
+            ],
+            "message": self.message,
+            "data": self.data,
+            "meta": self.meta,
+            "result": self.result,
+            "error": self.error,
+            "attempt": self.attempt,
+            "cancel_requested": self.cancel_requested,
+            "pause_requested": self.pause_requested,
+            "control_reason": self.control_reason,
+            "stalled": self.stalled,
+            "heartbeat_timeout_s": self.heartbeat_timeout_s,
+            "queue_position": self.queue_position if self.status == "queued" else None,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "updated_at": self.updated_at,
+            "finished_at": self.finished_at,
+            "final_event_id": self.final_event_id,
+            "elapsed_s": elapsed,
+            "eta_s": eta,
+            "finish_estimate": round(now + eta, 3) if eta is not None else None,
+        }
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything needed to rebuild the job, for the store."""
+        d = {name: getattr(self, name) for name in _FIELDS}
+        d["stages"] = [{"key": s.key, "label": s.label, "weight": s.weight} for s in self.stages]
+        return d
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> Job:
+        d = dict(d)
+        d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
+        return cls(**{k: v for k, v in d.items() if k in _FIELDS})
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class NewJob:
+    id: str
+    owner: str
+    kind: str
+    title: str
+    queue: str
+    stages: tuple[Stage, ...]
+    total: float | None
+    meta: dict[str, Any]
+    heartbeat_timeout_s: float
+    token_hash: str
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    progress: float | None = None
+    current: float | None = None
+    total: float | None = None
+    stage: str | None = None
+    message: str | None = None
+    data: Any = None
+    paused: bool | None = None  # a worker acknowledging a pause (True) or a resume (False)
+    seq: int | None = None
+    attempt: int | None = None
+
+
+@dataclass(frozen=True)
+class LogLine:
+    level: str
+    message: str
+    seq: int | None = None
+    attempt: int | None = None
+
+
+@dataclass(frozen=True)
+class Finish:
+    status: str
+    result: Any = None
+    error: str | None = None
+    seq: int | None = None
+    attempt: int | None = None
+
+
+# ---------------------------------------------------------------- transitions
+
+Outcome = tuple[Job, list[Draft]]
+
+
+def create_job(spec: NewJob, now: float) -> Outcome:
+    job = Job(
+        id=spec.id,
+        owner=spec.owner,
+        kind=spec.kind,
+        title=spec.title,
+        queue=spec.queue,
+        status="queued",
+        created_at=now,
+        updated_at=now,
+        token_hash=spec.token_hash,
+        heartbeat_timeout_s=spec.heartbeat_timeout_s,
+        stages=spec.stages,
+        meta=spec.meta,
+        total=spec.total,
+    )
+    return job, [Draft("created")]
+
+
+def check_worker(job: Job, attempt: int | None) -> None:
+    """Refuse posts to finished jobs and from workers of another attempt."""
+    if job.finished:
+        raise JobFinished(f"job {job.id} is {job.status}; it takes no more posts")
+    if attempt is not None and attempt != job.attempt:
+        if attempt < job.attempt:
+            raise StaleAttempt(
+                f"attempt {attempt} was superseded by attempt {job.attempt}", field="attempt"
+            )
+        raise Conflict(f"attempt {attempt} has not been started", field="attempt")
+
+
+def check_seq(job: Job, seq: int | None) -> bool:
+    """True when `seq` repeats an earlier post (the caller answers with the stored event)."""
+    return seq is not None and job.last_seq is not None and seq <= job.last_seq
+
+
+def _touch(job: Job, now: float, seq: int | None) -> tuple[Job, list[Draft]]:
+    """A worker spoke: start a queued job, clear a stall, note the time."""
+    drafts: list[Draft] = []
+    changes: dict[str, Any] = {"updated_at": now, "last_post_at": now}
+    if seq is not None:
+        changes["last_seq"] = seq
+    if job.status == "queued":
+        changes.update(status="running", started_at=now, stage_started_at=now)
+    if job.stalled:
+        changes["stalled"] = False
+        drafts.append(Draft("status", {"status": job.status, "previous": job.status,
+                                       "stalled": False}))
+    return dataclasses.replace(job, **changes), drafts
+
+
+def stage_fraction(job: Job) -> tuple[float, int] | None:
+    """(weight done before the current stage, index of the current stage), or None."""
+    if not job.stages or job.stage is None:
+        return None
+    done = 0.0
+    for i, s in enumerate(job.stages):
+        if s.key == job.stage:
+            return done, i
+        done += s.weight
+    return None
+
+
+def overall_progress(stages: tuple[Stage, ...], stage: str | None, fraction: float) -> float:
+    """Finished stages' weight plus the current stage's fraction of its own, as 0-100."""
+    total = sum(s.weight for s in stages)
+    if not stages or stage is None or total <= 0:
+        return max(0.0, min(100.0, fraction * 100.0))
+    done = 0.0
+    for s in stages:
+        if s.key == stage:
+            return round(min(100.0, (done + s.weight * fraction) * 100.0 / total), 6)
+        done += s.weight
+    raise InvalidInput(f"unknown stage {stage!r}", field="stage")
+
+
+def record_progress(job: Job, upd: ProgressUpdate, now: float) -> Outcome:
+    check_worker(job, upd.attempt)
+    job, drafts = _touch(job, now, upd.seq)
+    stage = job.stage
+    stage_changed = upd.stage is not None and upd.stage != job.stage
+    if upd.stage is not None:
+        if job.stages and upd.stage not in {s.key for s in job.stages}:
+            raise InvalidInput(f"unknown stage {upd.stage!r}; the job declared "
+                               f"{[s.key for s in job.stages]}", field="stage")
+        stage = upd.stage
+    total = upd.total if upd.total is not None else job.total
+    current = upd.current if upd.current is not None else (None if stage_changed else job.current)
+    if current is not None and total is not None and current > total:
+        raise InvalidInput(f"current ({current}) is greater than total ({total})", field="current")
+
+    # the fraction this post reports: of the current stage for staged jobs, else of the job
+    fraction: float | None = None
+    if upd.progress is not None:
+        fraction = upd.progress / 100.0
+    elif upd.current is not None and total:
+        fraction = upd.current / total
+    elif stage_changed:
+        fraction = 0.0
+
+    changes: dict[str, Any] = {"total": total, "current": current}
+    held = False
+    if fraction is not None:
+        if job.stages:
+            if stage is None:
+                raise InvalidInput("this job has stages: name the stage the progress is for",
+                                   field="stage")
+            computed = overall_progress(job.stages, stage, fraction)
+            changes["stage_progress"] = round(fraction * 100.0, 6)
+        else:
+            computed = round(fraction * 100.0, 6)
+        if computed < job.progress:
+            held = True
+        else:
+            changes["progress"] = computed
+    if stage_changed:
+        changes["stage"] = stage
+        if job.stage is not None and job.stage_started_at is not None:
+            times = dict(job.stage_times)
+            times[job.stage] = times.get(job.stage, 0.0) + (now - job.stage_started_at)
+            changes["stage_times"] = times
+        changes["stage_started_at"] = now
+        if fraction is None:
+            changes["stage_progress"] = 0.0
+    if upd.message is not None:
+        changes["message"] = upd.message
+    if upd.data is not None:
+        changes["data"] = upd.data
+    job = dataclasses.replace(job, **changes)
+
+    if upd.paused is True and job.pause_requested and job.status == "running":
+        job = dataclasses.replace(job, status="paused")
+        drafts.append(Draft("status", {"status": "paused", "previous": "running"}))
+    elif job.status == "paused" and not job.pause_requested:
+        job = dataclasses.replace(job, status="running")
+        drafts.append(Draft("status", {"status": "running", "previous": "paused"}))
+
+    fields: dict[str, Any] = {"held": held}
+    if upd.message is not None:
+        fields["message"] = upd.message
+    if stage_changed:
+        fields["stage"] = stage
+    drafts.append(Draft("progress", fields, seq=upd.seq))
+    return job, drafts
+
+
+def record_log(job: Job, line: LogLine, now: float) -> Outcome:
+    check_worker(job, line.attempt)
+    job, drafts = _touch(job, now, line.seq)
+    drafts.append(Draft("log", {"level": line.level, "message": line.message}, seq=line.seq))
+    return job, drafts
+
+
+def finish(job: Job, fin: Finish, now: float) -> Outcome:
+    check_worker(job, fin.attempt)
+    job, drafts = _touch(job, now, fin.seq)
+    changes: dict[str, Any] = {
+        "status": fin.status,
+        "finished_at": now,
+        "result": fin.result,
+        "error": fin.error,
+        "cancel_requested": False,
+        "pause_requested": False,
+        "eta_s": 0.0,
+    }
+    if fin.status == "succeeded":
+        changes["progress"] = 100.0
+        if job.stages:
+            changes["stage_progress"] = 100.0
+    if job.stage is not None and job.stage_started_at is not None:
+        times = dict(job.stage_times)
+        times[job.stage] = times.get(job.stage, 0.0) + (now - job.stage_started_at)
+        changes["stage_times"] = times
+    job = dataclasses.replace(job, **changes)
+    fields: dict[str, Any] = {"status": fin.status}
+    if fin.result is not None:
+        fields["result"] = fin.result
+    if fin.error is not None:
+        fields["error"] = fin.error
+    drafts.append(Draft("finished", fields, seq=fin.seq))
+    return job, drafts

@@ -1,0 +1,88 @@
+"""The store: the durable log and the jobs' current state. The source of truth."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..jobs import Job, Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A committed event. `frame` is its SSE encoding, built once and shared by every stream."""
+
+    id: int
+    job_id: str
+    owner: str
+    kind: str
+    type: str
+    body: str
+    frame: bytes
+
+    @classmethod
+    def build(cls, id: int, job_id: str, owner: str, kind: str, type: str, body: str) -> Event:
+        frame = f"id: {id}\nevent: {type}\ndata: {body}\n\n".encode()
+        return cls(id, job_id, owner, kind, type, body, frame)
+
+
+Apply = Callable[[Job | None, float], Outcome]
+
+
+@dataclass(frozen=True)
+class Write:
+    """One request for the writer: a job, the rule to apply to it, and its idempotency key."""
+
+    job_id: str
+    apply: Apply
+    seq: int | None = None
+    attempt: int | None = None
+    # create: an existing job with this id is returned as it is (idempotent create)
+    create: bool = False
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    job: Job
+    events: Sequence[Event]
+    job_json: str
+    duplicate: bool = False
+    created: bool = False
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which events and jobs a reader may see and asked for."""
+
+    owner: str | None = None  # None: every owner (admin)
+    job_ids: frozenset[str] | None = None
+    kinds: frozenset[str] | None = None
+    statuses: frozenset[str] = field(default_factory=frozenset)
+
+    def matches(self, event: Event) -> bool:
+        if self.owner is not None and event.owner != self.owner:
+            return False
+        if self.job_ids is not None and event.job_id not in self.job_ids:
+            return False
+        return not (self.kinds is not None and event.kind not in self.kinds)
+
+
+class Store(Protocol):
+    """What the service needs from a store; SQLite now, PostgreSQL next."""
+
+    async def start(self, publish: Callable[[Sequence[Event]], None]) -> int: ...
+    async def close(self) -> None: ...
+    async def submit(self, write: Write) -> WriteResult: ...
+    async def get_job(self, job_id: str) -> Job | None: ...
+    async def list_jobs(
+        self, flt: Filter, limit: int, before: int | None
+    ) -> tuple[list[Job], int, int | None]: ...
+    async def snapshot(self, flt: Filter, limit: int) -> tuple[list[Job], int]: ...
+    async def events_after(
+        self, after: int, upto: int, flt: Filter, limit: int
+    ) -> list[Event]: ...
+    async def oldest_id(self) -> int | None: ...
+    async def stale_jobs(self, now: float) -> list[str]: ...
+    async def history(self, kind: str, limit: int) -> list[dict[str, Any]]: ...
+    async def check(self) -> None: ...

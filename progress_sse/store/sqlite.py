@@ -1,0 +1,384 @@
+"""SQLite store: one writer task with group commit, separate read connections.
+
+Every write goes through one queue. The writer takes whatever is waiting, applies
+the job rules to each request against the jobs' current state, inserts the events
+and updates the job rows in one transaction, commits, and only then answers the
+callers and hands the events to the hub. Ids are assigned by the writer, so they
+are contiguous and in commit order. A request the rules refuse stores nothing and
+does not disturb the rest of its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aiosqlite
+import structlog
+
+from ..errors import Conflict, ProgressError, Unavailable
+from ..jobs import Job, check_seq
+from . import Event, Filter, Write, WriteResult
+
+log = structlog.get_logger("progress_sse.store")
+
+MAX_BATCH = 512
+_EVENT_COLS = "id, job_id, owner, kind, type, body"
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+class _Pending:
+    __slots__ = ("future", "write")
+
+    def __init__(self, write: Write, future: asyncio.Future[WriteResult]) -> None:
+        self.write = write
+        self.future = future
+
+
+class SQLiteStore:
+    def __init__(self, path: str, *, synchronous: str = "NORMAL", readers: int = 2,
+                 retention_events: int = 0, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.synchronous = synchronous.upper()
+        self.retention_events = retention_events
+        self._clock = clock
+        self._nreaders = readers
+        self._writer: aiosqlite.Connection | None = None
+        self._readers: list[aiosqlite.Connection] = []
+        self._next_reader = 0
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()  # None: stop
+        self._task: asyncio.Task[None] | None = None
+        self._publish: Callable[[Sequence[Event]], None] = lambda events: None
+        self._jobs: dict[str, Job] = {}  # active jobs' committed state; the writer owns it
+        self._next_id = 1
+        self._oldest: int | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------ life cycle
+
+    async def start(self, publish: Callable[[Sequence[Event]], None]) -> int:
+        """Open connections, start the writer; return the head id."""
+        self._publish = publish
+        self._writer = await self._connect()
+        await self._writer.execute(f"PRAGMA synchronous={self.synchronous}")
+        for _ in range(self._nreaders):
+            conn = await self._connect()
+            await conn.execute("PRAGMA query_only=ON")
+            self._readers.append(conn)
+        async with self._writer.execute("SELECT MIN(id), MAX(id) FROM events") as cur:
+            row = await cur.fetchone()
+        oldest, head = (row[0], row[1]) if row else (None, None)
+        self._oldest = oldest
+        self._next_id = (head or 0) + 1
+        self._task = asyncio.create_task(self._run(), name="progress-sse-writer")
+        return head or 0
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    async def close(self) -> None:
+        """Finish the writes already queued, then close."""
+        self._closing = True
+        if self._task is not None:
+            self._queue.put_nowait(None)
+            await self._task
+            self._task = None
+        for conn in [self._writer, *self._readers]:
+            if conn is not None:
+                await conn.close()
+        self._writer = None
+        self._readers = []
+
+    async def check(self) -> None:
+        async with self._reader().execute("SELECT 1") as cur:
+            await cur.fetchone()
+
+    # ------------------------------------------------------------ writes
+
+    async def submit(self, write: Write) -> WriteResult:
+        if self._closing or self._task is None:
+            raise Unavailable("the service is shutting down")
+        fut: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(write, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            items = [await self._queue.get()]
+            while len(items) < MAX_BATCH and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            stop = None in items
+            batch = [p for p in items if p is not None]
+            if batch:
+                try:
+                    await self._commit_batch(batch)
+                except Exception as exc:  # the batch is lost as a whole; callers are told
+                    log.error("store.batch_failed", size=len(batch), error=str(exc))
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(Unavailable(f"store write failed: {exc}"))
+            if stop:
+                return
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
+        assert self._writer is not None
+        conn = self._writer
+        await self._load_missing({p.write.job_id for p in batch})
+        now = self._clock()
+        ts = iso(now)
+        working: dict[str, Job] = {}
+        event_rows: list[tuple[Any, ...]] = []
+        job_rows: dict[str, tuple[Any, ...]] = {}
+        answers: list[tuple[_Pending, WriteResult | BaseException]] = []
+        committed: list[Event] = []
+        next_id = self._next_id
+        batch_seqs: dict[tuple[str, int, int], Event] = {}
+        for p in batch:
+            w = p.write
+            job = working.get(w.job_id) or self._jobs.get(w.job_id)
+            try:
+                if job is not None and w.create:
+                    answers.append((p, WriteResult(job, (), dumps(job.public(now)))))
+                    continue
+                if job is not None and (w.attempt is None or w.attempt == job.attempt) \
+                        and check_seq(job, w.seq):
+                    assert w.seq is not None
+                    key = (job.id, job.attempt, w.seq)
+                    dup = batch_seqs.get(key) or await self._event_by_seq(*key)
+                    if dup is None:
+                        raise Conflict(f"seq {w.seq} is not after the last seq "
+                                       f"({job.last_seq})", field="seq")
+                    answers.append((p, WriteResult(job, (dup,), dumps(job.public(now)),
+                                                   duplicate=True)))
+                    continue
+                new_job, drafts = w.apply(job, now)
+            except ProgressError as exc:
+                answers.append((p, exc))
+                continue
+            events: list[Event] = []
+            heads: list[tuple[int, Any]] = []
+            for d in drafts:
+                eid = next_id
+                next_id += 1
+                if d.type == "finished":
+                    new_job = dataclasses.replace(new_job, final_event_id=eid)
+                heads.append((eid, d))
+            job_json = dumps(new_job.public(now))
+            for eid, d in heads:
+                head = dumps({"id": eid, "job_id": new_job.id, "type": d.type, "ts": ts,
+                              **d.fields})
+                body = f'{head[:-1]},"job":{job_json}}}'
+                ev = Event.build(eid, new_job.id, new_job.owner, new_job.kind, d.type, body)
+                events.append(ev)
+                event_rows.append((eid, ev.job_id, ev.owner, ev.kind, ev.type,
+                                   new_job.attempt, d.seq, body))
+                if d.seq is not None:
+                    batch_seqs[(new_job.id, new_job.attempt, d.seq)] = ev
+            working[new_job.id] = new_job
+            job_rows[new_job.id] = _job_row(new_job)
+            committed.extend(events)
+            answers.append((p, WriteResult(new_job, events, job_json, created=job is None)))
+
+        if event_rows or job_rows:
+            try:
+                await conn.execute("BEGIN")
+                await conn.executemany(
+                    "INSERT INTO events (id, job_id, owner, kind, type, attempt, seq, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", event_rows)
+                await conn.executemany(
+                    "INSERT INTO jobs (id, owner, kind, queue, status, created_at, updated_at,"
+                    " finished_at, last_post_at, heartbeat_timeout_s, stalled, token_hash, doc)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET status=excluded.status,"
+                    " updated_at=excluded.updated_at, finished_at=excluded.finished_at,"
+                    " last_post_at=excluded.last_post_at, stalled=excluded.stalled,"
+                    " token_hash=excluded.token_hash, doc=excluded.doc",
+                    list(job_rows.values()))
+                await conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    await conn.execute("ROLLBACK")
+                raise
+            self._next_id = next_id
+            if self._oldest is None and committed:
+                self._oldest = committed[0].id
+            self._jobs.update(working)
+        for job_id in {p.write.job_id for p in batch}:
+            cached = self._jobs.get(job_id)
+            if cached is not None and cached.finished:
+                del self._jobs[job_id]  # finished jobs are read again if touched
+        for p, answer in answers:
+            if p.future.done():
+                continue
+            if isinstance(answer, BaseException):
+                p.future.set_exception(answer)
+            else:
+                p.future.set_result(answer)
+        if committed:
+            self._publish(committed)
+            if self.retention_events and self._oldest is not None \
+                    and next_id - 1 - self._oldest >= self.retention_events * 1.1:
+                await self._prune(next_id - 1)
+
+    async def _prune(self, head: int) -> None:
+        assert self._writer is not None
+        keep_from = head - self.retention_events + 1
+        await self._writer.execute("DELETE FROM events WHERE id < ?", (keep_from,))
+        self._oldest = keep_from
+        log.info("store.pruned", oldest=keep_from)
+
+    async def _load_missing(self, job_ids: set[str]) -> None:
+        assert self._writer is not None
+        missing = [j for j in job_ids if j and j not in self._jobs]
+        if not missing:
+            return
+        marks = ",".join("?" * len(missing))
+        async with self._writer.execute(
+            f"SELECT doc FROM jobs WHERE id IN ({marks})", missing
+        ) as cur:
+            rows = await cur.fetchall()
+        for (doc,) in rows:
+            job = Job.from_record(json.loads(doc))
+            self._jobs[job.id] = job
+
+    async def _event_by_seq(self, job_id: str, attempt: int, seq: int) -> Event | None:
+        assert self._writer is not None
+        async with self._writer.execute(
+            f"SELECT {_EVENT_COLS} FROM events WHERE job_id=? AND attempt=? AND seq=?",
+            (job_id, attempt, seq),
+        ) as cur:
+            row = await cur.fetchone()
+        return Event.build(*row) if row else None
+
+    # ------------------------------------------------------------ reads
+
+    def _reader(self) -> aiosqlite.Connection:
+        conn = self._readers[self._next_reader % len(self._readers)]
+        self._next_reader += 1
+        return conn
+
+    async def get_job(self, job_id: str) -> Job | None:
+        async with self._reader().execute("SELECT doc FROM jobs WHERE id=?", (job_id,)) as cur:
+            row = await cur.fetchone()
+        return Job.from_record(json.loads(row[0])) if row else None
+
+    async def list_jobs(self, flt: Filter, limit: int, before: int | None
+                        ) -> tuple[list[Job], int, int | None]:
+        """A page of jobs, newest first, with the head id and the cursor of the next page."""
+        where, args = _job_where(flt)
+        if before is not None:
+            where.append("rowid < ?")
+            args.append(before)
+        sql = (f"SELECT (SELECT COALESCE(MAX(id), 0) FROM events), doc, rowid FROM jobs"
+               f"{_and(where)} ORDER BY rowid DESC LIMIT ?")
+        conn = self._reader()
+        async with conn.execute(sql, [*args, limit]) as cur:
+            rows = list(await cur.fetchall())
+        if not rows:
+            return [], await self._head(conn), None
+        jobs = [Job.from_record(json.loads(r[1])) for r in rows]
+        return jobs, rows[0][0], (rows[-1][2] if len(rows) == limit else None)
+
+    async def snapshot(self, flt: Filter, limit: int) -> tuple[list[Job], int]:
+        """Jobs and the head id from one statement, so they agree with each other."""
+        where, args = _job_where(flt)
+        sql = (f"SELECT (SELECT COALESCE(MAX(id), 0) FROM events), doc FROM jobs"
+               f"{_and(where)} ORDER BY finished_at IS NOT NULL, updated_at DESC LIMIT ?")
+        return await self._jobs_and_head(sql, [*args, limit])
+
+    async def _jobs_and_head(self, sql: str, args: list[Any]) -> tuple[list[Job], int]:
+        conn = self._reader()
+        async with conn.execute(sql, args) as cur:
+            rows = list(await cur.fetchall())
+        if not rows:
+            return [], await self._head(conn)
+        return [Job.from_record(json.loads(r[1])) for r in rows], rows[0][0]
+
+    async def _head(self, conn: aiosqlite.Connection) -> int:
+        async with conn.execute("SELECT COALESCE(MAX(id), 0) FROM events") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def events_after(self, after: int, upto: int, flt: Filter, limit: int
+                           ) -> list[Event]:
+        where = ["id > ?", "id <= ?"]
+        args: list[Any] = [after, upto]
+        if flt.owner is not None:
+            where.append("owner = ?")
+            args.append(flt.owner)
+        if flt.job_ids is not None:
+            where.append(f"job_id IN ({','.join('?' * len(flt.job_ids))})")
+            args.extend(sorted(flt.job_ids))
+        if flt.kinds is not None:
+            where.append(f"kind IN ({','.join('?' * len(flt.kinds))})")
+            args.extend(sorted(flt.kinds))
+        sql = f"SELECT {_EVENT_COLS} FROM events{_and(where)} ORDER BY id LIMIT ?"
+        async with self._reader().execute(sql, [*args, limit]) as cur:
+            rows = await cur.fetchall()
+        build = Event.build
+        return [build(*r) for r in rows]
+
+    async def oldest_id(self) -> int | None:
+        async with self._reader().execute("SELECT MIN(id) FROM events") as cur:
+            row = await cur.fetchone()
+        return row[0] if row else None
+
+    async def stale_jobs(self, now: float) -> list[str]:
+        async with self._reader().execute(
+            "SELECT id FROM jobs WHERE status='running' AND stalled=0"
+            " AND last_post_at + heartbeat_timeout_s < ?", (now,)
+        ) as cur:
+            return [r[0] for r in await cur.fetchall()]
+
+    async def history(self, kind: str, limit: int) -> list[dict[str, Any]]:
+        async with self._reader().execute(
+            "SELECT doc FROM jobs WHERE kind=? AND status='succeeded'"
+            " ORDER BY finished_at DESC LIMIT ?", (kind, limit)
+        ) as cur:
+            rows = await cur.fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+
+def _job_row(job: Job) -> tuple[Any, ...]:
+    return (job.id, job.owner, job.kind, job.queue, job.status, job.created_at, job.updated_at,
+            job.finished_at, job.last_post_at, job.heartbeat_timeout_s, int(job.stalled),
+            job.token_hash, dumps(job.to_record()))
+
+
+def _job_where(flt: Filter) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    if flt.owner is not None:
+        where.append("owner = ?")
+        args.append(flt.owner)
+    if flt.job_ids is not None:
+        where.append(f"id IN ({','.join('?' * len(flt.job_ids))})")
+        args.extend(sorted(flt.job_ids))
+    if flt.kinds is not None:
+        where.append(f"kind IN ({','.join('?' * len(flt.kinds))})")
+        args.extend(sorted(flt.kinds))
+    if flt.statuses:
+        where.append(f"status IN ({','.join('?' * len(flt.statuses))})")
+        args.extend(sorted(flt.statuses))
+    return where, args
+
+
+def _and(where: list[str]) -> str:
+    return (" WHERE " + " AND ".join(where)) if where else ""

@@ -1,0 +1,144 @@
+"""SSE endpoints: cursor, resume, snapshot, keep-alive, 204 once a job has finished.
+
+A stream registers for wake-ups before it reads, reads from its cursor (the hub's
+tail, or the store when the cursor is older than the tail), sends what is newer
+than the cursor, and waits. Everything it sends comes from the store's log, so a
+reconnect with the last id it saw continues with exactly the next event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .context import Context
+from .errors import InvalidInput, JobNotFound
+from .jobs import Job
+from .store import Event, Filter
+from .store.sqlite import dumps
+
+log = structlog.get_logger("progress_sse.streams")
+
+SNAPSHOT_LIMIT = 500
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    flt: Filter
+    cursor: int | None  # None: a fresh connection, starting with a snapshot
+    job_id: str | None = None  # a per-job stream, which ends after the job's finished event
+
+
+def parse_last_event_id(request: Request) -> int | None:
+    """The resume point from the header, else from ?last_event_id=; a bad one is a 400."""
+    raw = request.headers.get("last-event-id")
+    field = "Last-Event-ID"
+    if raw is None:
+        raw = request.query_params.get("last_event_id")
+        field = "last_event_id"
+    if raw is None or raw.strip() == "":
+        return None
+    raw = raw.strip()
+    if not raw.isdigit() or len(raw) > 18:
+        raise InvalidInput(
+            f"{field} must be a non-negative integer event id, got {raw[:40]!r}", field=field
+        )
+    return int(raw)
+
+
+async def job_stream(request: Request, ctx: Context, job: Job, flt: Filter) -> Response:
+    """The SSE stream of one job; 204 when the caller has already seen its end."""
+    cursor = parse_last_event_id(request)
+    if cursor is not None and job.final_event_id is not None and cursor >= job.final_event_id:
+        return Response(status_code=204)
+    spec = StreamSpec(flt=flt, cursor=cursor, job_id=job.id)
+    return open_stream(request, ctx, spec)
+
+
+def open_stream(request: Request, ctx: Context, spec: StreamSpec) -> Response:
+    return EventSourceResponse(
+        _frames(ctx, spec, request.client.host if request.client else None),
+        ping=ctx.settings.keepalive_s,
+        sep="\n",
+        ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _frames(ctx: Context, spec: StreamSpec, client: str | None) -> AsyncIterator[bytes]:
+    hub, store, flt = ctx.hub, ctx.store, spec.flt
+    batch = ctx.settings.replay_batch
+    job_id = spec.job_id
+    # a stream of one job wakes only for that job; several jobs or kinds: for any event
+    wake_key = job_id if job_id is not None else (
+        next(iter(flt.job_ids)) if flt.job_ids is not None and len(flt.job_ids) == 1 else None
+    )
+    everything = flt == Filter()
+    started = time.monotonic()
+    sent = 0
+    hub.streams += 1
+    log.info("stream.opened", job_id=job_id, resume_from=spec.cursor, client=client)
+    try:
+        wake = hub.waiter(wake_key)
+        cursor = spec.cursor
+        first = f"retry: {ctx.settings.retry_ms}\n\n".encode()
+        if cursor is not None:
+            oldest = await store.oldest_id()
+            if cursor > hub.head or (oldest is not None and cursor < oldest - 1):
+                cursor = None  # older than retention kept, or unknown here: start over
+        if cursor is None:
+            jobs, head = await store.snapshot(flt, SNAPSHOT_LIMIT)
+            now = time.time()
+            snap = {"id": head, "type": "snapshot", "reset": spec.cursor is not None,
+                    "jobs": [j.public(now) for j in jobs]}
+            if spec.cursor is None:
+                del snap["reset"]
+            first += f"id: {head}\nevent: snapshot\ndata: {dumps(snap)}\n\n".encode()
+            cursor = head
+            if job_id is not None and jobs and jobs[0].final_event_id is not None \
+                    and jobs[0].final_event_id <= head:
+                yield first
+                return
+        yield first
+        while not hub.closed:
+            events = hub.after(cursor, batch)
+            if events is None:  # behind the tail: read on from the store
+                upto = hub.head
+                events = await store.events_after(cursor, upto, flt, batch)
+                cursor = events[-1].id if len(events) == batch else upto
+                matched = events
+            elif events:
+                cursor = events[-1].id
+                matched = events if everything else [e for e in events if flt.matches(e)]
+            else:
+                await wake.wait()
+                wake = hub.waiter(wake_key)
+                continue
+            if matched:
+                sent += len(matched)
+                yield b"".join([e.frame for e in matched])
+                if job_id is not None and _finished(matched, job_id):
+                    return
+            wake = hub.waiter(wake_key) if wake.is_set() else wake
+    finally:
+        hub.streams -= 1
+        log.info("stream.closed", job_id=job_id, events=sent,
+                 seconds=round(time.monotonic() - started, 3), shutdown=hub.closed)
+
+
+def _finished(events: list[Event], job_id: str) -> bool:
+    return any(e.type == "finished" and e.job_id == job_id for e in events)
+
+
+async def visible_job(ctx: Context, job_id: str, owner: str | None) -> Job:
+    """The job, if it exists and the caller may see it; else 404 (never 403: no leak)."""
+    job = await ctx.store.get_job(job_id)
+    if job is None or (owner is not None and job.owner != owner):
+        raise JobNotFound(f"no job {job_id!r}")
+    return job
