@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from progress_sse.eta import (  # noqa: E402
+from progress_sse.eta import (
     FinishedRun,
     StageSpec,
     estimate,
@@ -123,7 +123,11 @@ def slow_start(rng: random.Random, n: int) -> Iterator[list[Job]]:
     for _ in range(n):
         t_nom = rng.uniform(60, 3600)
         warm, slow = t_nom * rng.uniform(0.1, 0.3), rng.uniform(0.15, 0.4)
-        yield [simulate(rng, t_nom, speed=lambda t, f, w=warm, s=slow: s if t < w else 1.0)]
+
+        def speed(t: float, f: float, warm: float = warm, slow: float = slow) -> float:
+            return slow if t < warm else 1.0
+
+        yield [simulate(rng, t_nom, speed=speed)]
 
 
 def stall(rng: random.Random, n: int) -> Iterator[list[Job]]:

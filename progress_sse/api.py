@@ -173,7 +173,7 @@ async def all_events(request: Request) -> Response:
 # ---------------------------------------------------------------- workers
 
 
-async def _worker_write(request: Request, allowed: frozenset[str],
+async def worker_write(request: Request, allowed: frozenset[str],
                         rule: Callable[[dict[str, Any]], tuple[Callable[[Job, float], Outcome],
                                                                int | None, int | None]]
                         ) -> Response:
@@ -251,15 +251,15 @@ def _finish_rule(body: dict[str, Any]) -> tuple[Callable[[Job, float], Outcome],
 
 
 async def post_progress(request: Request) -> Response:
-    return await _worker_write(request, PROGRESS_FIELDS, _progress_rule)
+    return await worker_write(request, PROGRESS_FIELDS, _progress_rule)
 
 
 async def post_log(request: Request) -> Response:
-    return await _worker_write(request, LOG_FIELDS, _log_rule)
+    return await worker_write(request, LOG_FIELDS, _log_rule)
 
 
 async def post_finish(request: Request) -> Response:
-    return await _worker_write(request, FINISH_FIELDS, _finish_rule)
+    return await worker_write(request, FINISH_FIELDS, _finish_rule)
 
 
 # ---------------------------------------------------------------- ops

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from . import api, migrations
+from . import api, control, migrations
 from .context import Context
 from .errors import ProgressError
 from .hub import Hub
@@ -42,15 +42,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await asyncio.to_thread(migrations.migrate_sqlite, settings.db)
         head = await store.start(hub.publish)
         hub.reset(head)
+        stalls = asyncio.create_task(control.watch_stalls(ctx), name="progress-sse-stalls")
         log.info("service.started", db=settings.db, head=head)
         try:
             yield
         finally:
             hub.close()
+            stalls.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stalls
             await store.close()
             log.info("service.stopped", head=hub.head)
 
-    routes = list(api.routes())
+    routes = [*api.routes(), *control.routes()]
     if WEB_DIR.is_dir():
         routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
     app = Starlette(

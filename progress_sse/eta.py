@@ -62,7 +62,8 @@ class Segment:
         rate = self.rate()
         if rate is not None and dt > 0:  # a burst counts as a few intervals' worth
             df = min(df, BURST_CAP * rate * dt)
-        decay = math.exp(-dt / (TAU_SHARE * (t - self.t0))) if dt > 0 else 1.0
+        tau = TAU_SHARE * (t - self.t0)
+        decay = (math.exp(-dt / tau) if tau > 0 else 0.0) if dt > 0 else 1.0
         return replace(
             self, t=t, f=f, n=self.n + (df > 0),
             sum_df=self.sum_df * decay + df, sum_dt=self.sum_dt * decay + max(dt, 0.0),

@@ -173,3 +173,10 @@ def query_int(request: Request, name: str, *, default: int, low: int, high: int)
     if not low <= value <= high:
         raise InvalidInput(f"{name} must be between {low} and {high}", field=name)
     return value
+
+
+def query_number(request: Request, name: str, *, low: float, high: float) -> float | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    return number({name: _FormValue(raw)}, name, low=low, high=high)

@@ -378,3 +378,90 @@ def finish(job: Job, fin: Finish, now: float) -> Outcome:
         fields["error"] = fin.error
     drafts.append(Draft("finished", fields, seq=fin.seq))
     return job, drafts
+
+
+# ---------------------------------------------------------------- control
+
+
+def request_cancel(job: Job, reason: str | None, now: float) -> Outcome:
+    """Queued: cancelled at once. Running or paused: `cancelling` until the worker agrees."""
+    if job.finished:
+        raise JobFinished(f"job {job.id} is already {job.status}")
+    if job.status == "cancelling":
+        return job, []
+    if job.status == "queued" or (job.status == "paused" and job.started_at is None):
+        job = dataclasses.replace(job, status="cancelled", finished_at=now, updated_at=now,
+                                  cancel_requested=False, pause_requested=False,
+                                  control_reason=reason, eta_s=0.0)
+        fields: dict[str, Any] = {"status": "cancelled"}
+        if reason:
+            fields["reason"] = reason
+        return job, [Draft("finished", fields)]
+    previous = job.status
+    job = dataclasses.replace(job, status="cancelling", cancel_requested=True,
+                              control_reason=reason, updated_at=now)
+    return job, [Draft("status", {"status": "cancelling", "previous": previous,
+                                  "requested": "cancel", "reason": reason})]
+
+
+def request_pause(job: Job, reason: str | None, now: float) -> Outcome:
+    """Queued: paused at once. Running: asked; the worker's acknowledgement pauses it."""
+    if job.finished:
+        raise JobFinished(f"job {job.id} is already {job.status}")
+    if job.status == "cancelling":
+        raise Conflict(f"job {job.id} is being cancelled")
+    if job.pause_requested:
+        return job, []
+    previous = job.status
+    status = "paused" if job.status == "queued" else job.status
+    job = dataclasses.replace(job, status=status, pause_requested=True, control_reason=reason,
+                              updated_at=now)
+    return job, [Draft("status", {"status": status, "previous": previous,
+                                  "requested": "pause", "reason": reason})]
+
+
+def request_resume(job: Job, reason: str | None, now: float) -> Outcome:
+    """Clear a pause; a worker that had paused resumes on its next post."""
+    if job.finished:
+        raise JobFinished(f"job {job.id} is already {job.status}")
+    if not job.pause_requested:
+        return job, []
+    previous = job.status
+    status = "queued" if job.status == "paused" and job.started_at is None else job.status
+    job = dataclasses.replace(job, status=status, pause_requested=False, control_reason=reason,
+                              updated_at=now)
+    return job, [Draft("status", {"status": status, "previous": previous,
+                                  "requested": "resume", "reason": reason})]
+
+
+def heartbeat(job: Job, attempt: int | None, now: float) -> Outcome:
+    """The worker is alive: note it; an event only when it clears a stall."""
+    check_worker(job, attempt)
+    if job.status == "queued" or job.stalled:
+        return _touch(job, now, None)
+    return dataclasses.replace(job, last_post_at=now), []
+
+
+def mark_stalled(job: Job, now: float) -> Outcome:
+    """A running job whose worker has been silent for its heartbeat timeout."""
+    if job.status != "running" or job.stalled or job.last_post_at is None \
+            or now - job.last_post_at <= job.heartbeat_timeout_s:
+        return job, []
+    job = dataclasses.replace(job, stalled=True, updated_at=now)
+    return job, [Draft("status", {"status": job.status, "previous": job.status, "stalled": True,
+                                  "silent_s": round(now - (job.last_post_at or now), 3)})]
+
+
+def requeue(job: Job, reason: str | None, now: float) -> Outcome:
+    """Start a new attempt: the old attempt's worker is fenced off from now on."""
+    if job.status == "succeeded":
+        raise Conflict(f"job {job.id} has succeeded; create a new job instead")
+    previous = job.status
+    job = dataclasses.replace(
+        job, status="queued", attempt=job.attempt + 1, last_seq=None, progress=0.0,
+        current=None, stage=None, stage_progress=None, message=None, result=None, error=None,
+        cancel_requested=False, pause_requested=False, control_reason=reason, stalled=False,
+        started_at=None, finished_at=None, final_event_id=None, last_post_at=None,
+        stage_times={}, stage_started_at=None, eta_state={}, eta_s=None, updated_at=now)
+    return job, [Draft("status", {"status": "queued", "previous": previous,
+                                  "attempt": job.attempt, "reason": reason})]

@@ -220,7 +220,7 @@ def observations(draw: st.DrawFn) -> list[tuple[float, float, str | None]]:
 
 runs = st.builds(
     FinishedRun,
-    duration_s=st.floats(-10, 1e6, allow_nan=True, allow_infinity=True),
+    duration_s=st.floats(-10, 1e6) | st.sampled_from([math.nan, math.inf, 0.0]),
     total=st.none() | st.floats(-5, 1e6, allow_nan=False),
     stage_durations=st.dictionaries(
         st.sampled_from(["a", "b", "c", "x"]), st.floats(0, 1e5, allow_nan=False), max_size=3
@@ -233,7 +233,12 @@ specs = st.lists(
 
 
 @QUICK
-@given(obs=observations(), stages=specs, total=st.none() | st.floats(1, 1e6), history=st.lists(runs, max_size=6))
+@given(
+    obs=observations(),
+    stages=specs,
+    total=st.none() | st.floats(1, 1e6),
+    history=st.lists(runs, max_size=6),
+)
 def test_estimate_is_none_or_finite_nonnegative(
     obs: list[tuple[float, float, str | None]],
     stages: list[StageSpec],
@@ -267,7 +272,7 @@ def test_state_round_trips_through_json(obs: list[tuple[float, float, str | None
 @QUICK
 @given(
     history=st.lists(runs, max_size=6),
-    concurrency=st.floats(-1, 64, allow_nan=True),
+    concurrency=st.floats(-1, 64) | st.just(math.nan),
     position=st.integers(-2, 500),
 )
 def test_estimate_wait_nonnegative_and_monotone(

@@ -172,6 +172,10 @@ class SQLiteStore:
             except ProgressError as exc:
                 answers.append((p, exc))
                 continue
+            if new_job is job:  # nothing changed: nothing to store
+                assert job is not None and not drafts
+                answers.append((p, WriteResult(job, (), dumps(job.public(now)))))
+                continue
             events: list[Event] = []
             heads: list[tuple[int, Any]] = []
             for d in drafts:

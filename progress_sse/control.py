@@ -1,0 +1,125 @@
+"""Control path: cancel, pause, resume, requeue; the workers' long-poll; stalled workers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import inputs, jobs
+from .api import ctx_of, json_response, worker_answer, worker_write
+from .auth import identify
+from .context import Context
+from .errors import JobNotFound
+from .jobs import Job, Outcome
+from .store import Write
+from .store.sqlite import dumps
+from .streams import visible_job
+
+log = structlog.get_logger("progress_sse.control")
+
+REQUEST_FIELDS = frozenset({"reason"})
+
+
+def _viewer_request(rule: Callable[[Job, str | None, float], Outcome]
+                    ) -> Callable[[Request], Any]:
+    async def endpoint(request: Request) -> Response:
+        ctx = ctx_of(request)
+        job_id = request.path_params["job_id"]
+        owner = identify(request).owner_filter
+        body = await inputs.read_body(request, ctx.settings.max_body_bytes)
+        inputs.unknown_fields(body, REQUEST_FIELDS)
+        reason = inputs.text(body, "reason", max_len=500)
+
+        def apply(job: Job | None, now: float) -> Outcome:
+            if job is None or (owner is not None and job.owner != owner):
+                raise JobNotFound(f"no job {job_id!r}")
+            return rule(job, reason, now)
+
+        result = await ctx.store.submit(Write(job_id, apply))
+        answer = worker_answer(result)
+        # accepted, not done, while the worker has yet to acknowledge
+        if result.job.cancel_requested or (result.job.pause_requested
+                                           and result.job.status == "running"):
+            answer.status_code = 202
+        return answer
+
+    return endpoint
+
+
+async def heartbeat(request: Request) -> Response:
+    def rule(body: dict[str, Any]) -> tuple[Callable[[Job, float], Outcome], None, int | None]:
+        attempt = inputs.number(body, "attempt", low=1, high=2**31, integer=True)
+        att = None if attempt is None else int(attempt)
+        return (lambda job, now: jobs.heartbeat(job, att, now)), None, att
+
+    return await worker_write(request, frozenset({"attempt"}), rule)
+
+
+async def control_state(request: Request) -> Response:
+    """Long-poll: answer when the control state differs from what the worker knows.
+
+    The worker says what it knows (`cancel_requested`, `pause_requested`, default
+    false), so a change that happened just before the poll is not missed.
+    """
+    ctx = ctx_of(request)
+    job_id = request.path_params["job_id"]
+    owner = identify(request).owner_filter
+    wait = inputs.query_number(request, "wait", low=0, high=ctx.settings.max_wait_s)
+    known = (_flag(request, "cancel_requested"), _flag(request, "pause_requested"))
+    deadline = time.monotonic() + (wait or 0.0)
+    while True:
+        waiter = ctx.hub.waiter(job_id)
+        job = await visible_job(ctx, job_id, owner)
+        left = deadline - time.monotonic()
+        if (job.cancel_requested, job.pause_requested) != known or job.finished or left <= 0 \
+                or ctx.hub.closed:
+            return json_response(f'{{"control":{dumps(job.control())}}}')
+        try:
+            await asyncio.wait_for(waiter.wait(), left)
+        except TimeoutError:
+            pass
+
+
+def _flag(request: Request, name: str) -> bool:
+    return request.query_params.get(name, "false").lower() in ("1", "true", "yes")
+
+
+async def watch_stalls(ctx: Context) -> None:
+    """One task for all jobs: mark running jobs whose worker went silent."""
+    while not ctx.hub.closed:
+        await asyncio.sleep(ctx.settings.stall_check_s)
+        try:
+            for job_id in await ctx.store.stale_jobs(time.time()):
+                result = await ctx.store.submit(Write(job_id, _stall))
+                if result.events:
+                    log.info("job.stalled", job_id=job_id)
+        except Exception as exc:  # keep watching; the next round retries
+            if ctx.hub.closed:
+                return
+            log.warning("stall_check.failed", error=str(exc))
+
+
+def _stall(job: Job | None, now: float) -> Outcome:
+    if job is None:
+        raise JobNotFound("gone")
+    return jobs.mark_stalled(job, now)
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/api/jobs/{job_id}/cancel", _viewer_request(jobs.request_cancel),
+              methods=["POST"]),
+        Route("/api/jobs/{job_id}/pause", _viewer_request(jobs.request_pause), methods=["POST"]),
+        Route("/api/jobs/{job_id}/resume", _viewer_request(jobs.request_resume),
+              methods=["POST"]),
+        Route("/api/jobs/{job_id}/requeue", _viewer_request(jobs.requeue), methods=["POST"]),
+        Route("/api/jobs/{job_id}/heartbeat", heartbeat, methods=["POST"]),
+        Route("/api/jobs/{job_id}/control", control_state, methods=["GET"]),
+    ]

@@ -1,0 +1,161 @@
+"""Real servers for tests: in-process uvicorn on a free port, or a separate process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from progress_sse.app import create_app
+from progress_sse.context import Context
+from progress_sse.server import Server, make_server
+from progress_sse.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]] | Callable[[], bool],
+                   timeout: float = 5.0, interval: float = 0.01, what: str = "condition") -> None:
+    """Poll `check` until it is true; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Service:
+    """A running in-process service."""
+
+    settings: Settings
+    server: Server
+    task: asyncio.Task[None]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def ctx(self) -> Context:
+        return self.server.ctx
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        await asyncio.wait_for(self.task, timeout)
+
+
+async def start_service(settings: Settings) -> Service:
+    settings = replace(settings, port=free_port())
+    server = make_server(create_app(settings), settings)
+    task = asyncio.create_task(server.serve())
+    await wait_for(lambda: server.started or task.done(), what="server start")
+    if task.done():
+        task.result()
+        raise AssertionError("server stopped during start-up")
+    return Service(settings, server, task)
+
+
+@dataclass
+class ProcessService:
+    """The service as a separate process, for kill -9, SIGTERM and restarts."""
+
+    db: str
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *extra: str) -> None:
+        env = {**os.environ, **(self.env or {})}
+        env.setdefault("PROGRESS_SSE_LOG_FORMAT", "json")
+        self.log_path = Path(self.db).with_suffix(f".{self.port}.log")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "progress_sse", "serve", "--port", str(self.port),
+             "--db", self.db, *extra],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.log_path.read_text()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise AssertionError("server did not become healthy")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.wait(5)
+
+    def rss_kib(self) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+
+async def create_job(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
+    r = await client.post("/api/jobs", json=fields)
+    assert r.status_code in (200, 201), r.text
+    job: dict[str, Any] = r.json()["job"]
+    return job
+
+
+async def stored_log(client: httpx.AsyncClient, job_id: str | None = None,
+                     after: int = 0) -> list[dict[str, Any]]:
+    """Every stored event (of one job, or of all through each job), in id order."""
+    events: list[dict[str, Any]] = []
+    path = f"/api/jobs/{job_id}/events"
+    while True:
+        r = await client.get(path, params={"after": after, "limit": 1000})
+        assert r.status_code == 200, r.text
+        page = r.json()["events"]
+        if not page:
+            return events
+        events.extend(page)
+        after = page[-1]["id"]

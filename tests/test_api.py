@@ -1,0 +1,153 @@
+"""The JSON API over a real server and a real SQLite file."""
+
+from __future__ import annotations
+
+import httpx
+
+from .conftest import db_events
+from .helpers import Service, create_job
+
+STAGES = [{"key": "fetch", "label": "Fetch", "weight": 1},
+          {"key": "encode", "label": "Encode", "weight": 3}]
+
+
+async def test_create_job_returns_job_and_worker_token(client: httpx.AsyncClient) -> None:
+    """A created job starts queued, and its worker token is returned once."""
+    r = await client.post("/api/jobs", json={"kind": "video", "title": "intro.mp4",
+                                             "stages": STAGES, "total": 12,
+                                             "meta": {"user": 7}})
+    assert r.status_code == 201
+    body = r.json()
+    assert body["job"]["status"] == "queued"
+    assert body["job"]["id"].startswith("j_")
+    assert body["job"]["stages"][1] == {"key": "encode", "label": "Encode", "weight": 3.0}
+    assert body["job"]["meta"] == {"user": 7}
+    assert len(body["worker_token"]) >= 24
+    assert body["event_id"] == 1
+
+
+async def test_create_with_client_id_is_idempotent(client: httpx.AsyncClient,
+                                                   service: Service) -> None:
+    """Creating the same id twice answers the existing job with 200 and stores one event."""
+    first = await client.post("/api/jobs", json={"id": "export-42", "kind": "export"})
+    again = await client.post("/api/jobs", json={"id": "export-42", "kind": "export"})
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["job"]["id"] == "export-42"
+    assert "worker_token" not in again.json()
+    assert [e["type"] for e in db_events(service.settings.db)] == ["created"]
+
+
+async def test_progress_json_and_form(client: httpx.AsyncClient) -> None:
+    """Progress accepts JSON and form bodies, and the first post starts the job."""
+    job = await create_job(client, kind="pdf")
+    r = await client.post(f"/api/jobs/{job['id']}/progress", json={"progress": 25.5,
+                                                                   "message": "page 1"})
+    assert r.status_code == 200, r.text
+    assert r.json()["job"]["status"] == "running"
+    assert r.json()["job"]["progress"] == 25.5
+    assert r.json()["control"] == {"cancel_requested": False, "pause_requested": False,
+                                   "reason": None, "status": "running", "attempt": 1}
+    r = await client.post(f"/api/jobs/{job['id']}/progress",
+                          content=b"progress=40&message=page+2",
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    assert r.json()["job"]["progress"] == 40.0
+    assert r.json()["job"]["message"] == "page 2"
+    assert r.json()["event_id"] == 3
+
+
+async def test_current_total_and_stages(client: httpx.AsyncClient) -> None:
+    """current/total gives the fraction of the current stage, weighted into the whole."""
+    job = await create_job(client, stages=STAGES)
+    url = f"/api/jobs/{job['id']}/progress"
+    r = await client.post(url, json={"stage": "fetch", "current": 1, "total": 2})
+    assert r.json()["job"]["progress"] == 12.5
+    r = await client.post(url, json={"stage": "encode", "current": 3, "total": 12})
+    assert r.json()["job"]["progress"] == 25 + 75 * 0.25
+    assert r.json()["job"]["current"] == 3
+
+
+async def test_progress_never_goes_backwards(client: httpx.AsyncClient) -> None:
+    """A lower percentage is held, and the event says so."""
+    job = await create_job(client)
+    url = f"/api/jobs/{job['id']}/progress"
+    await client.post(url, json={"progress": 60})
+    r = await client.post(url, json={"progress": 30, "message": "retrying"})
+    assert r.json()["job"]["progress"] == 60
+    assert r.json()["job"]["message"] == "retrying"
+    history = (await client.get(f"/api/jobs/{job['id']}/events")).json()["events"]
+    assert history[-1]["held"] is True
+
+
+async def test_log_and_finish(client: httpx.AsyncClient) -> None:
+    """Log lines and the finish are events; succeeded sets 100%."""
+    job = await create_job(client)
+    r = await client.post(f"/api/jobs/{job['id']}/log", json={"level": "warning",
+                                                              "message": "slow disk"})
+    assert r.status_code == 200
+    r = await client.post(f"/api/jobs/{job['id']}/finish",
+                          json={"status": "succeeded", "result": {"url": "/x.mp4"}})
+    assert r.status_code == 200
+    done = r.json()["job"]
+    assert (done["status"], done["progress"], done["result"]) == ("succeeded", 100.0,
+                                                                  {"url": "/x.mp4"})
+    assert done["final_event_id"] == r.json()["event_id"]
+    types = [e["type"] for e in (await client.get(f"/api/jobs/{job['id']}/events")).json()
+             ["events"]]
+    assert types == ["created", "log", "finished"]
+
+
+async def test_post_to_finished_job_is_409_and_stores_nothing(
+        client: httpx.AsyncClient, service: Service) -> None:
+    """A finished job refuses more posts and its log does not change."""
+    job = await create_job(client)
+    await client.post(f"/api/jobs/{job['id']}/finish", json={"status": "failed",
+                                                             "error": "boom"})
+    before = db_events(service.settings.db)
+    for path, body in (("progress", {"progress": 50}), ("log", {"message": "x"}),
+                       ("finish", {"status": "succeeded"})):
+        r = await client.post(f"/api/jobs/{job['id']}/{path}", json=body)
+        assert r.status_code == 409, path
+        assert r.json()["error"]["code"] == "job_finished"
+    assert db_events(service.settings.db) == before
+
+
+async def test_get_and_list_jobs(client: httpx.AsyncClient) -> None:
+    """Jobs are listed newest first, filtered by status and kind, paginated with a head."""
+    ids = [(await create_job(client, kind="a" if i % 2 else "b"))["id"] for i in range(5)]
+    await client.post(f"/api/jobs/{ids[0]}/progress", json={"progress": 1})
+    r = await client.get("/api/jobs", params={"limit": 2})
+    page = r.json()
+    assert [j["id"] for j in page["jobs"]] == ids[::-1][:2]
+    assert page["head"] == 6
+    r2 = await client.get("/api/jobs", params={"limit": 2, "before": page["next"]})
+    assert [j["id"] for j in r2.json()["jobs"]] == ids[::-1][2:4]
+    kinds = (await client.get("/api/jobs", params={"kind": "a"})).json()["jobs"]
+    assert sorted(j["id"] for j in kinds) == sorted([ids[1], ids[3]])
+    running = (await client.get("/api/jobs", params={"status": "running"})).json()["jobs"]
+    assert [j["id"] for j in running] == [ids[0]]
+    one = (await client.get(f"/api/jobs/{ids[0]}")).json()
+    assert one["job"]["status"] == "running"
+    assert one["control"]["cancel_requested"] is False
+
+
+async def test_unknown_job_and_path_are_json_404(client: httpx.AsyncClient) -> None:
+    """Unknown jobs and paths answer the JSON error shape."""
+    for method, path in (("GET", "/api/jobs/nope"), ("POST", "/api/jobs/nope/progress"),
+                         ("GET", "/api/jobs/nope/events"), ("GET", "/api/nothing")):
+        r = await client.request(method, path, json={} if method == "POST" else None)
+        assert r.status_code == 404, path
+        assert r.json()["error"]["code"] == "not_found"
+    r = await client.delete("/api/jobs")
+    assert r.status_code == 405
+    assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_healthz_and_metrics(client: httpx.AsyncClient) -> None:
+    """Health checks the store; metrics are Prometheus text."""
+    await create_job(client)
+    r = await client.get("/healthz")
+    assert r.json()["status"] == "ok"
+    m = await client.get("/metrics")
+    assert "progress_sse_head_event_id 1" in m.text
+    assert m.headers["content-type"].startswith("text/plain")
