@@ -87,7 +87,8 @@ async def _frames(ctx: Context, spec: StreamSpec, client: str | None) -> AsyncIt
     try:
         wake = hub.waiter(wake_key)
         cursor = spec.cursor
-        first = f"retry: {ctx.settings.retry_ms}\n\n".encode()
+        # the retry hint rides on the first frame; alone only if the stream starts idle
+        prefix = f"retry: {ctx.settings.retry_ms}\n".encode()
         if cursor is not None:
             oldest = await store.oldest_id()
             if cursor > hub.head or (oldest is not None and cursor < oldest - 1):
@@ -99,13 +100,12 @@ async def _frames(ctx: Context, spec: StreamSpec, client: str | None) -> AsyncIt
                     "jobs": [j.public(now) for j in jobs]}
             if spec.cursor is None:
                 del snap["reset"]
-            first += f"id: {head}\nevent: snapshot\ndata: {dumps(snap)}\n\n".encode()
+            yield prefix + f"id: {head}\nevent: snapshot\ndata: {dumps(snap)}\n\n".encode()
+            prefix = b""
             cursor = head
             if job_id is not None and jobs and jobs[0].final_event_id is not None \
                     and jobs[0].final_event_id <= head:
-                yield first
                 return
-        yield first
         while not hub.closed:
             events = hub.after(cursor, batch)
             if events is None:  # behind the tail: read on from the store
@@ -117,12 +117,16 @@ async def _frames(ctx: Context, spec: StreamSpec, client: str | None) -> AsyncIt
                 cursor = events[-1].id
                 matched = events if everything else [e for e in events if flt.matches(e)]
             else:
+                if prefix:
+                    yield prefix + b"\n"
+                    prefix = b""
                 await wake.wait()
                 wake = hub.waiter(wake_key)
                 continue
             if matched:
                 sent += len(matched)
-                yield b"".join([e.frame for e in matched])
+                yield prefix + b"".join([e.frame for e in matched])
+                prefix = b""
                 if job_id is not None and _finished(matched, job_id):
                     return
             wake = hub.waiter(wake_key) if wake.is_set() else wake
