@@ -14,7 +14,7 @@ from typing import Any
 # Rate memory as a share of how long we have watched: a short stall or burst only
 # moves the rate a little, while a lasting change takes over within ~1/3 of the run.
 TAU_SHARE = 0.3
-BURST_CAP = 4.0
+BURST_CAP = 3.0  # see Segment.advance
 MIN_FRACTION = 0.01  # below this, extrapolating the run alone is guesswork
 MIN_PROGRESS_OBS = 2
 RUN_SIGMA = 0.25  # rough relative error of the run's own estimate at fraction 1/2
@@ -59,14 +59,20 @@ class Segment:
 
     def advance(self, t: float, f: float) -> Segment:
         dt, df = t - self.t, max(f - self.f, 0.0)
+        if dt <= 0:  # progress posted at the same instant joins the next interval
+            return self
         rate = self.rate()
-        if rate is not None and dt > 0:  # a burst counts as a few intervals' worth
-            df = min(df, BURST_CAP * rate * dt)
+        if rate is not None:
+            # The fraction keeps a burst, but the speed only believes a few times the
+            # usual rate of it; "usual" includes the long-run average so that the
+            # recovery after a stall is not mistaken for a burst.
+            usual = max(rate, (self.f - self.f0) / (self.t - self.t0))
+            df = min(df, BURST_CAP * usual * dt)
         tau = TAU_SHARE * (t - self.t0)
-        decay = (math.exp(-dt / tau) if tau > 0 else 0.0) if dt > 0 else 1.0
+        decay = math.exp(-dt / tau) if tau > 0 else 0.0
         return replace(
             self, t=t, f=f, n=self.n + (df > 0),
-            sum_df=self.sum_df * decay + df, sum_dt=self.sum_dt * decay + max(dt, 0.0),
+            sum_df=self.sum_df * decay + df, sum_dt=self.sum_dt * decay + dt,
         )  # fmt: skip
 
     def rate(self) -> float | None:
@@ -212,7 +218,7 @@ def _prior(history: Sequence[FinishedRun], total: float | None, plan: _Plan) -> 
     n_eff = sw * sw / sum(w * w for w in ws)
     # Shrink toward an assumed spread so one or two lucky-similar runs do not look certain.
     sigma = math.sqrt((var * n_eff + PRIOR_SIGMA**2) / (n_eff + 1) * (1 + 1 / n_eff))
-    return _Prior(math.exp(mean), max(sigma, MIN_SIGMA), _shares(runs, plan))
+    return _Prior(math.exp(min(mean, 700.0)), max(sigma, MIN_SIGMA), _shares(runs, plan))
 
 
 def _slope(xs: list[float], ys: list[float], ws: list[float]) -> float:

@@ -73,6 +73,15 @@ def test_single_burst_does_not_swing_estimate() -> None:
     assert math.isclose(after, 450.0, rel_tol=0.1)
 
 
+def test_same_instant_burst_does_not_swing_estimate() -> None:
+    """A jump posted with an unchanged elapsed time is not read as infinite speed."""
+    state = feed(linear(1000.0, 500.0, 10.0))
+    burst = feed([(500.0, 0.55, None), (510.0, 0.56, None)], state)
+    got = est(burst)
+    assert got is not None
+    assert math.isclose(got, 440.0, rel_tol=0.15)  # the 6% jump is believed only partly
+
+
 def test_short_stall_does_not_swing_estimate() -> None:
     """A stall of 5% of the elapsed time moves the estimate by well under a quarter."""
     state = feed(linear(1000.0, 500.0, 10.0))
@@ -176,6 +185,16 @@ def test_unstarted_stage_uses_declared_weights_not_current_speed() -> None:
     # Stage speed says 0.12 / 0.01 = 12 s left in this stage; the later stage gets
     # the run's pace: 50% of the weight at 38 s / 38% = 50 s.
     assert math.isclose(got, 12.0 + 50.0, rel_tol=0.05)
+
+
+def test_current_stage_uses_its_own_speed() -> None:
+    """A slow current stage is finished at its own speed, not the run's average pace."""
+    stages = [StageSpec("a", 50.0), StageSpec("b", 50.0)]
+    obs: list[tuple[float, float, str | None]] = [(t, t / 100.0, "a") for t in range(2, 52, 2)]
+    obs += [(50.0 + t, 0.5 + t * 0.005, "b") for t in range(2, 42, 2)]  # 70% at 90 s
+    got = est(feed(obs), stages=stages)
+    assert got is not None
+    assert math.isclose(got, 0.3 / 0.005, rel_tol=0.1)  # average pace would say ~39 s
 
 
 def test_estimate_does_not_mutate_state() -> None:
