@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     store = SQLiteStore(settings.db, synchronous=settings.synchronous,
                         retention_events=settings.retention_events)
-    hub = Hub(settings.tail_size)
+    hub = Hub(settings.tail_size, settings.tail_bytes)
     ctx = Context(settings=settings, store=store, hub=hub)
 
     @contextlib.asynccontextmanager

@@ -18,10 +18,12 @@ from .store import Event
 
 
 class Hub:
-    def __init__(self, tail_size: int = 4096) -> None:
+    def __init__(self, tail_size: int = 4096, tail_bytes: int = 8 << 20) -> None:
         self.tail_size = tail_size
+        self.tail_bytes = tail_bytes
         self.head = 0
         self._tail: list[Event] = []
+        self._bytes = 0
         self._first = 1  # id of self._tail[0]
         self._all = asyncio.Event()
         self._by_job: dict[str, asyncio.Event] = {}
@@ -32,6 +34,7 @@ class Hub:
         """Start from the store's head (nothing cached yet)."""
         self.head = head
         self._tail = []
+        self._bytes = 0
         self._first = head + 1
 
     def publish(self, events: Sequence[Event]) -> None:
@@ -42,13 +45,13 @@ class Hub:
             # a gap (ids skipped, e.g. by another writer): the tail restarts here,
             # older cursors read from the store
             self._tail = []
+            self._bytes = 0
             self._first = events[0].id
         self._tail.extend(events)
+        self._bytes += sum(len(e.frame) for e in events)
         self.head = events[-1].id
-        excess = len(self._tail) - self.tail_size
-        if excess > self.tail_size // 4:
-            del self._tail[:excess]
-            self._first += excess
+        if len(self._tail) > self.tail_size * 1.25 or self._bytes > self.tail_bytes * 1.25:
+            self._trim()
         wake, self._all = self._all, asyncio.Event()
         wake.set()
         by_job = self._by_job
@@ -57,6 +60,17 @@ class Hub:
                 waiter = by_job.pop(ev.job_id, None)
                 if waiter is not None:
                     waiter.set()
+
+    def _trim(self) -> None:
+        """Drop the oldest events down to both bounds (amortised: only when 25% over)."""
+        drop, size = 0, self._bytes
+        count = len(self._tail)
+        while drop < count - 1 and (count - drop > self.tail_size or size > self.tail_bytes):
+            size -= len(self._tail[drop].frame)
+            drop += 1
+        del self._tail[:drop]
+        self._bytes = size
+        self._first += drop
 
     def waiter(self, job_id: str | None = None) -> asyncio.Event:
         """The event the next publish (of this job, if named) will set. Take it before reading."""

@@ -23,6 +23,7 @@ class Settings:
     log_format: str = "auto"  # auto (console on a TTY, JSON otherwise), json, console
     log_level: str = "info"
     tail_size: int = 4096  # events kept in the hub's in-memory tail
+    tail_bytes: int = 8 << 20  # and at most this many bytes of frames
     replay_batch: int = 1000  # events read from the store per step of a lagging stream
     max_body_bytes: int = 64 * 1024
     retention_events: int = 0  # 0 = keep every event; otherwise prune the oldest beyond this count
