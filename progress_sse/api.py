@@ -135,7 +135,7 @@ async def get_job(request: Request) -> Response:
     job = await streams.visible_job(ctx, request.path_params["job_id"],
                                     identify(request).owner_filter)
     return json_response(f'{{"job":{dumps(job.public(time.time()))},'
-                         f'"control":{dumps(job.control())}}}')
+                         f'"control":{control_json(job)}}}')
 
 
 async def job_events(request: Request) -> Response:
@@ -197,8 +197,19 @@ def worker_answer(result: WriteResult) -> Response:
     """The stored event's id, the job, and the control state the worker must obey."""
     event_id = result.events[-1].id if result.events else None
     return json_response(
-        f'{{"event_id":{dumps(event_id)},"duplicate":{dumps(result.duplicate)},'
-        f'"job":{result.job_json},"control":{dumps(result.job.control())}}}')
+        f'{{"event_id":{dumps(event_id)},"duplicate":{_JSON_BOOL[result.duplicate]},'
+        f'"job":{result.job_json},"control":{control_json(result.job)}}}')
+
+
+_JSON_BOOL = {True: "true", False: "false"}
+
+
+def control_json(job: Job) -> str:
+    """The control state as JSON, built directly: it is on every worker response."""
+    reason = "null" if job.control_reason is None else dumps(job.control_reason)
+    return (f'{{"cancel_requested":{_JSON_BOOL[job.cancel_requested]},'
+            f'"pause_requested":{_JSON_BOOL[job.pause_requested]},"reason":{reason},'
+            f'"status":"{job.status}","attempt":{job.attempt}}}')
 
 
 def _idempotency(body: dict[str, Any]) -> tuple[int | None, int | None]:

@@ -43,14 +43,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
         head = await store.start(hub.publish)
         hub.reset(head)
         stalls = asyncio.create_task(control.watch_stalls(ctx), name="progress-sse-stalls")
+        ticks = asyncio.create_task(hub.keep_alive(settings.keepalive_s / 3),
+                                    name="progress-sse-keepalive")
         log.info("service.started", db=settings.db, head=head)
         try:
             yield
         finally:
             hub.close()
-            stalls.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stalls
+            for task in (stalls, ticks):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await store.close()
             log.info("service.stopped", head=hub.head)
 

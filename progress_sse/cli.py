@@ -1,11 +1,21 @@
-"""Command line: serve, migrate (and the worker and viewer tools)."""
+"""Command line: serve, migrate, and the worker and viewer tools (watch, post, demo).
+
+Exit codes of the tools, so shell scripts can branch on them:
+0 succeeded (or done), 1 the job failed, 2 the job was cancelled, 3 a cancel is
+requested (post), 4 a pause is requested (post), 5 the service refused or could not
+be reached, 64 bad command line, 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
@@ -13,7 +23,24 @@ from .errors import ConfigError
 from .logs import configure_logging
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .client import Control, ProgressClient
+
 log = structlog.get_logger("progress_sse.cli")
+
+EXIT_CANCEL_REQUESTED = 3
+EXIT_PAUSE_REQUESTED = 4
+EXIT_SERVICE_ERROR = 5
+EXIT_USAGE = 64
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 64: 2 means "cancelled" to `watch`'s callers."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -50,8 +77,195 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_async(main: Coroutine[Any, Any, int]) -> int:
+    """asyncio.run, with SIGTERM treated like Ctrl-C: workers end their jobs as cancelled."""
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await main
+
+    return asyncio.run(guarded())
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .watch import watch
+
+    if (args.job is None) == (not args.all):
+        raise UsageError("name one JOB, or give --all")
+    try:
+        return run_async(watch(url=args.url, token=args.token, job_id=args.job,
+                               kinds=args.kind or (), as_json=args.json,
+                               give_up_s=args.give_up_after))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 0 if args.all else EXIT_INTERRUPTED
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, run_demo
+
+    opts = DemoOptions(url=args.url, token=args.token, jobs=args.jobs, once=args.once,
+                       speed=args.speed, fail_rate=args.fail_rate, seed=args.seed)
+    try:
+        return run_async(run_demo(opts))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 0
+
+
+def cmd_post(args: argparse.Namespace) -> int:
+    """One shell-worker step: post what was given, print the control state, exit by it."""
+    from .client import Control, JobFinishedError, ProgressClient, ProgressClientError, clock_seq
+
+    fields = _progress_fields(args)
+    seq = args.seq if args.seq is not None else clock_seq()
+    try:
+        with ProgressClient(args.url, token=args.token, max_rate=None) as pc:
+            posts = _posts(args, fields)
+            answer: dict[str, Any] = {}
+            try:
+                for i, (what, body) in enumerate(posts):
+                    stamp = {"seq": seq + i} if what != "heartbeat" else {}
+                    answer = pc.post_worker(args.job, what,
+                                            {**body, **stamp, **_attempt(args)})
+            except JobFinishedError:
+                answer = pc.request("GET", f"/api/jobs/{args.job}")
+                if answer["job"]["status"] != "cancelled":
+                    raise
+                answer["control"]["cancel_requested"] = True  # stop: it was cancelled
+            control = Control.from_dict(answer["control"])
+            if args.checkpoint and control.pause_requested and not control.cancel_requested:
+                control = _wait_while_paused(pc, args, seq + len(posts))
+    except ProgressClientError as exc:
+        print(f"progress-sse post: {exc}", file=sys.stderr)
+        return EXIT_SERVICE_ERROR
+    print(json.dumps(control.as_dict()))
+    if control.cancel_requested:
+        return EXIT_CANCEL_REQUESTED
+    return EXIT_PAUSE_REQUESTED if control.pause_requested else 0
+
+
+def _progress_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields = {k: getattr(args, k) for k in ("progress", "current", "total", "stage",
+                                            "message", "data")}
+    if args.paused:
+        fields["paused"] = True
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _posts(args: argparse.Namespace, fields: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Progress, then the log line, then the finish; a bare `post JOB` is a heartbeat."""
+    posts: list[tuple[str, dict[str, Any]]] = []
+    if fields:
+        posts.append(("progress", fields))
+    if args.log is not None:
+        posts.append(("log", {"level": args.level, "message": args.log}))
+    if args.finish is not None:
+        body = {"status": args.finish, "error": args.error, "result": args.result}
+        posts.append(("finish", {k: v for k, v in body.items() if v is not None}))
+    return posts or [("heartbeat", {})]
+
+
+def _attempt(args: argparse.Namespace) -> dict[str, int]:
+    return {"attempt": args.attempt} if args.attempt is not None else {}
+
+
+def _wait_while_paused(pc: ProgressClient, args: argparse.Namespace, seq: int) -> Control:
+    """Acknowledge the pause, long-poll until it is lifted or a cancel comes, say so."""
+    from .client import LONG_POLL_S, Control
+
+    pc.post_worker(args.job, "progress", {"paused": True, "seq": seq, **_attempt(args)})
+    control = pc.control(args.job, wait=LONG_POLL_S, pause_requested=True)
+    while control.pause_requested and not control.cancel_requested \
+            and control.status not in ("succeeded", "failed", "cancelled"):
+        control = pc.control(args.job, wait=LONG_POLL_S, pause_requested=True)
+    if not control.cancel_requested:
+        answer = pc.post_worker(args.job, "progress",
+                                {"paused": False, "seq": seq + 1, **_attempt(args)})
+        control = Control.from_dict(answer["control"])
+    return control
+
+
+class UsageError(Exception):
+    """A command line that parses but makes no sense."""
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text[:60]!r}") from None
+
+
+def _service_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("PROGRESS_SSE_URL"),
+                        help="the service (default $PROGRESS_SSE_URL or http://127.0.0.1:8000)")
+    parser.add_argument("--token", default=os.environ.get("PROGRESS_SSE_TOKEN"),
+                        help="sent as 'Authorization: Bearer' (default $PROGRESS_SSE_TOKEN)")
+
+
+def _add_watch(sub: argparse._SubParsersAction[Parser]) -> None:
+    watch = sub.add_parser("watch", help="live progress bars for a job (or --all)",
+                           description="Follow a job live; the exit code is its outcome: "
+                           "0 succeeded, 1 failed, 2 cancelled (5 service error).")
+    watch.add_argument("job", nargs="?", help="the job id")
+    watch.add_argument("--all", action="store_true", help="every job you can see, until Ctrl-C")
+    watch.add_argument("--kind", action="append", help="with --all: only this kind (repeatable)")
+    watch.add_argument("--json", action="store_true",
+                       help="print each event's data as one JSON object per line (NDJSON)")
+    watch.add_argument("--give-up-after", type=float, default=60.0, metavar="SECONDS",
+                       help="stop retrying after this long unreachable (0: never; default 60)")
+    _service_args(watch)
+    watch.set_defaults(func=cmd_watch)
+
+
+def _add_post(sub: argparse._SubParsersAction[Parser]) -> None:
+    post = sub.add_parser(
+        "post", help="report progress from a shell worker",
+        description="Post progress, a log line and/or the finish, then print the control "
+        "state. Exit 0, or 3 when a cancel is requested (or the job was cancelled), 4 when "
+        "a pause is requested "
+        "(with --checkpoint: wait while paused instead), 5 on a service error. "
+        "With no fields it sends a heartbeat.")
+    post.add_argument("job", help="the job id")
+    post.add_argument("--progress", type=float, help="percent (of the current stage), 0-100")
+    post.add_argument("--current", type=float, help="items done (with --total)")
+    post.add_argument("--total", type=float, help="items in all (of the current stage)")
+    post.add_argument("--stage", help="the stage now running (a declared stage key)")
+    post.add_argument("--message", help="what is happening now")
+    post.add_argument("--data", type=_json_arg, help="a JSON value shown with the job")
+    post.add_argument("--paused", action="store_true", help="acknowledge a pause request")
+    post.add_argument("--log", metavar="LINE", help="add a log line")
+    post.add_argument("--level", default="info", choices=["debug", "info", "warning", "error"])
+    post.add_argument("--finish", choices=["succeeded", "failed", "cancelled"])
+    post.add_argument("--error", help="with --finish failed: what went wrong")
+    post.add_argument("--result", type=_json_arg, help="with --finish: a JSON result")
+    post.add_argument("--checkpoint", action="store_true",
+                      help="if a pause is requested, wait until resumed (exit 3 on cancel)")
+    post.add_argument("--attempt", type=int, help="the job attempt this worker runs")
+    post.add_argument("--seq", type=int,
+                      help="idempotency sequence number (default: from the clock)")
+    _service_args(post)
+    post.set_defaults(func=cmd_post)
+
+
+def _add_demo(sub: argparse._SubParsersAction[Parser]) -> None:
+    demo = sub.add_parser("demo", help="simulated workers, to see jobs move",
+                          description="Simulated workers run realistic multi-stage jobs "
+                          "(some fail; all obey cancel and pause) until Ctrl-C.")
+    demo.add_argument("--jobs", type=int, default=4, help="concurrent workers (default 4)")
+    demo.add_argument("--once", action="store_true", help="each worker runs one job, then exit")
+    demo.add_argument("--speed", type=float, default=1.0, help="time multiplier (default 1)")
+    demo.add_argument("--fail-rate", type=float, default=0.15,
+                      help="share of jobs that fail (default 0.15)")
+    demo.add_argument("--seed", type=int, help="random seed, for a repeatable demo")
+    _service_args(demo)
+    demo.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="progress-sse", description=__doc__)
+    parser = Parser(prog="progress-sse", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the service")
@@ -68,16 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     migrate.add_argument("--db", help="SQLite file (default ./progress.db)")
     migrate.set_defaults(func=cmd_migrate)
+
+    _add_watch(sub)
+    _add_post(sub)
+    _add_demo(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"progress-sse: {exc}", file=sys.stderr)
         return 2
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"progress-sse {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return code
 
 

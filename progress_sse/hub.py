@@ -88,6 +88,20 @@ class Hub:
         start = cursor + 1 - self._first
         return self._tail[start:start + limit]
 
+    def tick(self) -> None:
+        """Wake every stream, so idle ones can send a keep-alive; no timer per stream."""
+        wake, self._all = self._all, asyncio.Event()
+        wake.set()
+        waiters, self._by_job = self._by_job, {}
+        for ev in waiters.values():
+            ev.set()
+
+    async def keep_alive(self, interval: float) -> None:
+        """Tick every `interval` seconds until closed."""
+        while not self.closed:
+            await asyncio.sleep(interval)
+            self.tick()
+
     def close(self) -> None:
         """End every stream: they see `closed` when woken."""
         self.closed = True

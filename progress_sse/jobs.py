@@ -74,6 +74,13 @@ class Job:
     eta_s: float | None = None
     queue_position: int | None = None
 
+    def evolve(self, **changes: Any) -> Job:
+        """A copy with `changes`: a dict copy, far cheaper than dataclasses.replace."""
+        new = object.__new__(Job)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
+
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL
@@ -129,20 +136,22 @@ class Job:
             "finish_estimate": round(now + eta, 3) if eta is not None else None,
         }
 
-    def to_record(self) -> dict[str, Any]:
-        """Everything needed to rebuild the job, for the store."""
-        d = {name: getattr(self, name) for name in _FIELDS}
-        d["stages"] = [{"key": s.key, "label": s.label, "weight": s.weight} for s in self.stages]
-        return d
+    def private(self) -> dict[str, Any]:
+        """The fields viewers never see; stored beside the public document."""
+        return {name: getattr(self, name) for name in _PRIVATE}
 
     @classmethod
-    def from_record(cls, d: dict[str, Any]) -> Job:
-        d = dict(d)
+    def from_record(cls, public: dict[str, Any], private: dict[str, Any]) -> Job:
+        """Rebuild a job from its stored public document and private fields."""
+        d = {k: v for k, v in public.items() if k in _FIELDS}
+        d.update(private)
         d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
-        return cls(**{k: v for k, v in d.items() if k in _FIELDS})
+        return cls(**d)
 
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Job))
+_PRIVATE = ("owner", "token_hash", "last_seq", "last_post_at", "stage_times",
+            "stage_started_at", "eta_state", "eta_s", "queue_position", "final_event_id")
 
 
 # ---------------------------------------------------------------- requests
@@ -245,7 +254,7 @@ def _touch(job: Job, now: float, seq: int | None) -> tuple[Job, list[Draft]]:
         changes["stalled"] = False
         drafts.append(Draft("status", {"status": job.status, "previous": job.status,
                                        "stalled": False}))
-    return dataclasses.replace(job, **changes), drafts
+    return job.evolve(**changes), drafts
 
 
 def stage_fraction(job: Job) -> tuple[float, int] | None:
@@ -325,13 +334,13 @@ def record_progress(job: Job, upd: ProgressUpdate, now: float) -> Outcome:
         changes["message"] = upd.message
     if upd.data is not None:
         changes["data"] = upd.data
-    job = dataclasses.replace(job, **changes)
+    job = job.evolve(**changes)
 
     if upd.paused is True and job.pause_requested and job.status == "running":
-        job = dataclasses.replace(job, status="paused")
+        job = job.evolve(status="paused")
         drafts.append(Draft("status", {"status": "paused", "previous": "running"}))
     elif job.status == "paused" and not job.pause_requested:
-        job = dataclasses.replace(job, status="running")
+        job = job.evolve(status="running")
         drafts.append(Draft("status", {"status": "running", "previous": "paused"}))
 
     fields: dict[str, Any] = {"held": held}
@@ -370,7 +379,7 @@ def finish(job: Job, fin: Finish, now: float) -> Outcome:
         times = dict(job.stage_times)
         times[job.stage] = times.get(job.stage, 0.0) + (now - job.stage_started_at)
         changes["stage_times"] = times
-    job = dataclasses.replace(job, **changes)
+    job = job.evolve(**changes)
     fields: dict[str, Any] = {"status": fin.status}
     if fin.result is not None:
         fields["result"] = fin.result
@@ -390,7 +399,7 @@ def request_cancel(job: Job, reason: str | None, now: float) -> Outcome:
     if job.status == "cancelling":
         return job, []
     if job.status == "queued" or (job.status == "paused" and job.started_at is None):
-        job = dataclasses.replace(job, status="cancelled", finished_at=now, updated_at=now,
+        job = job.evolve(status="cancelled", finished_at=now, updated_at=now,
                                   cancel_requested=False, pause_requested=False,
                                   control_reason=reason, eta_s=0.0)
         fields: dict[str, Any] = {"status": "cancelled"}
@@ -398,7 +407,7 @@ def request_cancel(job: Job, reason: str | None, now: float) -> Outcome:
             fields["reason"] = reason
         return job, [Draft("finished", fields)]
     previous = job.status
-    job = dataclasses.replace(job, status="cancelling", cancel_requested=True,
+    job = job.evolve(status="cancelling", cancel_requested=True,
                               control_reason=reason, updated_at=now)
     return job, [Draft("status", {"status": "cancelling", "previous": previous,
                                   "requested": "cancel", "reason": reason})]
@@ -414,7 +423,7 @@ def request_pause(job: Job, reason: str | None, now: float) -> Outcome:
         return job, []
     previous = job.status
     status = "paused" if job.status == "queued" else job.status
-    job = dataclasses.replace(job, status=status, pause_requested=True, control_reason=reason,
+    job = job.evolve(status=status, pause_requested=True, control_reason=reason,
                               updated_at=now)
     return job, [Draft("status", {"status": status, "previous": previous,
                                   "requested": "pause", "reason": reason})]
@@ -428,7 +437,7 @@ def request_resume(job: Job, reason: str | None, now: float) -> Outcome:
         return job, []
     previous = job.status
     status = "queued" if job.status == "paused" and job.started_at is None else job.status
-    job = dataclasses.replace(job, status=status, pause_requested=False, control_reason=reason,
+    job = job.evolve(status=status, pause_requested=False, control_reason=reason,
                               updated_at=now)
     return job, [Draft("status", {"status": status, "previous": previous,
                                   "requested": "resume", "reason": reason})]
@@ -439,7 +448,7 @@ def heartbeat(job: Job, attempt: int | None, now: float) -> Outcome:
     check_worker(job, attempt)
     if job.status == "queued" or job.stalled:
         return _touch(job, now, None)
-    return dataclasses.replace(job, last_post_at=now), []
+    return job.evolve(last_post_at=now), []
 
 
 def mark_stalled(job: Job, now: float) -> Outcome:
@@ -447,7 +456,7 @@ def mark_stalled(job: Job, now: float) -> Outcome:
     if job.status != "running" or job.stalled or job.last_post_at is None \
             or now - job.last_post_at <= job.heartbeat_timeout_s:
         return job, []
-    job = dataclasses.replace(job, stalled=True, updated_at=now)
+    job = job.evolve(stalled=True, updated_at=now)
     return job, [Draft("status", {"status": job.status, "previous": job.status, "stalled": True,
                                   "silent_s": round(now - (job.last_post_at or now), 3)})]
 
@@ -457,8 +466,8 @@ def requeue(job: Job, reason: str | None, now: float) -> Outcome:
     if job.status == "succeeded":
         raise Conflict(f"job {job.id} has succeeded; create a new job instead")
     previous = job.status
-    job = dataclasses.replace(
-        job, status="queued", attempt=job.attempt + 1, last_seq=None, progress=0.0,
+    job = job.evolve(
+        status="queued", attempt=job.attempt + 1, last_seq=None, progress=0.0,
         current=None, stage=None, stage_progress=None, message=None, result=None, error=None,
         cancel_requested=False, pause_requested=False, control_reason=reason, stalled=False,
         started_at=None, finished_at=None, final_event_id=None, last_post_at=None,

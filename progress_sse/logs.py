@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import uuid
+import os
 from typing import Any
 
 import structlog
@@ -59,7 +59,7 @@ class RequestLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex[:16]
+        request_id = _incoming_request_id(scope) or os.urandom(8).hex()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         start = time.perf_counter()

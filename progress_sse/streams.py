@@ -4,18 +4,26 @@ A stream registers for wake-ups before it reads, reads from its cursor (the hub'
 tail, or the store when the cursor is older than the tail), sends what is newer
 than the cursor, and waits. Everything it sends comes from the store's log, so a
 reconnect with the last id it saw continues with exactly the next event.
+
+The response is our own small ASGI callable rather than sse-starlette's
+EventSourceResponse, which runs four tasks per stream and a cancel scope and lock
+per chunk: measured here at 70 us of server CPU per delivered event and 50 KiB per
+idle stream. This one runs the stream in the request's own task plus one task
+that waits for the disconnect; keep-alives come from the hub's periodic tick, so
+an idle stream owns no timer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import structlog
-from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from .context import Context
 from .errors import InvalidInput, JobNotFound
@@ -62,25 +70,67 @@ async def job_stream(request: Request, ctx: Context, job: Job, flt: Filter) -> R
 
 
 def open_stream(request: Request, ctx: Context, spec: StreamSpec) -> Response:
-    return EventSourceResponse(
-        _frames(ctx, spec, request.client.host if request.client else None),
-        ping=ctx.settings.keepalive_s,
-        sep="\n",
-        ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    return EventStream(_frames(ctx, spec, request.client.host if request.client else None))
+
+
+class EventStream(Response):
+    """A text/event-stream response fed by an async iterator of ready-made frames."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, frames: AsyncIterator[bytes]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-store"),
+            (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
+        ]
+        self.frames = frames
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        if scope["method"] == "HEAD":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        stream_task = asyncio.current_task()
+        assert stream_task is not None
+        gone = False
+
+        async def watch_disconnect() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            stream_task.cancel()
+
+        watcher = asyncio.create_task(watch_disconnect())
+        try:
+            async for chunk in self.frames:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            stream_task.uncancel()  # the client left: an ordinary end, not a cancellation
+            return
+        finally:
+            watcher.cancel()
+            await self.frames.aclose()  # type: ignore[attr-defined]
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _frames(ctx: Context, spec: StreamSpec, client: str | None) -> AsyncIterator[bytes]:
     hub, store, flt = ctx.hub, ctx.store, spec.flt
     batch = ctx.settings.replay_batch
+    quiet = ctx.settings.keepalive_s * 2 / 3  # the hub ticks every third of the interval
     job_id = spec.job_id
     # a stream of one job wakes only for that job; several jobs or kinds: for any event
     wake_key = job_id if job_id is not None else (
         next(iter(flt.job_ids)) if flt.job_ids is not None and len(flt.job_ids) == 1 else None
     )
     everything = flt == Filter()
-    started = time.monotonic()
+    started = last_write = time.monotonic()
     sent = 0
     hub.streams += 1
     log.info("stream.opened", job_id=job_id, resume_from=spec.cursor, client=client)
@@ -120,13 +170,18 @@ async def _frames(ctx: Context, spec: StreamSpec, client: str | None) -> AsyncIt
                 if prefix:
                     yield prefix + b"\n"
                     prefix = b""
+                    last_write = time.monotonic()
                 await wake.wait()
                 wake = hub.waiter(wake_key)
+                if time.monotonic() - last_write >= quiet and not hub.closed:
+                    yield b": keep-alive\n\n"
+                    last_write = time.monotonic()
                 continue
             if matched:
                 sent += len(matched)
                 yield prefix + b"".join([e.frame for e in matched])
                 prefix = b""
+                last_write = time.monotonic()
                 if job_id is not None and _finished(matched, job_id):
                     return
             wake = hub.waiter(wake_key) if wake.is_set() else wake

@@ -11,7 +11,6 @@ does not disturb the rest of its batch.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -182,7 +181,7 @@ class SQLiteStore:
                 eid = next_id
                 next_id += 1
                 if d.type == "finished":
-                    new_job = dataclasses.replace(new_job, final_event_id=eid)
+                    new_job = new_job.evolve(final_event_id=eid)
                 heads.append((eid, d))
             job_json = dumps(new_job.public(now))
             for eid, d in heads:
@@ -196,7 +195,7 @@ class SQLiteStore:
                 if d.seq is not None:
                     batch_seqs[(new_job.id, new_job.attempt, d.seq)] = ev
             working[new_job.id] = new_job
-            job_rows[new_job.id] = _job_row(new_job)
+            job_rows[new_job.id] = _job_row(new_job, job_json)
             committed.extend(events)
             answers.append((p, WriteResult(new_job, events, job_json, created=job is None)))
 
@@ -259,7 +258,7 @@ class SQLiteStore:
         ) as cur:
             rows = await cur.fetchall()
         for (doc,) in rows:
-            job = Job.from_record(json.loads(doc))
+            job = job_from_doc(doc)
             self._jobs[job.id] = job
 
     async def _event_by_seq(self, job_id: str, attempt: int, seq: int) -> Event | None:
@@ -281,7 +280,7 @@ class SQLiteStore:
     async def get_job(self, job_id: str) -> Job | None:
         async with self._reader().execute("SELECT doc FROM jobs WHERE id=?", (job_id,)) as cur:
             row = await cur.fetchone()
-        return Job.from_record(json.loads(row[0])) if row else None
+        return job_from_doc(row[0]) if row else None
 
     async def list_jobs(self, flt: Filter, limit: int, before: int | None
                         ) -> tuple[list[Job], int, int | None]:
@@ -297,7 +296,7 @@ class SQLiteStore:
             rows = list(await cur.fetchall())
         if not rows:
             return [], await self._head(conn), None
-        jobs = [Job.from_record(json.loads(r[1])) for r in rows]
+        jobs = [job_from_doc(r[1]) for r in rows]
         return jobs, rows[0][0], (rows[-1][2] if len(rows) == limit else None)
 
     async def snapshot(self, flt: Filter, limit: int) -> tuple[list[Job], int]:
@@ -313,7 +312,7 @@ class SQLiteStore:
             rows = list(await cur.fetchall())
         if not rows:
             return [], await self._head(conn)
-        return [Job.from_record(json.loads(r[1])) for r in rows], rows[0][0]
+        return [job_from_doc(r[1]) for r in rows], rows[0][0]
 
     async def _head(self, conn: aiosqlite.Connection) -> int:
         async with conn.execute("SELECT COALESCE(MAX(id), 0) FROM events") as cur:
@@ -360,10 +359,16 @@ class SQLiteStore:
         return [json.loads(r[0]) for r in rows]
 
 
-def _job_row(job: Job) -> tuple[Any, ...]:
+def _job_row(job: Job, job_json: str) -> tuple[Any, ...]:
+    doc = f'{{"job":{job_json},"private":{dumps(job.private())}}}'
     return (job.id, job.owner, job.kind, job.queue, job.status, job.created_at, job.updated_at,
             job.finished_at, job.last_post_at, job.heartbeat_timeout_s, int(job.stalled),
-            job.token_hash, dumps(job.to_record()))
+            job.token_hash, doc)
+
+
+def job_from_doc(doc: str) -> Job:
+    d = json.loads(doc)
+    return Job.from_record(d["job"], d["private"])
 
 
 def _job_where(flt: Filter) -> tuple[list[str], list[Any]]:
