@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import eta
 from .errors import Conflict, InvalidInput, JobFinished, StaleAttempt
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -70,9 +71,11 @@ class Job:
     # seconds spent per stage, kept for the estimator's history
     stage_times: dict[str, float] = field(default_factory=dict)
     stage_started_at: float | None = None
-    eta_state: dict[str, Any] = field(default_factory=dict)
+    eta_state: eta.EtaState | None = None
     eta_s: float | None = None
     queue_position: int | None = None
+    wait_s: float | None = None  # queued: the expected wait before it starts
+    announced_position: int | None = None  # the queue place viewers last heard of
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with `changes`: a dict copy, far cheaper than dataclasses.replace."""
@@ -126,6 +129,7 @@ class Job:
             "stalled": self.stalled,
             "heartbeat_timeout_s": self.heartbeat_timeout_s,
             "queue_position": self.queue_position if self.status == "queued" else None,
+            "wait_s": self.wait_s if self.status == "queued" else None,
             "created_at": self.created_at,
             "started_at": self.started_at,
             "updated_at": self.updated_at,
@@ -138,7 +142,10 @@ class Job:
 
     def private(self) -> dict[str, Any]:
         """The fields viewers never see; stored beside the public document."""
-        return {name: getattr(self, name) for name in _PRIVATE}
+        d = {name: getattr(self, name) for name in _PRIVATE}
+        if self.eta_state is not None:
+            d["eta_state"] = self.eta_state.to_dict()
+        return d
 
     @classmethod
     def from_record(cls, public: dict[str, Any], private: dict[str, Any]) -> Job:
@@ -146,12 +153,17 @@ class Job:
         d = {k: v for k, v in public.items() if k in _FIELDS}
         d.update(private)
         d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
+        if d.get("eta_state"):
+            d["eta_state"] = eta.EtaState.from_dict(d["eta_state"])
+        else:
+            d["eta_state"] = None
         return cls(**d)
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Job))
 _PRIVATE = ("owner", "token_hash", "last_seq", "last_post_at", "stage_times",
-            "stage_started_at", "eta_state", "eta_s", "queue_position", "final_event_id")
+            "stage_started_at", "eta_state", "eta_s", "queue_position", "wait_s",
+            "announced_position", "final_event_id")
 
 
 # ---------------------------------------------------------------- requests
@@ -471,6 +483,57 @@ def requeue(job: Job, reason: str | None, now: float) -> Outcome:
         current=None, stage=None, stage_progress=None, message=None, result=None, error=None,
         cancel_requested=False, pause_requested=False, control_reason=reason, stalled=False,
         started_at=None, finished_at=None, final_event_id=None, last_post_at=None,
-        stage_times={}, stage_started_at=None, eta_state={}, eta_s=None, updated_at=now)
+        stage_times={}, stage_started_at=None, eta_state=None, eta_s=None, updated_at=now)
     return job, [Draft("status", {"status": "queued", "previous": previous,
                                   "attempt": job.attempt, "reason": reason})]
+
+
+# ---------------------------------------------------------------- estimates
+
+
+def with_estimate(job: Job, now: float, history: list[eta.FinishedRun]) -> Job:
+    """Fold the job's latest state into its estimator and refresh `eta_s`.
+
+    Only a running job has a meaningful remaining time; paused or cancelling ones
+    keep none, as a clock that runs while nothing moves would mislead.
+    """
+    if job.status != "running" or job.started_at is None:
+        return job if job.eta_s is None or job.finished else job.evolve(eta_s=None)
+    elapsed = max(0.0, now - job.started_at)
+    fraction = job.progress / 100.0
+    state = eta.observe(job.eta_state or eta.new_state(), elapsed_s=elapsed, fraction=fraction,
+                        stage=job.stage)
+    remaining = eta.estimate(
+        state, elapsed_s=elapsed, fraction=fraction, stage=job.stage,
+        stages=[eta.StageSpec(s.key, s.weight) for s in job.stages], total=job.total,
+        history=history)
+    return job.evolve(eta_state=state,
+                      eta_s=None if remaining is None else round(remaining, 1))
+
+
+def finished_run(job: Job) -> eta.FinishedRun | None:
+    """A succeeded job as history for the estimator."""
+    if job.status != "succeeded" or job.started_at is None or job.finished_at is None:
+        return None
+    return eta.FinishedRun(duration_s=job.finished_at - job.started_at, total=job.total,
+                           stage_durations=dict(job.stage_times))
+
+
+def with_queue_position(job: Job, position: int, wait_s: float | None, now: float
+                        ) -> tuple[Job, list[Draft]]:
+    """Record a queued job's place; tell viewers only when it is worth an event.
+
+    Announcing every move to every job behind would cost one event per queued job
+    per start. Viewers hear of it at the front (the last five places), when it
+    moves back, and further back each time the place has halved since they last
+    heard. The job row always holds the true place, for snapshots and polling.
+    """
+    last = job.announced_position
+    job = job.evolve(queue_position=position, wait_s=wait_s)
+    if last is None:
+        return job.evolve(announced_position=position), []
+    if position != last and (position <= 5 or position <= last / 2 or position > last):
+        job = job.evolve(announced_position=position, updated_at=now)
+        return job, [Draft("status", {"status": "queued", "previous": "queued",
+                                      "queue_position": position, "wait_s": wait_s})]
+    return job, []

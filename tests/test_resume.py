@@ -74,7 +74,8 @@ async def test_readers_resuming_at_random_points_lose_nothing(service: Service) 
     rng = random.Random(1234)
     async with httpx.AsyncClient(base_url=service.url, timeout=20,
                                  limits=httpx.Limits(max_connections=50)) as client:
-        jobs = [await create_job(client, kind="k", title=f"job {i}") for i in range(JOBS)]
+        jobs = [await create_job(client, kind="k", title=f"job {i}", queue=f"q{i}")
+                for i in range(JOBS)]
         start_head = len(jobs)
         total = start_head + JOBS * (POSTS_PER_JOB + 1)
         readers = [

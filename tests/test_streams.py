@@ -81,9 +81,10 @@ async def test_resume_with_header_and_query(client: httpx.AsyncClient) -> None:
 
 async def test_all_events_filters_by_job_and_kind(client: httpx.AsyncClient) -> None:
     """/api/events is a stream whatever Accept says, filtered by job= and kind=."""
-    a = await create_job(client, kind="pdf")
-    b = await create_job(client, kind="video")
-    c = await create_job(client, kind="video")
+    # separate queues: no queue-position events between the posts
+    a = await create_job(client, kind="pdf", queue="qa")
+    b = await create_job(client, kind="video", queue="qb")
+    c = await create_job(client, kind="video", queue="qc")
     async with aconnect_sse(client, "GET", "/api/events",
                             params=[("job", a["id"]), ("job", b["id"])],
                             headers={"Accept": "application/json", "Last-Event-ID": "3"}

@@ -21,12 +21,14 @@ import aiosqlite
 import structlog
 
 from ..errors import Conflict, ProgressError, Unavailable
-from ..jobs import Job, check_seq
+from ..eta import FinishedRun, estimate_wait
+from ..jobs import Draft, Job, check_seq, finished_run, with_estimate, with_queue_position
 from . import Event, Filter, Write, WriteResult
 
 log = structlog.get_logger("progress_sse.store")
 
 MAX_BATCH = 512
+HISTORY = 50  # finished runs per kind that the estimator learns from
 _EVENT_COLS = "id, job_id, owner, kind, type, body"
 
 
@@ -63,6 +65,8 @@ class SQLiteStore:
         self._task: asyncio.Task[None] | None = None
         self._publish: Callable[[Sequence[Event]], None] = lambda events: None
         self._jobs: dict[str, Job] = {}  # active jobs' committed state; the writer owns it
+        self._queues: dict[str, list[str]] = {}  # queued job ids per queue, in order
+        self._history: dict[str, list[FinishedRun]] = {}  # succeeded runs per kind
         self._next_id = 1
         self._oldest: int | None = None
         self._closing = False
@@ -83,6 +87,15 @@ class SQLiteStore:
         oldest, head = (row[0], row[1]) if row else (None, None)
         self._oldest = oldest
         self._next_id = (head or 0) + 1
+        async with self._writer.execute(
+            "SELECT doc FROM jobs WHERE status IN ('queued', 'running', 'paused', 'cancelling')"
+            " ORDER BY rowid"
+        ) as cur:
+            for (doc,) in await cur.fetchall():
+                job = job_from_doc(doc)
+                self._jobs[job.id] = job
+                if job.status == "queued":
+                    self._queues.setdefault(job.queue, []).append(job.id)
         self._task = asyncio.create_task(self._run(), name="progress-sse-writer")
         return head or 0
 
@@ -141,17 +154,11 @@ class SQLiteStore:
         conn = self._writer
         await self._load_missing({p.write.job_id for p in batch})
         now = self._clock()
-        ts = iso(now)
-        working: dict[str, Job] = {}
-        event_rows: list[tuple[Any, ...]] = []
-        job_rows: dict[str, tuple[Any, ...]] = {}
+        b = _Batch(self, now)
         answers: list[tuple[_Pending, WriteResult | BaseException]] = []
-        committed: list[Event] = []
-        next_id = self._next_id
-        batch_seqs: dict[tuple[str, int, int], Event] = {}
         for p in batch:
             w = p.write
-            job = working.get(w.job_id) or self._jobs.get(w.job_id)
+            job = b.working.get(w.job_id) or self._jobs.get(w.job_id)
             try:
                 if job is not None and w.create:
                     answers.append((p, WriteResult(job, (), dumps(job.public(now)))))
@@ -160,7 +167,7 @@ class SQLiteStore:
                         and check_seq(job, w.seq):
                     assert w.seq is not None
                     key = (job.id, job.attempt, w.seq)
-                    dup = batch_seqs.get(key) or await self._event_by_seq(*key)
+                    dup = b.seqs.get(key) or await self._event_by_seq(*key)
                     if dup is None:
                         raise Conflict(f"seq {w.seq} is not after the last seq "
                                        f"({job.last_seq})", field="seq")
@@ -175,29 +182,15 @@ class SQLiteStore:
                 assert job is not None and not drafts
                 answers.append((p, WriteResult(job, (), dumps(job.public(now)))))
                 continue
-            events: list[Event] = []
-            heads: list[tuple[int, Any]] = []
-            for d in drafts:
-                eid = next_id
-                next_id += 1
-                if d.type == "finished":
-                    new_job = new_job.evolve(final_event_id=eid)
-                heads.append((eid, d))
-            job_json = dumps(new_job.public(now))
-            for eid, d in heads:
-                head = dumps({"id": eid, "job_id": new_job.id, "type": d.type, "ts": ts,
-                              **d.fields})
-                body = f'{head[:-1]},"job":{job_json}}}'
-                ev = Event.build(eid, new_job.id, new_job.owner, new_job.kind, d.type, body)
-                events.append(ev)
-                event_rows.append((eid, ev.job_id, ev.owner, ev.kind, ev.type,
-                                   new_job.attempt, d.seq, body))
-                if d.seq is not None:
-                    batch_seqs[(new_job.id, new_job.attempt, d.seq)] = ev
-            working[new_job.id] = new_job
-            job_rows[new_job.id] = _job_row(new_job, job_json)
-            committed.extend(events)
-            answers.append((p, WriteResult(new_job, events, job_json, created=job is None)))
+            new_job = b.place_in_queue(job, new_job)
+            if new_job.status == "running":
+                new_job = with_estimate(new_job, now, self._history.get(new_job.kind, []))
+            events, job_json = b.emit(new_job, drafts)
+            answers.append((p, WriteResult(b.working[new_job.id], events, job_json,
+                                           created=job is None)))
+        b.move_queues_on()
+        event_rows, job_rows, committed, next_id = b.event_rows, b.job_rows, b.events, b.next_id
+        working = b.working
 
         if event_rows or job_rows:
             try:
@@ -223,6 +216,13 @@ class SQLiteStore:
             if self._oldest is None and committed:
                 self._oldest = committed[0].id
             self._jobs.update(working)
+            self._queues.update(b.queues)
+            for job in working.values():
+                run = finished_run(job) if job.finished else None
+                if run is not None:
+                    runs = self._history.setdefault(job.kind, [])
+                    runs.append(run)
+                    del runs[:-HISTORY]
         for job_id in {p.write.job_id for p in batch}:
             cached = self._jobs.get(job_id)
             if cached is not None and cached.finished:
@@ -249,6 +249,7 @@ class SQLiteStore:
 
     async def _load_missing(self, job_ids: set[str]) -> None:
         assert self._writer is not None
+        await self._load_history({j.kind for j in map(self._jobs.get, job_ids) if j})
         missing = [j for j in job_ids if j and j not in self._jobs]
         if not missing:
             return
@@ -260,6 +261,18 @@ class SQLiteStore:
         for (doc,) in rows:
             job = job_from_doc(doc)
             self._jobs[job.id] = job
+        await self._load_history({job_from_doc(d).kind for (d,) in rows})
+
+    async def _load_history(self, kinds: set[str]) -> None:
+        assert self._writer is not None
+        for kind in kinds - set(self._history):
+            async with self._writer.execute(
+                "SELECT doc FROM jobs WHERE kind=? AND status='succeeded'"
+                " ORDER BY finished_at DESC LIMIT ?", (kind, HISTORY)
+            ) as cur:
+                docs = await cur.fetchall()
+            runs = [finished_run(job_from_doc(d)) for (d,) in reversed(list(docs))]
+            self._history[kind] = [r for r in runs if r is not None]
 
     async def _event_by_seq(self, job_id: str, attempt: int, seq: int) -> Event | None:
         assert self._writer is not None
@@ -357,6 +370,92 @@ class SQLiteStore:
         ) as cur:
             rows = await cur.fetchall()
         return [json.loads(r[0]) for r in rows]
+
+
+class _Batch:
+    """One group commit being built: jobs as changed so far, rows and events to write."""
+
+    def __init__(self, store: SQLiteStore, now: float) -> None:
+        self.store = store
+        self.now = now
+        self.ts = iso(now)
+        self.next_id = store._next_id
+        self.working: dict[str, Job] = {}
+        self.event_rows: list[tuple[Any, ...]] = []
+        self.job_rows: dict[str, tuple[Any, ...]] = {}
+        self.events: list[Event] = []
+        self.seqs: dict[tuple[str, int, int], Event] = {}
+        self.queues: dict[str, list[str]] = {}  # copies of the queues this batch changes
+        self.moved: set[str] = set()  # queues where someone left: places behind change
+        self.running: dict[str, int] = {}  # jobs running per queue, counted once a batch
+
+    def emit(self, job: Job, drafts: list[Draft]) -> tuple[list[Event], str]:
+        """Give the drafts ids, serialise them with the job after them, queue the rows."""
+        heads = []
+        for d in drafts:
+            if d.type == "finished":
+                job = job.evolve(final_event_id=self.next_id)
+            heads.append((self.next_id, d))
+            self.next_id += 1
+        job_json = dumps(job.public(self.now))
+        events = []
+        for eid, d in heads:
+            head = dumps({"id": eid, "job_id": job.id, "type": d.type, "ts": self.ts,
+                          **d.fields})
+            body = f'{head[:-1]},"job":{job_json}}}'
+            ev = Event.build(eid, job.id, job.owner, job.kind, d.type, body)
+            events.append(ev)
+            self.event_rows.append((eid, job.id, job.owner, job.kind, d.type, job.attempt,
+                                    d.seq, body))
+            if d.seq is not None:
+                self.seqs[(job.id, job.attempt, d.seq)] = ev
+        self.working[job.id] = job
+        self.job_rows[job.id] = _job_row(job, job_json)
+        self.events.extend(events)
+        return events, job_json
+
+    def _queue(self, name: str) -> list[str]:
+        if name not in self.queues:
+            self.queues[name] = list(self.store._queues.get(name, ()))
+        return self.queues[name]
+
+    def place_in_queue(self, old: Job | None, job: Job) -> Job:
+        """Join the queue's end on entering `queued`; leave it on any other status."""
+        was = old is not None and old.status == "queued"
+        if job.status == "queued" and not was:
+            q = self._queue(job.queue)
+            q.append(job.id)
+            job = job.evolve(announced_position=None)
+            wait = self._wait(job, len(q))
+            return with_queue_position(job, len(q), wait, self.now)[0]
+        if was and job.status != "queued":
+            self._queue(job.queue).remove(job.id)
+            self.moved.add(job.queue)
+            return job.evolve(queue_position=None, wait_s=None, announced_position=None)
+        return job
+
+    def move_queues_on(self) -> None:
+        """Give the jobs behind a departure their new places (events only when worth it)."""
+        jobs = self.store._jobs
+        for name in self.moved:
+            for i, job_id in enumerate(self.queues[name]):
+                job = self.working.get(job_id) or jobs[job_id]
+                if job.queue_position == i + 1:
+                    continue
+                moved, drafts = with_queue_position(job, i + 1, self._wait(job, i + 1),
+                                                    self.now)
+                self.emit(moved, drafts)
+
+    def _wait(self, job: Job, position: int) -> float | None:
+        """Expected wait from the kind's history and how many of the queue run at once."""
+        history = self.store._history.get(job.kind, [])
+        if not history:
+            return None
+        if job.queue not in self.running:
+            self.running[job.queue] = sum(1 for j in self.store._jobs.values()
+                                          if j.queue == job.queue and j.status == "running")
+        wait = estimate_wait(position, history, max(1, self.running[job.queue]))
+        return None if wait is None else round(wait, 1)
 
 
 def _job_row(job: Job, job_json: str) -> tuple[Any, ...]:
