@@ -213,7 +213,7 @@ async def fanout(proc: Proc, n_subs: int, publish_path: str, stream_path: str,
     while time.monotonic() - t_start < seconds:
         k += 1
         t = time.monotonic()
-        status, body = await c.request("POST", publish_path, b'{"progress": %d}' % min(k, 100))
+        _, body = await c.request("POST", publish_path, b'{"progress": %d}' % min(k, 100))
         sent[json.loads(body)["event_id"]] = t
         await asyncio.sleep(max(0.0, t_start + k / rate - time.monotonic()))
     last = max(sent)
@@ -274,7 +274,7 @@ async def cancel_wake(proc: Proc, rounds: int) -> list[float]:
         await asyncio.sleep(0.02)  # the poll is parked on the server
         t = time.monotonic()
         await viewer.request("POST", f"/api/jobs/{job}/cancel", b"{}")
-        status, body = await poll
+        _, body = await poll
         out.append(time.monotonic() - t)
         assert json.loads(body)["control"]["cancel_requested"], body
     return sorted(out)

@@ -13,14 +13,15 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount
+from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 
-from . import api, control, migrations
+from . import api, control, migrations, openapi, tokens
 from .context import Context
 from .errors import ProgressError
 from .hub import Hub
 from .logs import RequestLogMiddleware
+from .security import DashboardLogin, SecurityMiddleware, StreamQuota
 from .settings import Settings
 from .store.sqlite import SQLiteStore, dumps
 
@@ -32,8 +33,13 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build one independent service instance (nothing shared between instances)."""
     settings = settings or Settings()
+    settings.validate_security()  # no unauthenticated service on a public address
+    if settings.auth == "none" and not settings.loopback:
+        log.warning("auth.disabled_on_public_address", host=settings.host,
+                    hint="anyone who can reach this address can read and control every job")
     store = SQLiteStore(settings.db, synchronous=settings.synchronous,
-                        retention_events=settings.retention_events)
+                        retention_events=settings.retention_events,
+                        estimate_every_s=settings.estimate_every_s)
     hub = Hub(settings.tail_size, settings.tail_bytes)
     ctx = Context(settings=settings, store=store, hub=hub)
 
@@ -45,7 +51,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         stalls = asyncio.create_task(control.watch_stalls(ctx), name="progress-sse-stalls")
         ticks = asyncio.create_task(hub.keep_alive(settings.keepalive_s / 3),
                                     name="progress-sse-keepalive")
-        log.info("service.started", db=settings.db, head=head)
+        log.info("service.started", db=settings.db, head=head, auth=settings.auth)
         try:
             yield
         finally:
@@ -57,13 +63,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await store.close()
             log.info("service.stopped", head=hub.head)
 
-    routes = [*api.routes(), *control.routes()]
+    routes: list[BaseRoute] = [*api.routes(), *control.routes(), *tokens.routes(),
+                               *openapi.routes()]
     if WEB_DIR.is_dir():
-        routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
+        web = DashboardLogin(StaticFiles(directory=WEB_DIR, html=True), settings)
+        routes.append(Mount("/", web, name="web"))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(RequestLogMiddleware)],
+        middleware=[Middleware(RequestLogMiddleware),
+                    Middleware(SecurityMiddleware, settings=settings)],
         exception_handlers={
             ProgressError: _progress_error,
             HTTPException: _http_error,
@@ -71,6 +80,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
     )
     app.state.ctx = ctx
+    # one user without authentication: a per-user cap would cap the whole service
+    app.state.stream_quota = StreamQuota(settings.max_streams_per_user
+                                         if settings.auth == "jwt" else 0)
     return app
 
 
@@ -95,7 +107,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if exc.status_code != 404 else f"no such path: {request.url.path}"
-    return error_response(exc.status_code, code, str(message), headers=exc.headers)
+    return error_response(exc.status_code, code, str(message),
+                          headers=dict(exc.headers) if exc.headers else None)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:

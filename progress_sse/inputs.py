@@ -113,7 +113,7 @@ def number(body: dict[str, Any], name: str, *, low: float | None = None,
         raise InvalidInput(f"{name} must be an integer", field=name)
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidInput(f"{name} must be finite", field=name)
-    if abs(value) > 1e15:
+    if high is None and abs(value) > 1e15:
         raise InvalidInput(f"{name} is out of range", field=name)
     if low is not None and value < low:
         raise InvalidInput(f"{name} must be at least {low:g}", field=name)

@@ -72,7 +72,9 @@ class Job:
     stage_times: dict[str, float] = field(default_factory=dict)
     stage_started_at: float | None = None
     eta_state: eta.EtaState | None = None
-    eta_s: float | None = None
+    eta_doc: dict[str, Any] | None = None  # eta_state as stored, serialised when it changes
+    eta_s: float | None = None  # remaining seconds as estimated at `eta_at`
+    eta_at: float | None = None
     queue_position: int | None = None
     wait_s: float | None = None  # queued: the expected wait before it starts
     announced_position: int | None = None  # the queue place viewers last heard of
@@ -102,7 +104,9 @@ class Job:
         """The job as viewers see it (no token hash, no estimator internals)."""
         end = self.finished_at if self.finished_at is not None else now
         elapsed = round(max(0.0, end - self.started_at), 3) if self.started_at else None
-        eta = None if self.finished else self.eta_s
+        eta = None
+        if not self.finished and self.eta_s is not None:
+            eta = round(max(0.0, self.eta_s - (now - (self.eta_at or now))), 1)
         return {
             "id": self.id,
             "kind": self.kind,
@@ -142,10 +146,7 @@ class Job:
 
     def private(self) -> dict[str, Any]:
         """The fields viewers never see; stored beside the public document."""
-        d = {name: getattr(self, name) for name in _PRIVATE}
-        if self.eta_state is not None:
-            d["eta_state"] = self.eta_state.to_dict()
-        return d
+        return {name: getattr(self, name) for name in _PRIVATE}
 
     @classmethod
     def from_record(cls, public: dict[str, Any], private: dict[str, Any]) -> Job:
@@ -153,16 +154,13 @@ class Job:
         d = {k: v for k, v in public.items() if k in _FIELDS}
         d.update(private)
         d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
-        if d.get("eta_state"):
-            d["eta_state"] = eta.EtaState.from_dict(d["eta_state"])
-        else:
-            d["eta_state"] = None
+        d["eta_state"] = eta.EtaState.from_dict(d["eta_doc"]) if d.get("eta_doc") else None
         return cls(**d)
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Job))
 _PRIVATE = ("owner", "token_hash", "last_seq", "last_post_at", "stage_times",
-            "stage_started_at", "eta_state", "eta_s", "queue_position", "wait_s",
+            "stage_started_at", "eta_doc", "eta_s", "eta_at", "queue_position", "wait_s",
             "announced_position", "final_event_id")
 
 
@@ -458,7 +456,10 @@ def request_resume(job: Job, reason: str | None, now: float) -> Outcome:
 def heartbeat(job: Job, attempt: int | None, now: float) -> Outcome:
     """The worker is alive: note it; an event only when it clears a stall."""
     check_worker(job, attempt)
-    if job.status == "queued" or job.stalled:
+    if job.status == "queued":
+        job, drafts = _touch(job, now, None)
+        return job, [*drafts, Draft("status", {"status": "running", "previous": "queued"})]
+    if job.stalled:
         return _touch(job, now, None)
     return job.evolve(last_post_at=now), []
 
@@ -483,7 +484,8 @@ def requeue(job: Job, reason: str | None, now: float) -> Outcome:
         current=None, stage=None, stage_progress=None, message=None, result=None, error=None,
         cancel_requested=False, pause_requested=False, control_reason=reason, stalled=False,
         started_at=None, finished_at=None, final_event_id=None, last_post_at=None,
-        stage_times={}, stage_started_at=None, eta_state=None, eta_s=None, updated_at=now)
+        stage_times={}, stage_started_at=None, eta_state=None, eta_doc=None, eta_s=None,
+        eta_at=None, updated_at=now)
     return job, [Draft("status", {"status": "queued", "previous": previous,
                                   "attempt": job.attempt, "reason": reason})]
 
@@ -491,14 +493,18 @@ def requeue(job: Job, reason: str | None, now: float) -> Outcome:
 # ---------------------------------------------------------------- estimates
 
 
-def with_estimate(job: Job, now: float, history: list[eta.FinishedRun]) -> Job:
-    """Fold the job's latest state into its estimator and refresh `eta_s`.
+def with_estimate(job: Job, now: float, history: list[eta.FinishedRun],
+                  every_s: float = 1.0) -> Job:
+    """Fold the job's latest state into its estimator and refresh the estimate.
 
-    Only a running job has a meaningful remaining time; paused or cancelling ones
-    keep none, as a clock that runs while nothing moves would mislead.
+    At most once every `every_s` per job: the estimate is a finish time, and between
+    refreshes the remaining time shown simply counts down to it. Only a running
+    job has one; a paused or cancelling job's clock would mislead.
     """
     if job.status != "running" or job.started_at is None:
-        return job if job.eta_s is None or job.finished else job.evolve(eta_s=None)
+        return job if job.eta_s is None or job.finished else job.evolve(eta_s=None, eta_at=None)
+    if job.eta_at is not None and now - job.eta_at < every_s:
+        return job
     elapsed = max(0.0, now - job.started_at)
     fraction = job.progress / 100.0
     state = eta.observe(job.eta_state or eta.new_state(), elapsed_s=elapsed, fraction=fraction,
@@ -507,7 +513,7 @@ def with_estimate(job: Job, now: float, history: list[eta.FinishedRun]) -> Job:
         state, elapsed_s=elapsed, fraction=fraction, stage=job.stage,
         stages=[eta.StageSpec(s.key, s.weight) for s in job.stages], total=job.total,
         history=history)
-    return job.evolve(eta_state=state,
+    return job.evolve(eta_state=state, eta_doc=state.to_dict(), eta_at=now,
                       eta_s=None if remaining is None else round(remaining, 1))
 
 

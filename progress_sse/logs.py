@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-import os
 from typing import Any
 
 import structlog
@@ -91,7 +91,7 @@ class RequestLogMiddleware:
 def _incoming_request_id(scope: Scope) -> str | None:
     for name, value in scope.get("headers", []):
         if name == b"x-request-id":
-            rid = value.decode("latin-1")
+            rid = str(value.decode("latin-1"))
             if 0 < len(rid) <= 64 and rid.isprintable():
                 return rid
     return None

@@ -6,6 +6,7 @@ streams must be ended before that wait, or SIGTERM would hang on them.
 
 from __future__ import annotations
 
+import math
 import socket
 
 import uvicorn
@@ -32,7 +33,7 @@ def make_server(app: Starlette, settings: Settings, **config: object) -> Server:
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
         **config,  # type: ignore[arg-type]
     )
     return Server(cfg, app.state.ctx)

@@ -95,7 +95,7 @@ class ProcessService:
         env = {**os.environ, **(self.env or {})}
         env.setdefault("PROGRESS_SSE_LOG_FORMAT", "json")
         self.log_path = Path(self.db).with_suffix(f".{self.port}.log")
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self._log = open(self.log_path, "ab")  # closed in wait()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "progress_sse", "serve", "--port", str(self.port),
              "--db", self.db, *extra],

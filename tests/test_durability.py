@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import signal
@@ -82,7 +83,8 @@ async def test_sigterm_ends_many_open_streams_promptly(proc: ProcessService) -> 
     for reader, _ in conns:
         async with asyncio.timeout(10):
             await reader.readuntil(b"event: snapshot")
-    health = httpx.get(proc.url + "/healthz").json()
+    async with httpx.AsyncClient() as client:
+        health = (await client.get(proc.url + "/healthz")).json()
     assert health["streams"] == 1000
     started = time.monotonic()
     proc.signal(signal.SIGTERM)
@@ -168,6 +170,6 @@ async def test_frozen_reader_does_not_delay_others_and_memory_stays_bounded(
     latencies.sort()
     # each round of 1,000 events of ~10 KiB (10 MB) went past the frozen reader: a queue
     # for it would grow by that much a round; the hub's bounded tail (8 MiB) fills once
-    growth = [b - a for a, b in zip(rss, rss[1:], strict=False)]
+    growth = [b - a for a, b in itertools.pairwise(rss)]
     assert max(growth[1:]) < 4 * 1024, rss
     assert latencies[len(latencies) // 2] < 0.5, latencies[len(latencies) // 2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -14,7 +15,9 @@ from hypothesis import strategies as st
 from progress_sse import jobs
 from progress_sse.errors import InvalidInput
 
-from .helpers import create_job
+from progress_sse.settings import Settings
+
+from .helpers import create_job, start_service
 
 STAGES = (jobs.Stage("validate", "Validate", 5), jobs.Stage("metadata", "Metadata", 10),
           jobs.Stage("transcript", "Transcript", 20), jobs.Stage("analysis", "Analysis", 15),
@@ -84,9 +87,17 @@ def test_eta_is_never_negative(posts: list[tuple[int, float]]) -> None:
         assert job.eta_s is None or job.eta_s >= 0
 
 
-async def test_staged_job_over_http_gets_percentages_and_an_eta(
-        client: httpx.AsyncClient) -> None:
+async def test_staged_job_over_http_gets_percentages_and_an_eta(settings: Settings) -> None:
     """A stage-weighted job shows the weighted percentage and an ETA once a rate is known."""
+    svc = await start_service(replace(settings, estimate_every_s=0))
+    try:
+        async with httpx.AsyncClient(base_url=svc.url) as client:
+            await _drive_staged_job(client)
+    finally:
+        await svc.stop()
+
+
+async def _drive_staged_job(client: httpx.AsyncClient) -> None:
     job = await create_job(client, kind="video", stages=[
         {"key": s.key, "label": s.label, "weight": s.weight} for s in STAGES])
     url = f"/api/jobs/{job['id']}/progress"

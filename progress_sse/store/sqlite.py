@@ -52,10 +52,12 @@ class _Pending:
 
 class SQLiteStore:
     def __init__(self, path: str, *, synchronous: str = "NORMAL", readers: int = 2,
-                 retention_events: int = 0, clock: Callable[[], float] = time.time) -> None:
+                 retention_events: int = 0, estimate_every_s: float = 1.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.synchronous = synchronous.upper()
         self.retention_events = retention_events
+        self.estimate_every_s = estimate_every_s
         self._clock = clock
         self._nreaders = readers
         self._writer: aiosqlite.Connection | None = None
@@ -184,7 +186,8 @@ class SQLiteStore:
                 continue
             new_job = b.place_in_queue(job, new_job)
             if new_job.status == "running":
-                new_job = with_estimate(new_job, now, self._history.get(new_job.kind, []))
+                new_job = with_estimate(new_job, now, self._history.get(new_job.kind, []),
+                                        self.estimate_every_s)
             events, job_json = b.emit(new_job, drafts)
             answers.append((p, WriteResult(b.working[new_job.id], events, job_json,
                                            created=job is None)))
