@@ -237,7 +237,7 @@ async def test_post_to_unknown_job_is_a_service_error(service: Service) -> None:
 async def test_shell_worker_with_curl_only_succeeds(service: Service,
                                                     client: httpx.AsyncClient) -> None:
     """The documented curl-only shell worker drives a job through its steps to succeeded."""
-    doc = (ROOT / "docs" / "workers.md").read_text()
+    doc = (ROOT / "README.md").read_text()
     script = doc.split("<!-- tested: curl-worker")[1].split("```bash\n")[1].split("```")[0]
     assert "    sleep 1   # the real work" in script
     script = script.replace("    sleep 1   #", "    sleep 0.01   #")
