@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from collections.abc import Callable
@@ -13,9 +12,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import inputs, jobs, streams
-from .auth import identify
+from .auth import CREATE, READ, new_worker_token, require, worker_pass
 from .context import Context
-from .errors import Conflict, InvalidInput, JobNotFound
+from .errors import Conflict, InvalidInput
 from .jobs import Job, Outcome
 from .store import Filter, Write, WriteResult
 from .store.sqlite import dumps
@@ -38,20 +37,16 @@ def ctx_of(request: Request) -> Context:
     return ctx
 
 
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 # ---------------------------------------------------------------- producers
 
 
 async def create_job(request: Request) -> Response:
     ctx = ctx_of(request)
-    who = identify(request)
+    who = require(request, CREATE)
     body = await inputs.read_body(request, ctx.settings.max_body_bytes)
     inputs.unknown_fields(body, CREATE_FIELDS)
     job_id = inputs.text(body, "id", max_len=64, pattern=NAME) or f"j_{secrets.token_hex(8)}"
-    token = secrets.token_urlsafe(24)
+    token, token_hash = new_worker_token()
     spec = jobs.NewJob(
         id=job_id,
         owner=who.subject,
@@ -64,7 +59,7 @@ async def create_job(request: Request) -> Response:
         meta=inputs.document(body, "meta", mapping=True) or {},
         heartbeat_timeout_s=inputs.number(body, "heartbeat_timeout_s", low=1, high=86400)
         or ctx.settings.heartbeat_timeout_s,
-        token_hash=hash_token(token),
+        token_hash=token_hash,
     )
 
     def apply(job: Job | None, now: float) -> Outcome:
@@ -114,7 +109,7 @@ def _stages(raw: Any) -> tuple[jobs.Stage, ...]:
 
 async def list_jobs(request: Request) -> Response:
     ctx = ctx_of(request)
-    who = identify(request)
+    who = require(request, READ)
     q = request.query_params
     statuses = frozenset(s for v in q.getlist("status") for s in v.split(",") if s)
     unknown = statuses - jobs.TERMINAL - jobs.ACTIVE
@@ -133,7 +128,7 @@ async def list_jobs(request: Request) -> Response:
 async def get_job(request: Request) -> Response:
     ctx = ctx_of(request)
     job = await streams.visible_job(ctx, request.path_params["job_id"],
-                                    identify(request).owner_filter)
+                                    require(request, READ).owner_filter)
     return json_response(f'{{"job":{dumps(job.public(time.time()))},'
                          f'"control":{control_json(job)}}}')
 
@@ -141,7 +136,7 @@ async def get_job(request: Request) -> Response:
 async def job_events(request: Request) -> Response:
     """SSE for EventSource and curl; JSON history for anything else."""
     ctx = ctx_of(request)
-    who = identify(request)
+    who = require(request, READ)
     job = await streams.visible_job(ctx, request.path_params["job_id"], who.owner_filter)
     flt = Filter(owner=who.owner_filter, job_ids=frozenset({job.id}))
     if "text/event-stream" in request.headers.get("accept", ""):
@@ -155,7 +150,7 @@ async def job_events(request: Request) -> Response:
 
 async def all_events(request: Request) -> Response:
     ctx = ctx_of(request)
-    who = identify(request)
+    who = require(request, READ)
     q = request.query_params
     job_ids = frozenset(q.getlist("job")) or None
     kinds = frozenset(q.getlist("kind")) or None
@@ -179,18 +174,20 @@ async def worker_write(request: Request, allowed: frozenset[str],
                         ) -> Response:
     ctx = ctx_of(request)
     job_id = request.path_params["job_id"]
+    credential = worker_pass(request)
     body = await inputs.read_body(request, ctx.settings.max_body_bytes)
     inputs.unknown_fields(body, allowed)
     step, seq, attempt = rule(body)
-    owner = identify(request).owner_filter
+
+    def check(job: Job | None) -> Job:
+        return credential.check(job, job_id)
 
     def apply(job: Job | None, now: float) -> Outcome:
-        if job is None or (owner is not None and job.owner != owner):
-            raise JobNotFound(f"no job {job_id!r}")
-        return step(job, now)
+        return step(check(job), now)
 
-    result = await ctx.store.submit(Write(job_id, apply, seq=seq, attempt=attempt))
-    return worker_answer(result)
+    # `check` runs in the writer before anything else, a repeated seq's answer included
+    write = Write(job_id, apply, seq=seq, attempt=attempt, check=check)
+    return worker_answer(await ctx.store.submit(write))
 
 
 def worker_answer(result: WriteResult) -> Response:

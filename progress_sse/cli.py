@@ -53,6 +53,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         log_format=getattr(args, "log_format", None),
         log_level=getattr(args, "log_level", None),
         synchronous=getattr(args, "synchronous", None),
+        insecure=True if getattr(args, "insecure", False) else None,
     )
 
 
@@ -65,6 +66,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = make_server(create_app(settings), settings)
     server.run()
     return 0 if server.started else 1
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Mint a signed viewer/producer token with the service's secret."""
+    from .auth import mint_token, parse_duration
+
+    settings = Settings.from_env(os.environ)
+    secret = settings.jwt_secret
+    if not secret:
+        raise UsageError("set PROGRESS_SSE_JWT_SECRET to the service's signing secret")
+    try:
+        print(mint_token(secret, args.sub, args.scope, parse_duration(args.ttl),
+                         issuer=settings.jwt_issuer, audience=settings.jwt_audience))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -277,7 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--synchronous", choices=["NORMAL", "FULL"],
                        help="SQLite durability: NORMAL survives a process crash, FULL a power cut")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow no authentication on a non-loopback address (not advised)")
     serve.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="mint a viewer/producer token (needs the secret)")
+    token.add_argument("--sub", required=True, help="the subject: owner of the jobs")
+    token.add_argument("--scope", default="read,create", help="read, create, admin (comma list)")
+    token.add_argument("--ttl", default="1h", help="lifetime: 3600, 15m, 1h, 7d (default 1h)")
+    token.set_defaults(func=cmd_token)
 
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     migrate.add_argument("--db", help="SQLite file (default ./progress.db)")

@@ -14,13 +14,12 @@ from starlette.routing import Route
 
 from . import inputs, jobs
 from .api import ctx_of, json_response, worker_answer, worker_write
-from .auth import identify
+from .auth import CREATE, require, worker_pass
 from .context import Context
 from .errors import JobNotFound
 from .jobs import Job, Outcome
 from .store import Write
 from .store.sqlite import dumps
-from .streams import visible_job
 
 log = structlog.get_logger("progress_sse.control")
 
@@ -32,7 +31,7 @@ def _viewer_request(rule: Callable[[Job, str | None, float], Outcome]
     async def endpoint(request: Request) -> Response:
         ctx = ctx_of(request)
         job_id = request.path_params["job_id"]
-        owner = identify(request).owner_filter
+        owner = require(request, CREATE).owner_filter
         body = await inputs.read_body(request, ctx.settings.max_body_bytes)
         inputs.unknown_fields(body, REQUEST_FIELDS)
         reason = inputs.text(body, "reason", max_len=500)
@@ -70,13 +69,13 @@ async def control_state(request: Request) -> Response:
     """
     ctx = ctx_of(request)
     job_id = request.path_params["job_id"]
-    owner = identify(request).owner_filter
+    credential = worker_pass(request)
     wait = inputs.query_number(request, "wait", low=0, high=ctx.settings.max_wait_s)
     known = (_flag(request, "cancel_requested"), _flag(request, "pause_requested"))
     deadline = time.monotonic() + (wait or 0.0)
     while True:
         waiter = ctx.hub.waiter(job_id)
-        job = await visible_job(ctx, job_id, owner)
+        job = credential.check(await ctx.store.get_job(job_id), job_id)
         left = deadline - time.monotonic()
         if (job.cancel_requested, job.pause_requested) != known or job.finished or left <= 0 \
                 or ctx.hub.closed:

@@ -28,7 +28,7 @@ def _reject_constant(name: str) -> Any:
 async def read_body(request: Request, limit: int) -> dict[str, Any]:
     """The body as a dict: JSON object or form fields. An empty body is an empty dict."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
         raise BodyTooLarge(f"the body is larger than {limit} bytes")
     chunks = []
     size = 0
@@ -43,11 +43,15 @@ async def read_body(request: Request, limit: int) -> dict[str, Any]:
         return {}
     if ctype in ("application/json", "") or ctype.endswith("+json"):
         try:
-            value = json.loads(raw, parse_constant=_reject_constant)
+            # strict UTF-8 (RFC 8259): json.loads(bytes) would also take UTF-16 and let
+            # unpaired surrogates through, which no stored text can hold
+            value = json.loads(raw.decode("utf-8-sig"), parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
             raise InvalidInput(f"the body is not valid JSON: {exc}", field="body") from None
         if not isinstance(value, dict):
             raise InvalidInput("the body must be a JSON object", field="body")
+        if _SURROGATE_ESCAPE.search(raw):
+            _refuse_lone_surrogates(value)
         return value
     if ctype == "application/x-www-form-urlencoded":
         try:
@@ -66,6 +70,19 @@ async def read_body(request: Request, limit: int) -> dict[str, Any]:
         f"content type {ctype!r} is not supported; send application/json or "
         "application/x-www-form-urlencoded"
     )
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(value: Any) -> None:
+    """An unpaired \\ud800-\\udfff escape parses, but no UTF-8 text can hold it: refuse
+    it here, or it would fail the store's whole write batch later."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidInput("the body contains an unpaired UTF-16 surrogate escape",
+                           field="body") from None
 
 
 class _FormValue(str):
@@ -167,7 +184,7 @@ def query_int(request: Request, name: str, *, default: int, low: int, high: int)
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # not '²', which int() refuses
         raise InvalidInput(f"{name} must be a non-negative integer", field=name)
     value = int(raw)
     if not low <= value <= high:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -17,7 +19,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     db: str = "progress.db"
-    synchronous: str = "NORMAL"  # NORMAL (WAL: durable on OS crash only up to last checkpoint) or FULL
+    synchronous: str = "NORMAL"  # NORMAL survives a process crash; FULL also a power cut
     keepalive_s: float = 15.0
     retry_ms: int = 1000
     log_format: str = "auto"  # auto (console on a TTY, JSON otherwise), json, console
@@ -27,10 +29,26 @@ class Settings:
     replay_batch: int = 1000  # events read from the store per step of a lagging stream
     max_body_bytes: int = 64 * 1024
     retention_events: int = 0  # 0 = keep every event; otherwise prune the oldest beyond this count
+    estimate_every_s: float = 1.0  # refresh a running job's estimate at most this often
     heartbeat_timeout_s: float = 60.0  # default per job: silence before a running job is `stalled`
     stall_check_s: float = 1.0
     max_wait_s: float = 60.0  # upper bound for long-poll waits
     shutdown_timeout_s: float = 5.0
+    # authentication (see docs/security.md); auth "" means: "jwt" with a secret, else "none"
+    auth: str = ""
+    jwt_secret: str | None = field(default=None, repr=False)
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_s: float = 30.0
+    insecure: bool = False  # allow auth=none on a non-loopback address (logs a warning)
+    max_streams_per_user: int = 50  # open SSE streams per subject (jwt mode); 0 = no limit
+    cors_origins: str = ""  # comma-separated origins allowed to call the API with credentials
+
+    def __post_init__(self) -> None:
+        if self.jwt_secret == "":
+            object.__setattr__(self, "jwt_secret", None)
+        if not self.auth:
+            object.__setattr__(self, "auth", "jwt" if self.jwt_secret else "none")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -54,6 +72,45 @@ class Settings:
             raise ConfigError("keepalive_s must be > 0")
         if self.tail_size < 16:
             raise ConfigError("tail_size must be >= 16")
+        self.validate_security()
+
+    def validate_security(self) -> None:
+        """Refuse configurations that would expose the service without authentication."""
+        if self.auth not in ("none", "jwt"):
+            raise ConfigError("auth must be none or jwt")
+        if self.auth == "jwt" and not self.jwt_secret:
+            raise ConfigError("auth=jwt needs a signing secret (PROGRESS_SSE_JWT_SECRET)")
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
+            raise ConfigError("the JWT secret must be at least 32 bytes long")
+        if self.auth == "none" and not self.loopback and not self.insecure:
+            raise ConfigError(
+                f"refusing to serve {self.host!r} without authentication: set "
+                "PROGRESS_SSE_JWT_SECRET, listen on 127.0.0.1, or pass --insecure")
+        if self.jwt_leeway_s < 0:
+            raise ConfigError("jwt_leeway_s must be >= 0")
+        if self.max_streams_per_user < 0:
+            raise ConfigError("max_streams_per_user must be >= 0 (0: no limit)")
+        for origin in self.cors_origin_list:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc \
+                    or parts.path or parts.query or parts.fragment or "*" in origin:
+                raise ConfigError(f"cors_origins: {origin!r} is not an origin such as "
+                                  "https://dash.example.com (no wildcards, no path)")
+
+    @property
+    def loopback(self) -> bool:
+        """True when the service listens on a loopback address only."""
+        host = self.host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
 
 def _convert(name: str, kind: Any, raw: str) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -25,9 +25,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from .auth import identify
 from .context import Context
 from .errors import InvalidInput, JobNotFound
 from .jobs import Job
+from .security import stream_quota
 from .store import Event, Filter
 from .store.sqlite import dumps
 
@@ -53,7 +55,7 @@ def parse_last_event_id(request: Request) -> int | None:
     if raw is None or raw.strip() == "":
         return None
     raw = raw.strip()
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # not '²', which int() refuses
         raise InvalidInput(
             f"{field} must be a non-negative integer event id, got {raw[:40]!r}", field=field
         )
@@ -70,7 +72,9 @@ async def job_stream(request: Request, ctx: Context, job: Job, flt: Filter) -> R
 
 
 def open_stream(request: Request, ctx: Context, spec: StreamSpec) -> Response:
-    return EventStream(_frames(ctx, spec, request.client.host if request.client else None))
+    release = stream_quota(request).acquire(identify(request).subject)  # 429 when full
+    return EventStream(_frames(ctx, spec, request.client.host if request.client else None),
+                       on_close=release)
 
 
 class EventStream(Response):
@@ -78,7 +82,8 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, frames: AsyncIterator[bytes]) -> None:
+    def __init__(self, frames: AsyncIterator[bytes],
+                 on_close: Callable[[], None] | None = None) -> None:
         self.status_code = 200
         self.background = None
         self.raw_headers = [
@@ -87,8 +92,16 @@ class EventStream(Response):
             (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
         ]
         self.frames = frames
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._stream(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         if scope["method"] == "HEAD":

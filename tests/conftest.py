@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sse_starlette.sse import AppStatus
 
 from progress_sse.logs import configure_logging
 from progress_sse.settings import Settings
@@ -15,14 +14,6 @@ from progress_sse.settings import Settings
 from .helpers import Service, start_service
 
 configure_logging("json", "warning")
-
-
-@pytest.fixture(autouse=True)
-def _reset_sse_app_status() -> Iterator[None]:
-    """sse-starlette keeps a class-level exit flag; a leftover True ends every later stream."""
-    AppStatus.should_exit = False
-    yield
-    AppStatus.should_exit = False
 
 
 @pytest.fixture

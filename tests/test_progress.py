@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from progress_sse import jobs
 from progress_sse.errors import InvalidInput
-
 from progress_sse.settings import Settings
 
 from .helpers import create_job, start_service

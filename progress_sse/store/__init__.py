@@ -40,6 +40,8 @@ class Write:
     attempt: int | None = None
     # create: an existing job with this id is returned as it is (idempotent create)
     create: bool = False
+    # may this caller touch the job? Run first, before even a repeated seq is answered
+    check: Callable[[Job | None], object] | None = None
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,8 @@ class SQLiteStore:
             w = p.write
             job = b.working.get(w.job_id) or self._jobs.get(w.job_id)
             try:
+                if w.check is not None:
+                    w.check(job)
                 if job is not None and w.create:
                     answers.append((p, WriteResult(job, (), dumps(job.public(now)))))
                     continue

@@ -1,0 +1,218 @@
+"""HTTP hardening, all pure ASGI (BaseHTTPMiddleware would buffer streams and lose
+contextvars): security headers, CORS for an allow-list of dashboard origins, refusal
+of cross-origin writes and of foreign Host names, the dashboard's sign-in cookie, and
+the per-user stream quota.
+
+Cross-origin writes: a browser adds `Origin` to every POST. One from a page that is
+neither this service nor an allowed origin is refused, so another site cannot make a
+visitor's browser cancel jobs with the visitor's cookie (or, without authentication,
+with nothing at all). Clients that are not browsers send no `Origin` and are not
+affected.
+
+Foreign Host names: without authentication the service trusts whoever can reach its
+loopback address. A web page can reach it too, through DNS rebinding (a name of the
+attacker's that resolves to 127.0.0.1, which makes the page "same origin"), so the
+Host header must name this machine: localhost, an IP address, or a single-label name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from starlette.datastructures import URL, Headers
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .auth import COOKIE, QUERY_PARAM, READ, decode_token, looks_like_jwt, query_token
+from .errors import Forbidden, TooManyStreams, Unauthorized
+from .settings import Settings
+
+CSP = ("default-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+       "frame-ancestors 'none'; form-action 'self'")
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CORS_METHODS = "GET, POST"
+CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Worker-Token, X-Request-Id"
+CORS_EXPOSE = "X-Request-Id, Retry-After, WWW-Authenticate"
+RETRY_STREAMS_S = 5
+
+
+class SecurityMiddleware:
+    """Security headers on every answer; CORS; cross-origin writes and foreign hosts refused."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.origins = frozenset(o.lower() for o in settings.cors_origin_list)
+        self.check_host = settings.auth == "none" and not settings.insecure
+        self.own_host = settings.host.lower()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        allowed = origin is not None and origin.lower() in self.origins
+        if self.check_host and not self._local_host(headers.get("host", "")):
+            await refuse(send, 400, "host_not_allowed",
+                         "this service answers only to localhost or an IP address without "
+                         "authentication; configure a JWT secret to serve other names")
+            return
+        if scope["method"] == "OPTIONS" and origin is not None \
+                and "access-control-request-method" in headers:
+            await self._preflight(send, origin, allowed)
+            return
+        if scope["method"] not in SAFE_METHODS and origin is not None and not allowed \
+                and not same_origin(scope, headers, origin):
+            await refuse(send, 403, "cross_origin",
+                         f"requests from {origin[:100]!r} are not allowed; add the origin to "
+                         "cors_origins to let a dashboard there call this service")
+            return
+        cors: list[tuple[bytes, bytes]] = []
+        if allowed:
+            assert origin is not None
+            cors = [(b"access-control-allow-origin", origin.encode("latin-1")),
+                    (b"access-control-allow-credentials", b"true"),
+                    (b"access-control-expose-headers", CORS_EXPOSE.encode())]
+        if self.origins:
+            cors.append((b"vary", b"Origin"))
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [h for h in SECURITY_HEADERS if h[0] not in present]
+                message = {**message,
+                           "headers": [*message.get("headers", []), *extra, *cors]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    async def _preflight(self, send: Send, origin: str, allowed: bool) -> None:
+        if not allowed:
+            await refuse(send, 403, "cross_origin",
+                         f"origin {origin[:100]!r} is not in cors_origins")
+            return
+        await send({"type": "http.response.start", "status": 204, "headers": [
+            (b"access-control-allow-origin", origin.encode("latin-1")),
+            (b"access-control-allow-credentials", b"true"),
+            (b"access-control-allow-methods", CORS_METHODS.encode()),
+            (b"access-control-allow-headers", CORS_HEADERS.encode()),
+            (b"access-control-max-age", b"600"),
+            (b"vary", b"Origin"),
+            *SECURITY_HEADERS,
+        ]})
+        await send({"type": "http.response.body", "body": b""})
+
+    def _local_host(self, host: str) -> bool:
+        name = host.lower()
+        if name.startswith("["):
+            name = name[1:].partition("]")[0]
+        else:
+            name = name.rpartition(":")[0] if ":" in name else name
+        if not name or name == self.own_host or "." not in name:
+            return True  # no Host (HTTP/1.0), this host, or a single label (localhost too)
+        if name.endswith(".localhost"):
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
+
+def same_origin(scope: Scope, headers: Headers, origin: str) -> bool:
+    """True when the page that sent the request was served by this service."""
+    if headers.get("sec-fetch-site") == "same-origin":
+        return True
+    host = headers.get("host")
+    return host is not None and origin.lower() == f"{scope['scheme']}://{host}".lower()
+
+
+async def refuse(send: Send, status: int, code: str, message: str,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Answer with the JSON error shape, from below the routing."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *(headers or []),
+        *SECURITY_HEADERS,
+    ]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class DashboardLogin:
+    """Sign a browser in: `GET /?access_token=<JWT>` sets the dashboard's cookie and
+    redirects to the same page without the token, so the address bar, the history and
+    bookmarks never keep it. The cookie is HttpOnly and SameSite=Strict."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = query_token(scope.get("query_string", b"")) \
+            if scope["type"] == "http" and self.settings.auth == "jwt" else None
+        if token is None or scope["method"] not in ("GET", "HEAD") \
+                or scope["path"].startswith("/api/"):
+            await self.app(scope, receive, send)
+            return
+        if not looks_like_jwt(token):
+            raise Unauthorized("this is not a viewer token")
+        who = decode_token(self.settings, token)
+        if not who.may(READ):
+            raise Forbidden(f"this token lacks the {READ!r} scope")
+        url = URL(scope=scope).remove_query_params(QUERY_PARAM)
+        # one leading slash: "//host" would send the browser to another site
+        location = "/" + url.path.lstrip("/") + (f"?{url.query}" if url.query else "")
+        lifetime = max(0, int((who.expires_at or 0) - time.time()))
+        cookie = (f"{COOKIE}={token}; Path=/; Max-Age={lifetime}; HttpOnly; SameSite=Strict"
+                  + ("; Secure" if scope["scheme"] == "https" else ""))
+        await send({"type": "http.response.start", "status": 303, "headers": [
+            (b"location", location.encode("latin-1", "replace")),
+            (b"set-cookie", cookie.encode("latin-1")),
+            (b"cache-control", b"no-store"),
+            (b"content-length", b"0"),
+        ]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+class StreamQuota:
+    """Open SSE streams per subject, for one app: a 429 beyond the limit (0: no limit)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: Counter[str] = Counter()
+
+    def acquire(self, subject: str) -> Callable[[], None]:
+        """Take a slot for `subject`; the returned callable gives it back (once)."""
+        if self.limit and self.open[subject] >= self.limit:
+            raise TooManyStreams(
+                f"at most {self.limit} open streams per user; close one (a dashboard needs "
+                "one stream: /api/events takes job= filters)",
+                headers={"Retry-After": str(RETRY_STREAMS_S)})
+        self.open[subject] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.open[subject] -= 1
+                if self.open[subject] <= 0:
+                    del self.open[subject]
+
+        return release
+
+
+def stream_quota(conn: HTTPConnection) -> StreamQuota:
+    quota: StreamQuota = conn.app.state.stream_quota
+    return quota
