@@ -303,7 +303,7 @@ class SQLiteStore:
     async def list_jobs(self, flt: Filter, limit: int, before: int | None
                         ) -> tuple[list[Job], int, int | None]:
         """A page of jobs, newest first, with the head id and the cursor of the next page."""
-        where, args = _job_where(flt)
+        where, args = _where(flt)
         if before is not None:
             where.append("rowid < ?")
             args.append(before)
@@ -319,7 +319,7 @@ class SQLiteStore:
 
     async def snapshot(self, flt: Filter, limit: int) -> tuple[list[Job], int]:
         """Jobs and the head id from one statement, so they agree with each other."""
-        where, args = _job_where(flt)
+        where, args = _where(flt)
         sql = (f"SELECT (SELECT COALESCE(MAX(id), 0) FROM events), doc FROM jobs"
                f"{_and(where)} ORDER BY finished_at IS NOT NULL, updated_at DESC LIMIT ?")
         return await self._jobs_and_head(sql, [*args, limit])
@@ -339,17 +339,9 @@ class SQLiteStore:
 
     async def events_after(self, after: int, upto: int, flt: Filter, limit: int
                            ) -> list[Event]:
-        where = ["id > ?", "id <= ?"]
-        args: list[Any] = [after, upto]
-        if flt.owner is not None:
-            where.append("owner = ?")
-            args.append(flt.owner)
-        if flt.job_ids is not None:
-            where.append(f"job_id IN ({','.join('?' * len(flt.job_ids))})")
-            args.extend(sorted(flt.job_ids))
-        if flt.kinds is not None:
-            where.append(f"kind IN ({','.join('?' * len(flt.kinds))})")
-            args.extend(sorted(flt.kinds))
+        where, args = _where(flt, job_column="job_id")
+        where += ["id > ?", "id <= ?"]
+        args += [after, upto]
         sql = f"SELECT {_EVENT_COLS} FROM events{_and(where)} ORDER BY id LIMIT ?"
         async with self._reader().execute(sql, [*args, limit]) as cur:
             rows = await cur.fetchall()
@@ -475,21 +467,16 @@ def job_from_doc(doc: str) -> Job:
     return Job.from_record(d["job"], d["private"])
 
 
-def _job_where(flt: Filter) -> tuple[list[str], list[Any]]:
+def _where(flt: Filter, job_column: str = "id") -> tuple[list[str], list[Any]]:
+    """SQL conditions for a filter, on the jobs table or (job_column="job_id") the events."""
     where: list[str] = []
     args: list[Any] = []
-    if flt.owner is not None:
-        where.append("owner = ?")
-        args.append(flt.owner)
-    if flt.job_ids is not None:
-        where.append(f"id IN ({','.join('?' * len(flt.job_ids))})")
-        args.extend(sorted(flt.job_ids))
-    if flt.kinds is not None:
-        where.append(f"kind IN ({','.join('?' * len(flt.kinds))})")
-        args.extend(sorted(flt.kinds))
-    if flt.statuses:
-        where.append(f"status IN ({','.join('?' * len(flt.statuses))})")
-        args.extend(sorted(flt.statuses))
+    for column, values in (("owner", None if flt.owner is None else {flt.owner}),
+                           (job_column, flt.job_ids), ("kind", flt.kinds),
+                           ("status", flt.statuses or None)):
+        if values is not None:
+            where.append(f"{column} IN ({','.join('?' * len(values))})")
+            args.extend(sorted(values))
     return where, args
 
 
