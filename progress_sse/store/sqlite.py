@@ -32,8 +32,12 @@ HISTORY = 50  # finished runs per kind that the estimator learns from
 _EVENT_COLS = "id, job_id, owner, kind, type, body"
 
 
+# one encoder, configured once: json.dumps with options builds a new one per call
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def iso(ts: float) -> str:
