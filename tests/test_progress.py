@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import replace
+from typing import Any
 
 import httpx
 import pytest
@@ -91,12 +92,13 @@ async def test_staged_job_over_http_gets_percentages_and_an_eta(settings: Settin
     svc = await start_service(replace(settings, estimate_every_s=0))
     try:
         async with httpx.AsyncClient(base_url=svc.url) as client:
-            await _drive_staged_job(client)
+            final = await _drive_staged_job(client)
     finally:
         await svc.stop()
+    assert final["eta_s"] > 0
 
 
-async def _drive_staged_job(client: httpx.AsyncClient) -> None:
+async def _drive_staged_job(client: httpx.AsyncClient) -> dict[str, Any]:
     job = await create_job(client, kind="video", stages=[
         {"key": s.key, "label": s.label, "weight": s.weight} for s in STAGES])
     url = f"/api/jobs/{job['id']}/progress"
@@ -115,6 +117,7 @@ async def _drive_staged_job(client: httpx.AsyncClient) -> None:
     assert body["eta_s"] is not None and body["eta_s"] > 0
     assert body["finish_estimate"] > body["updated_at"]
     assert body["elapsed_s"] > 0
+    return body  # type: ignore[no-any-return]
 
 
 async def test_queued_job_position_moves_when_a_job_ahead_starts(
