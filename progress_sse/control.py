@@ -13,13 +13,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import inputs, jobs
-from .api import ctx_of, json_response, worker_answer, worker_write
+from .api import control_json, ctx_of, json_response, worker_answer, worker_write
 from .auth import CREATE, require, worker_pass
 from .context import Context
 from .errors import JobNotFound
 from .jobs import Job, Outcome
 from .store import Write
-from .store.sqlite import dumps
 
 log = structlog.get_logger("progress_sse.control")
 
@@ -79,7 +78,7 @@ async def control_state(request: Request) -> Response:
         left = deadline - time.monotonic()
         if (job.cancel_requested, job.pause_requested) != known or job.finished or left <= 0 \
                 or ctx.hub.closed:
-            return json_response(f'{{"control":{dumps(job.control())}}}')
+            return json_response(f'{{"control":{control_json(job)}}}')
         try:
             await asyncio.wait_for(waiter.wait(), left)
         except TimeoutError:

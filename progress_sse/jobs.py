@@ -90,16 +90,6 @@ class Job:
     def finished(self) -> bool:
         return self.status in TERMINAL
 
-    def control(self) -> dict[str, Any]:
-        """The control state a worker reads from every response."""
-        return {
-            "cancel_requested": self.cancel_requested,
-            "pause_requested": self.pause_requested,
-            "reason": self.control_reason,
-            "status": self.status,
-            "attempt": self.attempt,
-        }
-
     def public(self, now: float) -> dict[str, Any]:
         """The job as viewers see it (no token hash, no estimator internals)."""
         end = self.finished_at if self.finished_at is not None else now

@@ -364,14 +364,6 @@ class SQLiteStore:
         ) as cur:
             return [r[0] for r in await cur.fetchall()]
 
-    async def history(self, kind: str, limit: int) -> list[dict[str, Any]]:
-        async with self._reader().execute(
-            "SELECT doc FROM jobs WHERE kind=? AND status='succeeded'"
-            " ORDER BY finished_at DESC LIMIT ?", (kind, limit)
-        ) as cur:
-            rows = await cur.fetchall()
-        return [json.loads(r[0]) for r in rows]
-
 
 class _Batch:
     """One group commit being built: jobs as changed so far, rows and events to write."""
