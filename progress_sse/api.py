@@ -13,11 +13,12 @@ from starlette.routing import Route
 
 from . import inputs, jobs, streams
 from .auth import CREATE, READ, new_worker_token, require, worker_pass
+from .codec import dumps
 from .context import Context
 from .errors import Conflict, InvalidInput
+from .headers import header
 from .jobs import Job, Outcome
 from .store import Filter, Write, WriteResult
-from .store.sqlite import dumps
 
 NAME = inputs.ID_RE
 CREATE_FIELDS = frozenset({"id", "kind", "title", "queue", "stages", "total", "meta",
@@ -139,7 +140,7 @@ async def job_events(request: Request) -> Response:
     who = require(request, READ)
     job = await streams.visible_job(ctx, request.path_params["job_id"], who.owner_filter)
     flt = Filter(owner=who.owner_filter, job_ids=frozenset({job.id}))
-    if "text/event-stream" in request.headers.get("accept", ""):
+    if "text/event-stream" in (header(request.scope, b"accept") or ""):
         return await streams.job_stream(request, ctx, job, flt)
     after = inputs.query_int(request, "after", default=0, low=0, high=2**62)
     limit = inputs.query_int(request, "limit", default=100, low=1, high=1000)
@@ -288,19 +289,26 @@ async def metrics(request: Request) -> Response:
         "# HELP progress_sse_open_streams SSE streams open now.",
         "# TYPE progress_sse_open_streams gauge",
         f"progress_sse_open_streams {ctx.hub.streams}",
+        "# HELP progress_sse_write_batches_total Group commits by the store's writer.",
+        "# TYPE progress_sse_write_batches_total counter",
+        f"progress_sse_write_batches_total {ctx.store.batches}",
+        "# HELP progress_sse_writes_total Write requests handled by the store's writer.",
+        "# TYPE progress_sse_writes_total counter",
+        f"progress_sse_writes_total {ctx.store.writes}",
     ]
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
 def routes() -> list[Route]:
+    # the router tries routes in order: the busiest (worker posts) first
     return [
+        Route("/api/jobs/{job_id}/progress", post_progress, methods=["POST"]),
+        Route("/api/jobs/{job_id}/log", post_log, methods=["POST"]),
+        Route("/api/jobs/{job_id}/finish", post_finish, methods=["POST"]),
         Route("/api/jobs", create_job, methods=["POST"]),
         Route("/api/jobs", list_jobs, methods=["GET"]),
         Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/api/jobs/{job_id}/events", job_events, methods=["GET"]),
-        Route("/api/jobs/{job_id}/progress", post_progress, methods=["POST"]),
-        Route("/api/jobs/{job_id}/log", post_log, methods=["POST"]),
-        Route("/api/jobs/{job_id}/finish", post_finish, methods=["POST"]),
         Route("/api/events", all_events, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -17,13 +17,14 @@ from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 
 from . import api, control, migrations, openapi, tokens
+from .codec import dumps
 from .context import Context
 from .errors import ProgressError
 from .hub import Hub
 from .logs import RequestLogMiddleware
 from .security import DashboardLogin, SecurityMiddleware, StreamQuota
 from .settings import Settings
-from .store.sqlite import SQLiteStore, dumps
+from .store.sqlite import SQLiteStore
 
 log = structlog.get_logger("progress_sse.app")
 

@@ -28,13 +28,14 @@ import jwt
 from starlette.requests import HTTPConnection
 
 from .errors import Forbidden, JobNotFound, Unauthorized
+from .headers import header
 from .jobs import Job
 from .settings import Settings
 
 ANONYMOUS = "anonymous"
 COOKIE = "progress_sse_token"
 QUERY_PARAM = "access_token"
-WORKER_HEADER = "x-worker-token"
+WORKER_HEADER = b"x-worker-token"
 READ, CREATE, ADMIN = "read", "create", "admin"
 SCOPES = frozenset({READ, CREATE, ADMIN})
 ALGORITHM = "HS256"
@@ -107,9 +108,9 @@ def require(request: HTTPConnection, scope: str) -> Identity:
 
 def presented_token(conn: HTTPConnection) -> str | None:
     """The bearer token from the Authorization header, the query string or the cookie."""
-    header = conn.headers.get("authorization")
-    if header is not None:
-        scheme, _, value = header.strip().partition(" ")
+    given = header(conn.scope, b"authorization")
+    if given is not None:
+        scheme, _, value = given.strip().partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise Unauthorized("the Authorization header must be 'Bearer <token>'",
                                headers={"WWW-Authenticate": _REALM})
@@ -225,15 +226,15 @@ def worker_pass(request: HTTPConnection) -> WorkerPass:
     Without authentication the worker token is optional, but one that is sent must fit.
     """
     settings = settings_of(request)
-    header = request.headers.get(WORKER_HEADER)
+    worker_header = header(request.scope, WORKER_HEADER)
     if settings.auth == "none":
-        token = header if header is not None else _loose_bearer(request)
+        token = worker_header if worker_header is not None else _loose_bearer(request)
         # a viewer JWT means nothing here; any other token must fit the job
-        if token and (header is not None or not looks_like_jwt(token)):
+        if token and (worker_header is not None or not looks_like_jwt(token)):
             return WorkerPass(token=token, strict=False)
         return WorkerPass(owner=ANONYMOUS)
-    if header is not None:
-        return WorkerPass(token=header)
+    if worker_header is not None:
+        return WorkerPass(token=worker_header)
     token = presented_token(request)
     if token is None:
         raise Unauthorized("a worker token is required: send Authorization: Bearer <token> "
@@ -251,7 +252,7 @@ def worker_pass(request: HTTPConnection) -> WorkerPass:
 
 def _loose_bearer(conn: HTTPConnection) -> str | None:
     """A bearer token from the header or the query; another scheme is no token."""
-    scheme, _, value = conn.headers.get("authorization", "").strip().partition(" ")
+    scheme, _, value = (header(conn.scope, b"authorization") or "").strip().partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return query_token(conn.scope.get("query_string", b""))

@@ -13,7 +13,9 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
+from .codec import dumps
 from .errors import BodyTooLarge, InvalidInput, UnsupportedMediaType
+from .headers import header
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 MAX_DEPTH = 8
@@ -25,9 +27,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# built once: json.loads with any option builds a new decoder per call
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 async def read_body(request: Request, limit: int) -> dict[str, Any]:
     """The body as a dict: JSON object or form fields. An empty body is an empty dict."""
-    length = request.headers.get("content-length")
+    length = header(request.scope, b"content-length")
     if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
         raise BodyTooLarge(f"the body is larger than {limit} bytes")
     chunks = []
@@ -38,14 +44,14 @@ async def read_body(request: Request, limit: int) -> dict[str, Any]:
             raise BodyTooLarge(f"the body is larger than {limit} bytes")
         chunks.append(chunk)
     raw = b"".join(chunks)
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = (header(request.scope, b"content-type") or "").split(";")[0].strip().lower()
     if not raw.strip():
         return {}
     if ctype in ("application/json", "") or ctype.endswith("+json"):
         try:
             # strict UTF-8 (RFC 8259): json.loads(bytes) would also take UTF-16 and let
             # unpaired surrogates through, which no stored text can hold
-            value = json.loads(raw.decode("utf-8-sig"), parse_constant=_reject_constant)
+            value = _DECODER.decode(raw.decode("utf-8-sig"))
         except (ValueError, RecursionError) as exc:
             raise InvalidInput(f"the body is not valid JSON: {exc}", field="body") from None
         if not isinstance(value, dict):
@@ -165,9 +171,30 @@ def document(body: dict[str, Any], name: str, *, mapping: bool = False) -> Any:
         raise InvalidInput(f"{name} must be a JSON object", field=name)
     if _depth(value) > MAX_DEPTH:
         raise InvalidInput(f"{name} is nested deeper than {MAX_DEPTH} levels", field=name)
-    if len(json.dumps(value, separators=(",", ":"))) > MAX_DOC_BYTES:
+    problem = _bad_number(value)
+    if problem is not None:
+        raise InvalidInput(f"{name} holds {problem}", field=name)
+    if len(dumps(value)) > MAX_DOC_BYTES:
         raise InvalidInput(f"{name} is larger than {MAX_DOC_BYTES} bytes", field=name)
     return value
+
+
+def _bad_number(value: Any) -> str | None:
+    """A number no JSON peer can read back: an infinity (`1e999` parses as one), or an
+    integer beyond 64 bits (JavaScript already rounds past 2**53; send such ids as text)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "a number too large to represent"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if -(2**63) <= value < 2**64 else "an integer beyond 64 bits"
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, list):
+        return None
+    for item in value:
+        problem = _bad_number(item)
+        if problem is not None:
+            return problem
+    return None
 
 
 def _depth(value: Any, level: int = 0) -> int:

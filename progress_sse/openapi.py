@@ -14,9 +14,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .auth import COOKIE, QUERY_PARAM
+from .codec import dumps
 from .inputs import MAX_STAGES
 from .settings import Settings
-from .store.sqlite import dumps
 
 Schema = dict[str, Any]
 

@@ -17,18 +17,20 @@ Host header must name this machine: localhost, an IP address, or a single-label 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import time
 from collections import Counter
 from collections.abc import Callable
 
-from starlette.datastructures import URL, Headers
+from starlette.datastructures import URL
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import COOKIE, QUERY_PARAM, READ, decode_token, looks_like_jwt, query_token
 from .errors import Forbidden, TooManyStreams, Unauthorized
+from .headers import headers
 from .settings import Settings
 
 CSP = ("default-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
@@ -58,20 +60,22 @@ class SecurityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        origin = headers.get("origin")
+        given = headers(scope)
+        raw_origin = given.get(b"origin")
+        origin = None if raw_origin is None else raw_origin.decode("latin-1")
         allowed = origin is not None and origin.lower() in self.origins
-        if self.check_host and not self._local_host(headers.get("host", "")):
+        host = given.get(b"host", b"").decode("latin-1")
+        if self.check_host and not _local_host(host, self.own_host):
             await refuse(send, 400, "host_not_allowed",
                          "this service answers only to localhost or an IP address without "
                          "authentication; configure a JWT secret to serve other names")
             return
         if scope["method"] == "OPTIONS" and origin is not None \
-                and "access-control-request-method" in headers:
+                and b"access-control-request-method" in given:
             await self._preflight(send, origin, allowed)
             return
         if scope["method"] not in SAFE_METHODS and origin is not None and not allowed \
-                and not same_origin(scope, headers, origin):
+                and not same_origin(scope, origin):
             await refuse(send, 403, "cross_origin",
                          f"requests from {origin[:100]!r} are not allowed; add the origin to "
                          "cors_origins to let a dashboard there call this service")
@@ -87,10 +91,10 @@ class SecurityMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                present = {name.lower() for name, _ in message.get("headers", [])}
+                own = message.get("headers", [])
+                present = {name.lower() for name, _ in own}
                 extra = [h for h in SECURITY_HEADERS if h[0] not in present]
-                message = {**message,
-                           "headers": [*message.get("headers", []), *extra, *cors]}
+                message = {**message, "headers": [*own, *extra, *cors]}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -111,29 +115,34 @@ class SecurityMiddleware:
         ]})
         await send({"type": "http.response.body", "body": b""})
 
-    def _local_host(self, host: str) -> bool:
-        name = host.lower()
-        if name.startswith("["):
-            name = name[1:].partition("]")[0]
-        else:
-            name = name.rpartition(":")[0] if ":" in name else name
-        if not name or name == self.own_host or "." not in name:
-            return True  # no Host (HTTP/1.0), this host, or a single label (localhost too)
-        if name.endswith(".localhost"):
-            return True
-        try:
-            ipaddress.ip_address(name)
-        except ValueError:
-            return False
+
+@functools.lru_cache(maxsize=256)
+def _local_host(host: str, own_host: str) -> bool:
+    """Host names are few and parsing an address is not free: answers are remembered."""
+    name = host.lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    else:
+        name = name.rpartition(":")[0] if ":" in name else name
+    if not name or name == own_host or "." not in name:
+        return True  # no Host (HTTP/1.0), this host, or a single label (localhost too)
+    if name.endswith(".localhost"):
         return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
-def same_origin(scope: Scope, headers: Headers, origin: str) -> bool:
+def same_origin(scope: Scope, origin: str) -> bool:
     """True when the page that sent the request was served by this service."""
-    if headers.get("sec-fetch-site") == "same-origin":
+    given = headers(scope)
+    if given.get(b"sec-fetch-site") == b"same-origin":
         return True
-    host = headers.get("host")
-    return host is not None and origin.lower() == f"{scope['scheme']}://{host}".lower()
+    host = given.get(b"host")
+    return host is not None and \
+        origin.lower() == f"{scope['scheme']}://{host.decode('latin-1')}".lower()
 
 
 async def refuse(send: Send, status: int, code: str, message: str,

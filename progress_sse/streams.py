@@ -26,12 +26,13 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .auth import identify
+from .codec import dumps
 from .context import Context
 from .errors import InvalidInput, JobNotFound
+from .headers import header
 from .jobs import Job
 from .security import stream_quota
 from .store import Event, Filter
-from .store.sqlite import dumps
 
 log = structlog.get_logger("progress_sse.streams")
 
@@ -47,7 +48,7 @@ class StreamSpec:
 
 def parse_last_event_id(request: Request) -> int | None:
     """The resume point from the header, else from ?last_event_id=; a bad one is a 400."""
-    raw = request.headers.get("last-event-id")
+    raw = header(request.scope, b"last-event-id")
     field = "Last-Event-ID"
     if raw is None:
         raw = request.query_params.get("last_event_id")

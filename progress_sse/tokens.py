@@ -10,10 +10,10 @@ from starlette.routing import Route
 from . import inputs
 from .api import ctx_of, json_response
 from .auth import ADMIN, new_worker_token, require
+from .codec import dumps
 from .errors import JobNotFound
 from .jobs import Job, Outcome
 from .store import Write
-from .store.sqlite import dumps
 
 
 async def rotate_worker_token(request: Request) -> Response:

@@ -152,4 +152,6 @@ async def test_healthz_and_metrics(client: httpx.AsyncClient) -> None:
     assert r.json()["status"] == "ok"
     m = await client.get("/metrics")
     assert "progress_sse_head_event_id 1" in m.text
+    assert "progress_sse_writes_total 1\n" in m.text  # the create, in one group commit
+    assert "progress_sse_write_batches_total 1\n" in m.text
     assert m.headers["content-type"].startswith("text/plain")

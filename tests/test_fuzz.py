@@ -216,6 +216,14 @@ def hostile() -> Iterator[tuple[str, str, dict[str, Any]]]:
                  {"data": deep(9)}, {"seq": -1}, {"seq": 1.5}, {"attempt": 0},
                  {"attempt": 2}, {"message": "x" * 2001}, {"extra": 1}):
         yield "POST", "/api/jobs/fuzz-running/progress", {"json": body}
+    # numbers no JSON peer reads back: 1e999 parses as infinity, integers past 64 bits
+    for raw in (b'{"data": {"x": 1e999}}', b'{"data": [1, -1e999]}',
+                b'{"data": 123456789012345678901234567890}',
+                b'{"data": {"id": -18446744073709551617}}'):
+        yield "POST", "/api/jobs/fuzz-running/progress", {"content": raw, "headers": JSON}
+    yield "POST", "/api/jobs", {"content": b'{"meta": {"big": 1e999}}', "headers": JSON}
+    yield "POST", "/api/jobs/fuzz-running/finish", {
+        "content": b'{"status": "succeeded", "result": {"n": 1e400}}', "headers": JSON}
     yield "POST", "/api/jobs/fuzz-staged/progress", {"json": {"progress": 5}}  # no stage named
     yield "POST", "/api/jobs/fuzz-staged/progress", {"json": {"stage": "nope", "progress": 5}}
     for body in ({}, {"message": 5}, {"message": "x", "level": "fatal"},

@@ -73,6 +73,9 @@ class Filter:
 class Store(Protocol):
     """What the service needs from a store; SQLite now, PostgreSQL next."""
 
+    batches: int  # group commits so far
+    writes: int  # write requests they carried
+
     async def start(self, publish: Callable[[Sequence[Event]], None]) -> int: ...
     async def close(self) -> None: ...
     async def submit(self, write: Write) -> WriteResult: ...

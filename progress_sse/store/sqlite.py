@@ -11,7 +11,6 @@ does not disturb the rest of its batch.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -20,24 +19,18 @@ from typing import Any
 import aiosqlite
 import structlog
 
+from ..codec import dumps, loads
 from ..errors import Conflict, ProgressError, Unavailable
 from ..eta import FinishedRun, estimate_wait
 from ..jobs import Draft, Job, check_seq, finished_run, with_estimate, with_queue_position
 from . import Event, Filter, Write, WriteResult
+from .writer import WriterConnection
 
 log = structlog.get_logger("progress_sse.store")
 
 MAX_BATCH = 512
 HISTORY = 50  # finished runs per kind that the estimator learns from
 _EVENT_COLS = "id, job_id, owner, kind, type, body"
-
-
-# one encoder, configured once: json.dumps with options builds a new one per call
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def dumps(value: Any) -> str:
-    return _ENCODER.encode(value)
 
 
 def iso(ts: float) -> str:
@@ -64,7 +57,7 @@ class SQLiteStore:
         self.estimate_every_s = estimate_every_s
         self._clock = clock
         self._nreaders = readers
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: WriterConnection | None = None
         self._readers: list[aiosqlite.Connection] = []
         self._next_reader = 0
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()  # None: stop
@@ -76,32 +69,31 @@ class SQLiteStore:
         self._next_id = 1
         self._oldest: int | None = None
         self._closing = False
+        self.batches = 0  # group commits so far, and the writes they carried (for /metrics)
+        self.writes = 0
 
     # ------------------------------------------------------------ life cycle
 
     async def start(self, publish: Callable[[Sequence[Event]], None]) -> int:
         """Open connections, start the writer; return the head id."""
         self._publish = publish
-        self._writer = await self._connect()
-        await self._writer.execute(f"PRAGMA synchronous={self.synchronous}")
+        self._writer = WriterConnection(self.path, self.synchronous)
+        await self._writer.open()
         for _ in range(self._nreaders):
             conn = await self._connect()
             await conn.execute("PRAGMA query_only=ON")
             self._readers.append(conn)
-        async with self._writer.execute("SELECT MIN(id), MAX(id) FROM events") as cur:
-            row = await cur.fetchone()
-        oldest, head = (row[0], row[1]) if row else (None, None)
+        [(oldest, head)] = await self._writer.fetchall("SELECT MIN(id), MAX(id) FROM events")
         self._oldest = oldest
         self._next_id = (head or 0) + 1
-        async with self._writer.execute(
+        for (doc,) in await self._writer.fetchall(
             "SELECT doc FROM jobs WHERE status IN ('queued', 'running', 'paused', 'cancelling')"
             " ORDER BY rowid"
-        ) as cur:
-            for (doc,) in await cur.fetchall():
-                job = job_from_doc(doc)
-                self._jobs[job.id] = job
-                if job.status == "queued":
-                    self._queues.setdefault(job.queue, []).append(job.id)
+        ):
+            job = job_from_doc(doc)
+            self._jobs[job.id] = job
+            if job.status == "queued":
+                self._queues.setdefault(job.queue, []).append(job.id)
         self._task = asyncio.create_task(self._run(), name="progress-sse-writer")
         return head or 0
 
@@ -118,9 +110,10 @@ class SQLiteStore:
             self._queue.put_nowait(None)
             await self._task
             self._task = None
-        for conn in [self._writer, *self._readers]:
-            if conn is not None:
-                await conn.close()
+        if self._writer is not None:
+            await self._writer.close()
+        for conn in self._readers:
+            await conn.close()
         self._writer = None
         self._readers = []
 
@@ -145,6 +138,8 @@ class SQLiteStore:
             stop = None in items
             batch = [p for p in items if p is not None]
             if batch:
+                self.batches += 1
+                self.writes += len(batch)
                 try:
                     await self._commit_batch(batch)
                 except Exception as exc:  # the batch is lost as a whole; callers are told
@@ -202,25 +197,17 @@ class SQLiteStore:
         working = b.working
 
         if event_rows or job_rows:
-            try:
-                await conn.execute("BEGIN")
-                await conn.executemany(
-                    "INSERT INTO events (id, job_id, owner, kind, type, attempt, seq, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", event_rows)
-                await conn.executemany(
-                    "INSERT INTO jobs (id, owner, kind, queue, status, created_at, updated_at,"
-                    " finished_at, last_post_at, heartbeat_timeout_s, stalled, token_hash, doc)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (id) DO UPDATE SET status=excluded.status,"
-                    " updated_at=excluded.updated_at, finished_at=excluded.finished_at,"
-                    " last_post_at=excluded.last_post_at, stalled=excluded.stalled,"
-                    " token_hash=excluded.token_hash, doc=excluded.doc",
-                    list(job_rows.values()))
-                await conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    await conn.execute("ROLLBACK")
-                raise
+            upserts, updates = [], []
+            for job_id, row in job_rows.items():
+                before = self._jobs.get(job_id)
+                job = working[job_id]
+                if before is not None and before.status == job.status \
+                        and before.finished_at == job.finished_at:
+                    updates.append((job.updated_at, job.last_post_at, int(job.stalled),
+                                    job.token_hash, row[-1], job_id))
+                else:
+                    upserts.append(row)
+            await conn.commit(event_rows, upserts, updates)
             self._next_id = next_id
             if self._oldest is None and committed:
                 self._oldest = committed[0].id
@@ -263,10 +250,7 @@ class SQLiteStore:
         if not missing:
             return
         marks = ",".join("?" * len(missing))
-        async with self._writer.execute(
-            f"SELECT doc FROM jobs WHERE id IN ({marks})", missing
-        ) as cur:
-            rows = await cur.fetchall()
+        rows = await self._writer.fetchall(f"SELECT doc FROM jobs WHERE id IN ({marks})", missing)
         for (doc,) in rows:
             job = job_from_doc(doc)
             self._jobs[job.id] = job
@@ -275,22 +259,18 @@ class SQLiteStore:
     async def _load_history(self, kinds: set[str]) -> None:
         assert self._writer is not None
         for kind in kinds - set(self._history):
-            async with self._writer.execute(
+            docs = await self._writer.fetchall(
                 "SELECT doc FROM jobs WHERE kind=? AND status='succeeded'"
-                " ORDER BY finished_at DESC LIMIT ?", (kind, HISTORY)
-            ) as cur:
-                docs = await cur.fetchall()
+                " ORDER BY finished_at DESC LIMIT ?", (kind, HISTORY))
             runs = [finished_run(job_from_doc(d)) for (d,) in reversed(list(docs))]
             self._history[kind] = [r for r in runs if r is not None]
 
     async def _event_by_seq(self, job_id: str, attempt: int, seq: int) -> Event | None:
         assert self._writer is not None
-        async with self._writer.execute(
+        rows = await self._writer.fetchall(
             f"SELECT {_EVENT_COLS} FROM events WHERE job_id=? AND attempt=? AND seq=?",
-            (job_id, attempt, seq),
-        ) as cur:
-            row = await cur.fetchone()
-        return Event.build(*row) if row else None
+            (job_id, attempt, seq))
+        return Event.build(*rows[0]) if rows else None
 
     # ------------------------------------------------------------ reads
 
@@ -459,7 +439,7 @@ def _job_row(job: Job, job_json: str) -> tuple[Any, ...]:
 
 
 def job_from_doc(doc: str) -> Job:
-    d = json.loads(doc)
+    d = loads(doc)
     return Job.from_record(d["job"], d["private"])
 
 
