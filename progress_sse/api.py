@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -297,6 +297,11 @@ async def metrics(request: Request) -> Response:
         f"progress_sse_writes_total {ctx.store.writes}",
     ]
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+def worker_endpoints() -> dict[str, Callable[[Request], Awaitable[Response]]]:
+    """The worker posts by the last segment of `/api/jobs/{job_id}/...` (see fastpath)."""
+    return {"progress": post_progress, "log": post_log, "finish": post_finish}
 
 
 def routes() -> list[Route]:

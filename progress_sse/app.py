@@ -20,6 +20,7 @@ from . import api, control, migrations, openapi, tokens
 from .codec import dumps
 from .context import Context
 from .errors import ProgressError
+from .fastpath import WorkerPosts
 from .hub import Hub
 from .logs import RequestLogMiddleware
 from .security import DashboardLogin, SecurityMiddleware, StreamQuota
@@ -73,7 +74,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(RequestLogMiddleware),
-                    Middleware(SecurityMiddleware, settings=settings)],
+                    Middleware(SecurityMiddleware, settings=settings),
+                    Middleware(WorkerPosts, endpoints=api.worker_endpoints(),
+                               on_error=progress_error_response)],
         exception_handlers={
             ProgressError: _progress_error,
             HTTPException: _http_error,
@@ -96,9 +99,13 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
                     media_type="application/json", headers=headers)
 
 
+def progress_error_response(exc: ProgressError) -> Response:
+    return error_response(exc.status_code, exc.code, exc.message, exc.field, exc.headers)
+
+
 async def _progress_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProgressError)
-    return error_response(exc.status_code, exc.code, exc.message, exc.field, exc.headers)
+    return progress_error_response(exc)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}

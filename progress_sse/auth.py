@@ -197,7 +197,7 @@ def token_matches(token: str, token_hash: str) -> bool:
     return hmac.compare_digest(hash_token(token), token_hash)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per post: slots, not frozen (10x cheaper to build)
 class WorkerPass:
     """What a worker endpoint was shown: a worker token, or a producer's or admin's JWT."""
 

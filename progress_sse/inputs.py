@@ -11,7 +11,7 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .codec import dumps
 from .errors import BodyTooLarge, InvalidInput, UnsupportedMediaType
@@ -38,12 +38,19 @@ async def read_body(request: Request, limit: int) -> dict[str, Any]:
         raise BodyTooLarge(f"the body is larger than {limit} bytes")
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    receive = request.receive
+    while True:  # ASGI messages read directly: Request.stream() is an async generator
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"the body is larger than {limit} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
+        if not message.get("more_body", False):
+            break
+    raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     ctype = (header(request.scope, b"content-type") or "").split(";")[0].strip().lower()
     if not raw.strip():
         return {}

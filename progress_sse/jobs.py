@@ -26,7 +26,8 @@ class Stage:
     weight: float
 
 
-@dataclass(frozen=True)
+# per-request values: slots, not frozen (a frozen dataclass's __init__ measured 10x slower)
+@dataclass(slots=True)
 class Draft:
     """An event not yet stored: its type and the fields it adds beside the job."""
 
@@ -171,7 +172,7 @@ class NewJob:
     token_hash: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ProgressUpdate:
     progress: float | None = None
     current: float | None = None
@@ -184,7 +185,7 @@ class ProgressUpdate:
     attempt: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LogLine:
     level: str
     message: str
@@ -192,7 +193,7 @@ class LogLine:
     attempt: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Finish:
     status: str
     result: Any = None

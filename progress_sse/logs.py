@@ -82,15 +82,20 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            query = scope.get("query_string", b"").decode("latin-1")
-            log.info(
-                "request",
-                method=scope["method"],
-                path=scope["path"],
-                query=redact_query(query) or None,
-                status=status,
-                duration_ms=round((time.perf_counter() - start) * 1000, 2),
-            )
+            if log.is_enabled_for(logging.INFO):  # else skip building the line's fields
+                _log_request(scope, status, start)
+
+
+def _log_request(scope: Scope, status: int, start: float) -> None:
+    query = scope.get("query_string", b"").decode("latin-1")
+    log.info(
+        "request",
+        method=scope["method"],
+        path=scope["path"],
+        query=redact_query(query) or None,
+        status=status,
+        duration_ms=round((time.perf_counter() - start) * 1000, 2),
+    )
 
 
 def _incoming_request_id(scope: Scope) -> str | None:
