@@ -299,9 +299,15 @@ async def metrics(request: Request) -> Response:
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
-def worker_endpoints() -> dict[str, Callable[[Request], Awaitable[Response]]]:
-    """The worker posts by the last segment of `/api/jobs/{job_id}/...` (see fastpath)."""
-    return {"progress": post_progress, "log": post_log, "finish": post_finish}
+def hot_routes() -> dict[tuple[str, str], Callable[[Request], Awaitable[Response]]]:
+    """Worker posts and streams, served past the router (see fastpath); also in routes()."""
+    return {
+        ("POST", "/api/jobs/{job_id}/progress"): post_progress,
+        ("POST", "/api/jobs/{job_id}/log"): post_log,
+        ("POST", "/api/jobs/{job_id}/finish"): post_finish,
+        ("GET", "/api/jobs/{job_id}/events"): job_events,
+        ("GET", "/api/events"): all_events,
+    }
 
 
 def routes() -> list[Route]:

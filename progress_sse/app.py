@@ -20,12 +20,13 @@ from . import api, control, migrations, openapi, tokens
 from .codec import dumps
 from .context import Context
 from .errors import ProgressError
-from .fastpath import WorkerPosts
+from .fastpath import HotRoutes
 from .hub import Hub
 from .logs import RequestLogMiddleware
 from .security import DashboardLogin, SecurityMiddleware, StreamQuota
 from .settings import Settings
 from .store.sqlite import SQLiteStore
+from .streams import DirectSend
 
 log = structlog.get_logger("progress_sse.app")
 
@@ -73,9 +74,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(RequestLogMiddleware),
+        middleware=[Middleware(DirectSend),
+                    Middleware(RequestLogMiddleware),
                     Middleware(SecurityMiddleware, settings=settings),
-                    Middleware(WorkerPosts, endpoints=api.worker_endpoints(),
+                    Middleware(HotRoutes, routes=api.hot_routes(),
                                on_error=progress_error_response)],
         exception_handlers={
             ProgressError: _progress_error,

@@ -1,13 +1,14 @@
-"""Worker posts go straight to their endpoint, past Starlette's router.
+"""The busiest routes go straight to their endpoints, past Starlette's router.
 
-Worker posts are most of a busy service's requests, and each one used to pass
-through Starlette's exception middleware, the router (a regex per route until one
-matches), the route's request/response wrapper and a second exception wrapper
-before reaching its endpoint. This middleware sits inside ours (request log,
-security) and picks out `POST /api/jobs/{id}/{progress|log|finish}` by string
-operations, calls the same endpoint functions, and renders the same error answers;
-everything else goes down the usual stack. Exceptions other than our own still
-reach Starlette's server-error middleware, as before.
+Worker posts are most of a busy service's requests, and open streams most of its
+connections. Through Starlette each passes its exception middleware, the router (a
+regex per route until one matches), the route's request/response wrapper and a
+second exception wrapper before reaching the endpoint; for a post that is CPU, for
+an idle stream it is five suspended coroutine frames kept for its whole life. This
+middleware sits inside ours (request log, security), picks these routes out with
+string operations, calls the same endpoint functions and renders the same error
+answers; every other request goes down the usual stack. Exceptions other than our
+own still reach Starlette's server-error middleware, as before.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .errors import ProgressError
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-PREFIX = "/api/jobs/"
+JOBS = "/api/jobs/"
 
 
-class WorkerPosts:
-    def __init__(self, app: ASGIApp, endpoints: Mapping[str, Endpoint],
+class HotRoutes:
+    def __init__(self, app: ASGIApp, routes: Mapping[tuple[str, str], Endpoint],
                  on_error: Callable[[ProgressError], Response]) -> None:
         self.app = app
-        self.endpoints = dict(endpoints)  # last path segment -> endpoint
+        self.routes = dict(routes)  # (method, path with "{job_id}") -> endpoint
         self.on_error = on_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -43,14 +44,17 @@ class WorkerPosts:
         await response(scope, receive, send)
 
     def _match(self, scope: Scope) -> Endpoint | None:
-        """The endpoint for a worker post, with `job_id` set in the path params; else None."""
-        if scope["type"] != "http" or scope["method"] != "POST":
+        """The endpoint for a hot route, with `job_id` set in the path params; else None."""
+        if scope["type"] != "http":
             return None
         path: str = scope["path"]
-        if not path.startswith(PREFIX):
-            return None
-        job_id, slash, action = path[len(PREFIX):].partition("/")
-        endpoint = self.endpoints.get(action) if slash and job_id else None
-        if endpoint is not None:
+        job_id = None
+        if path.startswith(JOBS):  # "/api/jobs/{job_id}/action", as Starlette's [^/]+ reads it
+            job_id, slash, action = path[len(JOBS):].partition("/")
+            if not (job_id and slash):
+                return None
+            path = f"{JOBS}{{job_id}}/{action}"
+        endpoint = self.routes.get((scope["method"], path))
+        if endpoint is not None and job_id is not None:
             scope["path_params"] = {"job_id": job_id}
         return endpoint

@@ -4,7 +4,7 @@ The hub is a cache, not a queue: it holds no per-subscriber buffer and never dro
 anything for anyone. A stream keeps its own cursor, reads what is newer from the
 tail, and reads from the store when its cursor is older than the tail.
 
-Wake-ups are `asyncio.Event`s replaced at each publish: a waiter holds the event
+Wake-ups are one-shot `Wake`s replaced at each publish: a waiter holds the wake
 it took before reading, so a publish between its read and its wait still wakes it,
 and there is no lock that a cancelled waiter could leave held.
 """
@@ -17,6 +17,40 @@ from collections.abc import Sequence
 from .store import Event
 
 
+class Wake:
+    """A one-shot wake-up shared by every stream waiting for the same publish.
+
+    asyncio.Event would do, but each of its waits looks up and checks the loop and
+    each waiter removes itself from a deque afterwards: a tenth of the CPU of every
+    delivery, measured with 1,000 streams. Here every waiter parks its own future
+    (so cancelling one waiter touches nobody else) and `set` resolves them all."""
+
+    __slots__ = ("_futures", "_set")
+
+    def __init__(self) -> None:
+        self._futures: list[asyncio.Future[None]] = []
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        futures, self._futures = self._futures, []
+        for fut in futures:
+            if not fut.done():  # a cancelled waiter's future is done already
+                fut.set_result(None)
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._futures.append(fut)
+        await fut
+
+
 class Hub:
     def __init__(self, tail_size: int = 4096, tail_bytes: int = 8 << 20) -> None:
         self.tail_size = tail_size
@@ -25,8 +59,8 @@ class Hub:
         self._tail: list[Event] = []
         self._bytes = 0
         self._first = 1  # id of self._tail[0]
-        self._all = asyncio.Event()
-        self._by_job: dict[str, asyncio.Event] = {}
+        self._all = Wake()
+        self._by_job: dict[str, Wake] = {}
         self.closed = False
         self.streams = 0
 
@@ -52,7 +86,7 @@ class Hub:
         self.head = events[-1].id
         if len(self._tail) > self.tail_size * 1.25 or self._bytes > self.tail_bytes * 1.25:
             self._trim()
-        wake, self._all = self._all, asyncio.Event()
+        wake, self._all = self._all, Wake()
         wake.set()
         by_job = self._by_job
         if by_job:
@@ -72,13 +106,13 @@ class Hub:
         self._bytes = size
         self._first += drop
 
-    def waiter(self, job_id: str | None = None) -> asyncio.Event:
+    def waiter(self, job_id: str | None = None) -> Wake:
         """The event the next publish (of this job, if named) will set. Take it before reading."""
         if job_id is None:
             return self._all
         ev = self._by_job.get(job_id)
         if ev is None:
-            ev = self._by_job[job_id] = asyncio.Event()
+            ev = self._by_job[job_id] = Wake()
         return ev
 
     def after(self, cursor: int, limit: int) -> list[Event] | None:
@@ -90,7 +124,7 @@ class Hub:
 
     def tick(self) -> None:
         """Wake every stream, so idle ones can send a keep-alive; no timer per stream."""
-        wake, self._all = self._all, asyncio.Event()
+        wake, self._all = self._all, Wake()
         wake.set()
         waiters, self._by_job = self._by_job, {}
         for ev in waiters.values():

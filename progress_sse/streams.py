@@ -11,19 +11,24 @@ per chunk: measured here at 70 us of server CPU per delivered event and 50 KiB p
 idle stream. This one runs the stream in the request's own task plus one task
 that waits for the disconnect; keep-alives come from the hub's periodic tick, so
 an idle stream owns no timer.
+
+Body chunks skip the send wrappers of the middleware below `DirectSend` (request
+log, security headers, Starlette's exception handling): each of them acts on the
+response start alone, which still goes through all of them, yet each wrapped every
+chunk of every stream in one more coroutine call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import identify
 from .codec import dumps
@@ -63,6 +68,20 @@ def parse_last_event_id(request: Request) -> int | None:
     return int(raw)
 
 
+DIRECT_SEND = "progress_sse.direct_send"
+
+
+class DirectSend:
+    """Keep the `send` this middleware was given in the scope, for stream bodies."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[DIRECT_SEND] = send
+        await self.app(scope, receive, send)
+
+
 async def job_stream(request: Request, ctx: Context, job: Job, flt: Filter) -> Response:
     """The SSE stream of one job; 204 when the caller has already seen its end."""
     cursor = parse_last_event_id(request)
@@ -74,16 +93,16 @@ async def job_stream(request: Request, ctx: Context, job: Job, flt: Filter) -> R
 
 def open_stream(request: Request, ctx: Context, spec: StreamSpec) -> Response:
     release = stream_quota(request).acquire(identify(request).subject)  # 429 when full
-    return EventStream(_frames(ctx, spec, request.client.host if request.client else None),
-                       on_close=release)
+    client = request.client.host if request.client else None
+    return EventStream(ctx, spec, client, on_close=release)
 
 
 class EventStream(Response):
-    """A text/event-stream response fed by an async iterator of ready-made frames."""
+    """A text/event-stream response that runs one stream of `spec` until it ends."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, frames: AsyncIterator[bytes],
+    def __init__(self, ctx: Context, spec: StreamSpec, client: str | None,
                  on_close: Callable[[], None] | None = None) -> None:
         self.status_code = 200
         self.background = None
@@ -92,49 +111,50 @@ class EventStream(Response):
             (b"cache-control", b"no-store"),
             (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
         ]
-        self.frames = frames
+        self.ctx, self.spec, self.client = ctx, spec, client
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await self._stream(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            if scope["method"] == "HEAD":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            stream_task = asyncio.current_task()
+            assert stream_task is not None
+            gone = False
+
+            async def watch_disconnect() -> None:
+                nonlocal gone
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone = True
+                stream_task.cancel()
+
+            watcher = asyncio.create_task(watch_disconnect())
+            body_send = scope.get(DIRECT_SEND, send)
+            try:
+                await _pump(self.ctx, self.spec, self.client, body_send)
+            except asyncio.CancelledError:
+                if not gone:
+                    raise
+                stream_task.uncancel()  # the client left: an ordinary end, not a cancellation
+                return
+            finally:
+                watcher.cancel()
+            await body_send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if self.on_close is not None:
                 self.on_close()
 
-    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        if scope["method"] == "HEAD":
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        stream_task = asyncio.current_task()
-        assert stream_task is not None
-        gone = False
 
-        async def watch_disconnect() -> None:
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            stream_task.cancel()
+async def _pump(ctx: Context, spec: StreamSpec, client: str | None, send: Send) -> None:
+    """Send the stream's frames until it ends: snapshot or backlog, then live events."""
 
-        watcher = asyncio.create_task(watch_disconnect())
-        try:
-            async for chunk in self.frames:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except asyncio.CancelledError:
-            if not gone:
-                raise
-            stream_task.uncancel()  # the client left: an ordinary end, not a cancellation
-            return
-        finally:
-            watcher.cancel()
-            await self.frames.aclose()  # type: ignore[attr-defined]
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    async def chunk(body: bytes) -> None:
+        await send({"type": "http.response.body", "body": body, "more_body": True})
 
-
-async def _frames(ctx: Context, spec: StreamSpec, client: str | None) -> AsyncIterator[bytes]:
     hub, store, flt = ctx.hub, ctx.store, spec.flt
     batch = ctx.settings.replay_batch
     quiet = ctx.settings.keepalive_s * 2 / 3  # the hub ticks every third of the interval
@@ -158,17 +178,10 @@ async def _frames(ctx: Context, spec: StreamSpec, client: str | None) -> AsyncIt
             if cursor > hub.head or (oldest is not None and cursor < oldest - 1):
                 cursor = None  # older than retention kept, or unknown here: start over
         if cursor is None:
-            jobs, head = await store.snapshot(flt, SNAPSHOT_LIMIT)
-            now = time.time()
-            snap = {"id": head, "type": "snapshot", "reset": spec.cursor is not None,
-                    "jobs": [j.public(now) for j in jobs]}
-            if spec.cursor is None:
-                del snap["reset"]
-            yield prefix + f"id: {head}\nevent: snapshot\ndata: {dumps(snap)}\n\n".encode()
+            frame, cursor, ended = await _snapshot(ctx, spec)
+            await chunk(prefix + frame)
             prefix = b""
-            cursor = head
-            if job_id is not None and jobs and jobs[0].final_event_id is not None \
-                    and jobs[0].final_event_id <= head:
+            if ended:
                 return
         while not hub.closed:
             events = hub.after(cursor, batch)
@@ -182,18 +195,20 @@ async def _frames(ctx: Context, spec: StreamSpec, client: str | None) -> AsyncIt
                 matched = events if everything else [e for e in events if flt.matches(e)]
             else:
                 if prefix:
-                    yield prefix + b"\n"
+                    await chunk(prefix + b"\n")
                     prefix = b""
                     last_write = time.monotonic()
+                # an idle stream keeps no events: a replayed batch is a thousand copies
+                events = matched = None
                 await wake.wait()
                 wake = hub.waiter(wake_key)
                 if time.monotonic() - last_write >= quiet and not hub.closed:
-                    yield b": keep-alive\n\n"
+                    await chunk(b": keep-alive\n\n")
                     last_write = time.monotonic()
                 continue
             if matched:
                 sent += len(matched)
-                yield prefix + b"".join([e.frame for e in matched])
+                await chunk(prefix + b"".join([e.frame for e in matched]))
                 prefix = b""
                 last_write = time.monotonic()
                 if job_id is not None and _finished(matched, job_id):
@@ -203,6 +218,22 @@ async def _frames(ctx: Context, spec: StreamSpec, client: str | None) -> AsyncIt
         hub.streams -= 1
         log.info("stream.closed", job_id=job_id, events=sent,
                  seconds=round(time.monotonic() - started, 3), shutdown=hub.closed)
+
+
+async def _snapshot(ctx: Context, spec: StreamSpec) -> tuple[bytes, int, bool]:
+    """The snapshot frame, its id (the head it shows), and whether the stream's job ended.
+
+    Its own function, so the jobs it read are freed once it is sent, not kept by every
+    idle stream that started with one."""
+    jobs, head = await ctx.store.snapshot(spec.flt, SNAPSHOT_LIMIT)
+    now = time.time()
+    snap = {"id": head, "type": "snapshot", "reset": spec.cursor is not None,
+            "jobs": [j.public(now) for j in jobs]}
+    if spec.cursor is None:
+        del snap["reset"]
+    ended = spec.job_id is not None and bool(jobs) and jobs[0].final_event_id is not None \
+        and jobs[0].final_event_id <= head
+    return f"id: {head}\nevent: snapshot\ndata: {dumps(snap)}\n\n".encode(), head, ended
 
 
 def _finished(events: list[Event], job_id: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -229,3 +230,46 @@ async def test_stream_counts_and_logs(client: httpx.AsyncClient, service: Servic
         await wait_for(lambda: service.ctx.hub.streams == 1, what="stream registered")
         assert (await client.get("/healthz")).json()["streams"] == 1
     await wait_for(lambda: service.ctx.hub.streams == 0, what="stream released")
+
+
+async def test_idle_streams_hold_no_snapshot_or_replayed_events(settings: Settings) -> None:
+    """Streams that started from a snapshot or replayed from the store keep none of it
+    once they are idle: live objects do not grow with the number of such streams."""
+    import gc
+
+    from progress_sse.jobs import Job
+    from progress_sse.store import Event
+
+    svc = await start_service(replace(settings, tail_size=16, tail_bytes=1 << 16))
+    try:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c:
+            jobs = [await create_job(c, title=f"t{i}") for i in range(40)]
+            for i in range(200):
+                last = (await post(c, jobs[i % 40]["id"], progress=i / 2))["event_id"]
+
+            def alive() -> tuple[int, int]:
+                gc.collect()
+                objects = gc.get_objects()
+                return (sum(isinstance(o, Job) for o in objects),
+                        sum(isinstance(o, Event) for o in objects))
+
+            before = alive()
+            async with contextlib.AsyncExitStack() as stack:
+                readers = []
+                for i in range(20):  # half start with a snapshot, half replay from id 0
+                    headers = SSE if i % 2 else {**SSE, "Last-Event-ID": "0"}
+                    src = await stack.enter_async_context(
+                        aconnect_sse(c, "GET", "/api/events", headers=headers))
+                    readers.append(src.aiter_sse())
+                for events in readers:
+                    async with asyncio.timeout(10):
+                        async for ev in events:
+                            if ev.id and int(ev.id) >= last:
+                                break
+                await wait_for(lambda: svc.ctx.hub.streams == 20, what="20 open streams")
+                jobs_now, events_now = alive()
+            # 10 snapshots of 40 jobs and 10 replays of 240 events, were any of them kept
+            assert jobs_now - before[0] < 40, (before, jobs_now)
+            assert events_now - before[1] < 100, (before, events_now)
+    finally:
+        await svc.stop()
