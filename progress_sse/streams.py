@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import structlog
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import identify
 from .codec import dumps
@@ -97,6 +97,13 @@ def open_stream(request: Request, ctx: Context, spec: StreamSpec) -> Response:
     return EventStream(ctx, spec, client, on_close=release)
 
 
+_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
+]
+
+
 class EventStream(Response):
     """A text/event-stream response that runs one stream of `spec` until it ends."""
 
@@ -106,11 +113,7 @@ class EventStream(Response):
                  on_close: Callable[[], None] | None = None) -> None:
         self.status_code = 200
         self.background = None
-        self.raw_headers = [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-store"),
-            (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
-        ]
+        self.raw_headers = _HEADERS
         self.ctx, self.spec, self.client = ctx, spec, client
         self.on_close = on_close
 
@@ -152,8 +155,6 @@ class EventStream(Response):
 async def _pump(ctx: Context, spec: StreamSpec, client: str | None, send: Send) -> None:
     """Send the stream's frames until it ends: snapshot or backlog, then live events."""
 
-    async def chunk(body: bytes) -> None:
-        await send({"type": "http.response.body", "body": body, "more_body": True})
 
     hub, store, flt = ctx.hub, ctx.store, spec.flt
     batch = ctx.settings.replay_batch
@@ -179,7 +180,8 @@ async def _pump(ctx: Context, spec: StreamSpec, client: str | None, send: Send) 
                 cursor = None  # older than retention kept, or unknown here: start over
         if cursor is None:
             frame, cursor, ended = await _snapshot(ctx, spec)
-            await chunk(prefix + frame)
+            await send(_body(prefix + frame))
+            del frame  # up to a few hundred KiB, which no idle stream should keep
             prefix = b""
             if ended:
                 return
@@ -195,7 +197,7 @@ async def _pump(ctx: Context, spec: StreamSpec, client: str | None, send: Send) 
                 matched = events if everything else [e for e in events if flt.matches(e)]
             else:
                 if prefix:
-                    await chunk(prefix + b"\n")
+                    await send(_body(prefix + b"\n"))
                     prefix = b""
                     last_write = time.monotonic()
                 # an idle stream keeps no events: a replayed batch is a thousand copies
@@ -203,12 +205,12 @@ async def _pump(ctx: Context, spec: StreamSpec, client: str | None, send: Send) 
                 await wake.wait()
                 wake = hub.waiter(wake_key)
                 if time.monotonic() - last_write >= quiet and not hub.closed:
-                    await chunk(b": keep-alive\n\n")
+                    await send(_KEEP_ALIVE)
                     last_write = time.monotonic()
                 continue
             if matched:
                 sent += len(matched)
-                await chunk(prefix + b"".join([e.frame for e in matched]))
+                await send(_body(prefix + b"".join([e.frame for e in matched])))
                 prefix = b""
                 last_write = time.monotonic()
                 if job_id is not None and _finished(matched, job_id):
@@ -218,6 +220,13 @@ async def _pump(ctx: Context, spec: StreamSpec, client: str | None, send: Send) 
         hub.streams -= 1
         log.info("stream.closed", job_id=job_id, events=sent,
                  seconds=round(time.monotonic() - started, 3), shutdown=hub.closed)
+
+
+def _body(chunk: bytes) -> Message:
+    return {"type": "http.response.body", "body": chunk, "more_body": True}
+
+
+_KEEP_ALIVE = _body(b": keep-alive\n\n")
 
 
 async def _snapshot(ctx: Context, spec: StreamSpec) -> tuple[bytes, int, bool]:
