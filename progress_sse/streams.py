@@ -154,8 +154,6 @@ class EventStream(Response):
 
 async def _pump(ctx: Context, spec: StreamSpec, client: str | None, send: Send) -> None:
     """Send the stream's frames until it ends: snapshot or backlog, then live events."""
-
-
     hub, store, flt = ctx.hub, ctx.store, spec.flt
     batch = ctx.settings.replay_batch
     quiet = ctx.settings.keepalive_s * 2 / 3  # the hub ticks every third of the interval

@@ -155,3 +155,28 @@ async def test_healthz_and_metrics(client: httpx.AsyncClient) -> None:
     assert "progress_sse_writes_total 1\n" in m.text  # the create, in one group commit
     assert "progress_sse_write_batches_total 1\n" in m.text
     assert m.headers["content-type"].startswith("text/plain")
+
+
+async def test_hot_routes_answer_like_the_router(client: httpx.AsyncClient) -> None:
+    """Worker posts and streams skip the router but keep every answer's shape: request
+    id and security headers, JSON errors; near misses fall through to the router."""
+    job = await create_job(client)
+    hot = [await client.post(f"/api/jobs/{job['id']}/progress", json={"progress": 5}),
+           await client.post(f"/api/jobs/{job['id']}/progress", json={"progress": "x"}),
+           await client.post("/api/jobs/nope/log", json={"message": "m"}),
+           await client.get(f"/api/jobs/{job['id']}/events")]
+    assert [r.status_code for r in hot] == [200, 400, 404, 200]
+    assert hot[1].json()["error"]["field"] == "progress"
+    async with client.stream("GET", "/api/events", headers={"accept": "text/event-stream"}) as r:
+        hot.append(r)
+        assert r.headers["content-type"].startswith("text/event-stream")
+    for r in hot:
+        assert r.headers["x-request-id"] and r.headers["x-content-type-options"] == "nosniff"
+    # the same paths with another method, a trailing slash or an empty id: the router's
+    for method, path, status in (("GET", f"/api/jobs/{job['id']}/progress", 404),
+                                 ("POST", f"/api/jobs/{job['id']}/progress/", 405),
+                                 ("POST", "/api/jobs//progress", 405),
+                                 ("POST", "/api/events", 405)):
+        r = await client.request(method, path, json={"progress": 1})
+        assert r.status_code == status, (method, path, r.status_code)
+        assert r.json()["error"]["code"] in ("not_found", "method_not_allowed")
