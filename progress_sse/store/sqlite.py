@@ -69,6 +69,7 @@ class SQLiteStore:
         self._next_id = 1
         self._oldest: int | None = None
         self._closing = False
+        self._past_commit = False  # the batch being written has been committed
         self.batches = 0  # group commits so far, and the writes they carried (for /metrics)
         self.writes = 0
 
@@ -140,19 +141,39 @@ class SQLiteStore:
             if batch:
                 self.batches += 1
                 self.writes += len(batch)
-                try:
-                    await self._commit_batch(batch)
-                except Exception as exc:  # the batch is lost as a whole; callers are told
-                    log.error("store.batch_failed", size=len(batch), error=str(exc))
-                    for p in batch:
-                        if not p.future.done():
-                            p.future.set_exception(Unavailable(f"store write failed: {exc}"))
+                await self._write(batch)
             if stop:
                 return
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        """Commit a batch. If it fails before its commit, nothing of it was stored, and its
+        writes are committed one by one: a write that breaks the writer (a bug, a value
+        the database refuses) fails alone instead of taking its batch-mates with it."""
+        try:
+            await self._commit_batch(batch)
+            return
+        except Exception as exc:
+            if self._past_commit or len(batch) == 1:
+                self._fail(batch, exc)
+                return
+            log.warning("store.batch_split", size=len(batch), error=str(exc))
+        for p in batch:
+            try:
+                await self._commit_batch([p])
+            except Exception as exc:
+                self._fail([p], exc)
+
+    def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+        log.error("store.write_failed", size=len(batch), job_id=batch[0].write.job_id,
+                  error=str(exc), stored=self._past_commit)
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(Unavailable(f"store write failed: {exc}"))
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         assert self._writer is not None
         conn = self._writer
+        self._past_commit = False
         await self._load_missing({p.write.job_id for p in batch})
         now = self._clock()
         b = _Batch(self, now)
@@ -208,6 +229,8 @@ class SQLiteStore:
                 else:
                     upserts.append(row)
             await conn.commit(event_rows, upserts, updates)
+        self._past_commit = True  # stored (or nothing to store): no retry from here on
+        if event_rows or job_rows:
             self._next_id = next_id
             if self._oldest is None and committed:
                 self._oldest = committed[0].id

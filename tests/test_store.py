@@ -1,0 +1,81 @@
+"""The SQLite store's writer, driven directly on a real database file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from progress_sse import jobs
+from progress_sse.errors import Unavailable
+from progress_sse.jobs import Job, Outcome
+from progress_sse.migrations import migrate_sqlite
+from progress_sse.store import Event, Write
+from progress_sse.store.sqlite import SQLiteStore
+
+
+def new_job(job_id: str) -> Write:
+    spec = jobs.NewJob(id=job_id, owner="anonymous", kind="k", title="", queue="default",
+                       stages=(), total=None, meta={}, heartbeat_timeout_s=60, token_hash="h")
+
+    def apply(job: Job | None, now: float) -> Outcome:
+        return jobs.create_job(spec, now)
+
+    return Write(job_id, apply, create=True)
+
+
+def broken(job_id: str) -> Write:
+    def apply(job: Job | None, now: float) -> Outcome:
+        raise RuntimeError("a bug in a job rule")
+
+    return Write(job_id, apply)
+
+
+async def test_a_write_that_breaks_the_writer_fails_alone(tmp_path: Path) -> None:
+    """Writes batched with one that raises are still committed and published; only the
+    broken one is refused (503), and the log holds exactly the others, in id order."""
+    db = str(tmp_path / "store.db")
+    migrate_sqlite(db)
+    store = SQLiteStore(db)
+    published: list[Event] = []
+
+    def publish(events: Sequence[Event]) -> None:
+        published.extend(events)
+
+    await store.start(publish)
+    try:
+        writes = [new_job(f"j{i}") for i in range(5)]
+        writes.insert(2, broken("j-broken"))
+        results = await asyncio.gather(*(store.submit(w) for w in writes),
+                                       return_exceptions=True)
+        assert store.batches == 1  # submitted together: one batch, split after it failed
+    finally:
+        await store.close()
+    assert isinstance(results[2], Unavailable)
+    good = [r for i, r in enumerate(results) if i != 2]
+    assert not [r for r in good if isinstance(r, BaseException)], good
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT id, job_id FROM events ORDER BY id").fetchall()
+    assert [job_id for _, job_id in rows] == ["j0", "j1", "j2", "j3", "j4"]
+    assert [e.id for e in published] == [i for i, _ in rows] == list(range(1, 6))
+
+
+@pytest.mark.parametrize("size", [1, 3])
+async def test_a_failed_write_stores_nothing(tmp_path: Path, size: int) -> None:
+    """A broken write alone, or in a batch of broken writes, leaves no row behind."""
+    db = str(tmp_path / "store.db")
+    migrate_sqlite(db)
+    store = SQLiteStore(db)
+    await store.start(lambda events: None)
+    try:
+        results = await asyncio.gather(*(store.submit(broken(f"b{i}")) for i in range(size)),
+                                       return_exceptions=True)
+    finally:
+        await store.close()
+    assert all(isinstance(r, Unavailable) for r in results)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone() == (0,)
