@@ -79,3 +79,43 @@ async def test_a_failed_write_stores_nothing(tmp_path: Path, size: int) -> None:
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone() == (0,)
+
+
+def unstorable(job_id: str) -> Write:
+    """A create whose event the database refuses at commit (an integer it cannot bind)."""
+    create = new_job(job_id).apply
+
+    def apply(job: Job | None, now: float) -> Outcome:
+        created, _ = create(job, now)
+        return created, [jobs.Draft("created", seq=2**70)]
+
+    return Write(job_id, apply, create=True)
+
+
+async def test_a_commit_the_database_refuses_fails_only_its_write(tmp_path: Path) -> None:
+    """When the transaction itself fails (rolled back), the batch's writes are committed one
+    by one: the refused one fails, the rest are stored once, with contiguous ids."""
+    db = str(tmp_path / "store.db")
+    migrate_sqlite(db)
+    store = SQLiteStore(db)
+    published: list[Event] = []
+
+    def publish(events: Sequence[Event]) -> None:
+        published.extend(events)
+
+    await store.start(publish)
+    try:
+        writes = [new_job("a0"), unstorable("bad"), new_job("a1"), new_job("a2")]
+        results = await asyncio.gather(*(store.submit(w) for w in writes),
+                                       return_exceptions=True)
+        after = await store.submit(new_job("a3"))  # the writer goes on as before
+    finally:
+        await store.close()
+    assert isinstance(results[1], Unavailable)
+    assert not [r for i, r in enumerate(results) if i != 1 and isinstance(r, BaseException)]
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT id, job_id FROM events ORDER BY id").fetchall()
+        stored_jobs = {r[0] for r in conn.execute("SELECT id FROM jobs")}
+    assert rows == [(1, "a0"), (2, "a1"), (3, "a2"), (4, "a3")]
+    assert [(e.id, e.job_id) for e in published] == rows
+    assert stored_jobs == {"a0", "a1", "a2", "a3"} and after.events[0].id == 4
