@@ -311,15 +311,14 @@ def hot_routes() -> dict[tuple[str, str], Callable[[Request], Awaitable[Response
 
 
 def routes() -> list[Route]:
-    # the router tries routes in order: the busiest (worker posts) first
     return [
-        Route("/api/jobs/{job_id}/progress", post_progress, methods=["POST"]),
-        Route("/api/jobs/{job_id}/log", post_log, methods=["POST"]),
-        Route("/api/jobs/{job_id}/finish", post_finish, methods=["POST"]),
         Route("/api/jobs", create_job, methods=["POST"]),
         Route("/api/jobs", list_jobs, methods=["GET"]),
         Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/api/jobs/{job_id}/events", job_events, methods=["GET"]),
+        Route("/api/jobs/{job_id}/progress", post_progress, methods=["POST"]),
+        Route("/api/jobs/{job_id}/log", post_log, methods=["POST"]),
+        Route("/api/jobs/{job_id}/finish", post_finish, methods=["POST"]),
         Route("/api/events", all_events, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
