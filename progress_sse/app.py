@@ -30,7 +30,9 @@ from .streams import DirectSend
 
 log = structlog.get_logger("progress_sse.app")
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+_HERE = Path(__file__).resolve().parent
+# a wheel carries the dashboard inside the package (setup.cfg); a checkout has it at its top
+WEB_DIR = _HERE / "_web" if (_HERE / "_web").is_dir() else _HERE.parent / "web"
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

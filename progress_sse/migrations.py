@@ -13,7 +13,10 @@ from .errors import ConfigError
 
 log = structlog.get_logger("progress_sse.migrations")
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_HERE = Path(__file__).resolve().parent
+# a wheel carries the files inside the package (setup.cfg); a checkout has them at its top
+DEFAULT_DIR = _HERE / "_migrations" if (_HERE / "_migrations").is_dir() \
+    else _HERE.parent / "migrations"
 _NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
 
 
