@@ -299,15 +299,13 @@ async def metrics(request: Request) -> Response:
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
+HOT = (post_progress, post_log, post_finish, job_events, all_events)
+
+
 def hot_routes() -> dict[tuple[str, str], Callable[[Request], Awaitable[Response]]]:
-    """Worker posts and streams, served past the router (see fastpath); also in routes()."""
-    return {
-        ("POST", "/api/jobs/{job_id}/progress"): post_progress,
-        ("POST", "/api/jobs/{job_id}/log"): post_log,
-        ("POST", "/api/jobs/{job_id}/finish"): post_finish,
-        ("GET", "/api/jobs/{job_id}/events"): job_events,
-        ("GET", "/api/events"): all_events,
-    }
+    """Worker posts and streams, served past the router (see fastpath): their routes()."""
+    return {(method, route.path): route.endpoint for route in routes() if route.endpoint in HOT
+            for method in route.methods or () if method != "HEAD"}
 
 
 def routes() -> list[Route]:

@@ -34,9 +34,8 @@ def broken(job_id: str) -> Write:
     return Write(job_id, apply)
 
 
-async def test_a_write_that_breaks_the_writer_fails_alone(tmp_path: Path) -> None:
-    """Writes batched with one that raises are still committed and published; only the
-    broken one is refused (503), and the log holds exactly the others, in id order."""
+async def started(tmp_path: Path) -> tuple[str, SQLiteStore, list[Event]]:
+    """A migrated database file, its running store, and the events it publishes."""
     db = str(tmp_path / "store.db")
     migrate_sqlite(db)
     store = SQLiteStore(db)
@@ -46,6 +45,13 @@ async def test_a_write_that_breaks_the_writer_fails_alone(tmp_path: Path) -> Non
         published.extend(events)
 
     await store.start(publish)
+    return db, store, published
+
+
+async def test_a_write_that_breaks_the_writer_fails_alone(tmp_path: Path) -> None:
+    """Writes batched with one that raises are still committed and published; only the
+    broken one is refused (503), and the log holds exactly the others, in id order."""
+    db, store, published = await started(tmp_path)
     try:
         writes = [new_job(f"j{i}") for i in range(5)]
         writes.insert(2, broken("j-broken"))
@@ -66,10 +72,7 @@ async def test_a_write_that_breaks_the_writer_fails_alone(tmp_path: Path) -> Non
 @pytest.mark.parametrize("size", [1, 3])
 async def test_a_failed_write_stores_nothing(tmp_path: Path, size: int) -> None:
     """A broken write alone, or in a batch of broken writes, leaves no row behind."""
-    db = str(tmp_path / "store.db")
-    migrate_sqlite(db)
-    store = SQLiteStore(db)
-    await store.start(lambda events: None)
+    db, store, _ = await started(tmp_path)
     try:
         results = await asyncio.gather(*(store.submit(broken(f"b{i}")) for i in range(size)),
                                        return_exceptions=True)
@@ -95,15 +98,7 @@ def unstorable(job_id: str) -> Write:
 async def test_a_commit_the_database_refuses_fails_only_its_write(tmp_path: Path) -> None:
     """When the transaction itself fails (rolled back), the batch's writes are committed one
     by one: the refused one fails, the rest are stored once, with contiguous ids."""
-    db = str(tmp_path / "store.db")
-    migrate_sqlite(db)
-    store = SQLiteStore(db)
-    published: list[Event] = []
-
-    def publish(events: Sequence[Event]) -> None:
-        published.extend(events)
-
-    await store.start(publish)
+    db, store, published = await started(tmp_path)
     try:
         writes = [new_job("a0"), unstorable("bad"), new_job("a1"), new_job("a2")]
         results = await asyncio.gather(*(store.submit(w) for w in writes),

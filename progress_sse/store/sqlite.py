@@ -229,8 +229,7 @@ class SQLiteStore:
                 else:
                     upserts.append(row)
             await conn.commit(event_rows, upserts, updates)
-        self._past_commit = True  # stored (or nothing to store): no retry from here on
-        if event_rows or job_rows:
+            self._past_commit = True  # stored: no retry from here on
             self._next_id = next_id
             if self._oldest is None and committed:
                 self._oldest = committed[0].id
