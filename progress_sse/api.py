@@ -289,6 +289,14 @@ async def metrics(request: Request) -> Response:
         "# HELP progress_sse_open_streams SSE streams open now.",
         "# TYPE progress_sse_open_streams gauge",
         f"progress_sse_open_streams {ctx.hub.streams}",
+        "# HELP progress_sse_live_streams Open streams caught up, pushed each event as it"
+        " is published.",
+        "# TYPE progress_sse_live_streams gauge",
+        f"progress_sse_live_streams {ctx.hub.live}",
+        "# HELP progress_sse_stream_catch_ups_total Times a stream read on from its cursor"
+        " (once when it opens, again each time its reader fell behind).",
+        "# TYPE progress_sse_stream_catch_ups_total counter",
+        f"progress_sse_stream_catch_ups_total {ctx.hub.catch_ups}",
         "# HELP progress_sse_write_batches_total Group commits by the store's writer.",
         "# TYPE progress_sse_write_batches_total counter",
         f"progress_sse_write_batches_total {ctx.store.batches}",

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from . import api, control, migrations, openapi, tokens
 from .codec import dumps
@@ -26,13 +27,21 @@ from .logs import RequestLogMiddleware
 from .security import DashboardLogin, SecurityMiddleware, StreamQuota
 from .settings import Settings
 from .store.sqlite import SQLiteStore
-from .streams import DirectSend
+from .streams import DIRECT_SEND
 
 log = structlog.get_logger("progress_sse.app")
 
 _HERE = Path(__file__).resolve().parent
 # a wheel carries the dashboard inside the package (setup.cfg); a checkout has it at its top
 WEB_DIR = _HERE / "_web" if (_HERE / "_web").is_dir() else _HERE.parent / "web"
+
+
+class Service(Starlette):
+    """The application; it keeps the server's own `send` in the scope, for streams."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[DIRECT_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -73,11 +82,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if WEB_DIR.is_dir():
         web = DashboardLogin(StaticFiles(directory=WEB_DIR, html=True), settings)
         routes.append(Mount("/", web, name="web"))
-    app = Starlette(
+    app = Service(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(DirectSend),
-                    Middleware(RequestLogMiddleware),
+        middleware=[Middleware(RequestLogMiddleware),
                     Middleware(SecurityMiddleware, settings=settings),
                     Middleware(HotRoutes, routes=api.hot_routes(),
                                on_error=progress_error_response)],

@@ -1,20 +1,43 @@
-"""The hub: an in-memory tail of the newest committed events, and wake-ups.
+"""The hub: an in-memory tail of the newest committed events, live streams, wake-ups.
 
 The hub is a cache, not a queue: it holds no per-subscriber buffer and never drops
 anything for anyone. A stream keeps its own cursor, reads what is newer from the
 tail, and reads from the store when its cursor is older than the tail.
 
-Wake-ups are one-shot `Wake`s replaced at each publish: a waiter holds the wake
-it took before reading, so a publish between its read and its wait still wakes it,
-and there is no lock that a cancelled waiter could leave held.
+A stream that has caught up subscribes: from then on each publish hands it the new
+events at once (`Subscriber.push`), and the stream writes them if its connection
+takes them without waiting. One that cannot (a slow reader) unsubscribes and
+catches up again at its own pace, from its cursor. So a publish to a thousand
+live streams is a thousand writes in one loop turn, with no task woken per stream.
+
+Other waiters (long-polling workers) use one-shot `Wake`s replaced at each publish:
+a waiter holds the wake it took before reading, so a publish between its read and
+its wait still wakes it, and there is no lock that a cancelled waiter could leave held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 from .store import Event
+
+
+class Subscriber(Protocol):
+    """A live stream, as the hub sees it."""
+
+    def push(self, events: Sequence[Event], shared: dict[Any, Any]) -> None:
+        """Take events published after everything pushed before; `shared` lets streams
+        with the same filter build their chunk once per publish."""
+
+    def keep_alive(self, now: float) -> None: ...
+
+    def fall_behind(self, cursor: int) -> None:
+        """Catch up from `cursor` at your own pace: the tail broke off after it."""
+
+    def stop(self, why: str) -> None: ...
 
 
 class Wake:
@@ -62,7 +85,44 @@ class Hub:
         self._all = Wake()
         self._by_job: dict[str, Wake] = {}
         self.closed = False
-        self.streams = 0
+        self._open: dict[Subscriber, None] = {}  # every open stream, live or catching up
+        self._live: dict[Subscriber, None] = {}  # live streams woken by any event
+        self._live_by_job: dict[str, dict[Subscriber, None]] = {}  # ... by one job's
+
+        self.catch_ups = 0  # times a stream read on from its cursor: at open, or fallen behind
+
+    @property
+    def streams(self) -> int:
+        return len(self._open)
+
+    @property
+    def live(self) -> int:
+        """Streams caught up and pushed each event as it is published."""
+        return len(self._live) + sum(len(subs) for subs in self._live_by_job.values())
+
+    def opened(self, sub: Subscriber) -> None:
+        self._open[sub] = None
+
+    def released(self, sub: Subscriber, key: str | None) -> None:
+        self.unsubscribe(sub, key)
+        self._open.pop(sub, None)
+
+    def subscribe(self, sub: Subscriber, key: str | None) -> None:
+        """Push `sub` every later event (of job `key`, if named). Call with its cursor at head."""
+        if key is None:
+            self._live[sub] = None
+        else:
+            self._live_by_job.setdefault(key, {})[sub] = None
+
+    def unsubscribe(self, sub: Subscriber, key: str | None) -> None:
+        if key is None:
+            self._live.pop(sub, None)
+            return
+        subs = self._live_by_job.get(key)
+        if subs is not None:
+            subs.pop(sub, None)
+            if not subs:
+                del self._live_by_job[key]
 
     def reset(self, head: int) -> None:
         """Start from the store's head (nothing cached yet)."""
@@ -75,7 +135,9 @@ class Hub:
         """Append committed events (ids contiguous, after head) and wake their streams."""
         if not events:
             return
-        if events[0].id != self.head + 1:
+        before = self.head
+        gap = events[0].id != before + 1
+        if gap:
             # a gap (ids skipped, e.g. by another writer): the tail restarts here,
             # older cursors read from the store
             self._tail = []
@@ -86,6 +148,11 @@ class Hub:
         self.head = events[-1].id
         if len(self._tail) > self.tail_size * 1.25 or self._bytes > self.tail_bytes * 1.25:
             self._trim()
+        if gap:
+            for sub in [*self._live, *(s for subs in self._live_by_job.values() for s in subs)]:
+                sub.fall_behind(before)
+        else:
+            self._push(events)
         wake, self._all = self._all, Wake()
         wake.set()
         by_job = self._by_job
@@ -94,6 +161,18 @@ class Hub:
                 waiter = by_job.pop(ev.job_id, None)
                 if waiter is not None:
                     waiter.set()
+
+    def _push(self, events: Sequence[Event]) -> None:
+        shared: dict[Any, Any] = {}
+        for sub in list(self._live):
+            sub.push(events, shared)
+        by_job = self._live_by_job
+        if by_job:
+            for job_id in {e.job_id for e in events} if len(events) > 1 else (events[0].job_id,):
+                subs = by_job.get(job_id)
+                if subs:
+                    for sub in list(subs):
+                        sub.push(events, shared)
 
     def _trim(self) -> None:
         """Drop the oldest events down to both bounds (amortised: only when 25% over)."""
@@ -123,7 +202,10 @@ class Hub:
         return self._tail[start:start + limit]
 
     def tick(self) -> None:
-        """Wake every stream, so idle ones can send a keep-alive; no timer per stream."""
+        """Let live streams send a keep-alive and wake every waiter; no timer per stream."""
+        now = time.monotonic()
+        for sub in [*self._live, *(s for subs in self._live_by_job.values() for s in subs)]:
+            sub.keep_alive(now)
         wake, self._all = self._all, Wake()
         wake.set()
         waiters, self._by_job = self._by_job, {}
@@ -137,8 +219,10 @@ class Hub:
             self.tick()
 
     def close(self) -> None:
-        """End every stream: they see `closed` when woken."""
+        """End every stream; waiters see `closed` when woken."""
         self.closed = True
+        for sub in list(self._open):
+            sub.stop("shutdown")
         self._all.set()
         for ev in self._by_job.values():
             ev.set()

@@ -8,27 +8,30 @@ reconnect with the last id it saw continues with exactly the next event.
 The response is our own small ASGI callable rather than sse-starlette's
 EventSourceResponse, which runs four tasks per stream and a cancel scope and lock
 per chunk: measured here at 70 us of server CPU per delivered event and 50 KiB per
-idle stream. This one runs the stream in the request's own task plus one task
-that waits for the disconnect; keep-alives come from the hub's periodic tick, so
-an idle stream owns no timer.
+idle stream. This one keeps the request's own task waiting for the client to
+leave, catches up in a task only while it is behind, and is pushed live events by
+the hub (see EventStream); keep-alives come from the hub's periodic tick, so an
+idle stream owns no timer and no task but its request's.
 
-Body chunks skip the send wrappers of the middleware below `DirectSend` (request
-log, security headers, Starlette's exception handling): each of them acts on the
+Body chunks skip every send wrapper between the server and the endpoint (Starlette's
+error and exception middleware, request log, security headers): each acts on the
 response start alone, which still goes through all of them, yet each wrapped every
-chunk of every stream in one more coroutine call.
+chunk of every stream in one more coroutine call. `app.Service` keeps the server's
+`send` in the scope for this.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import structlog
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from .auth import identify
 from .codec import dumps
@@ -68,18 +71,7 @@ def parse_last_event_id(request: Request) -> int | None:
     return int(raw)
 
 
-DIRECT_SEND = "progress_sse.direct_send"
-
-
-class DirectSend:
-    """Keep the `send` this middleware was given in the scope, for stream bodies."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[DIRECT_SEND] = send
-        await self.app(scope, receive, send)
+DIRECT_SEND = "progress_sse.direct_send"  # the server's own send, kept by app.Service
 
 
 async def job_stream(request: Request, ctx: Context, job: Job, flt: Filter) -> Response:
@@ -105,7 +97,16 @@ _HEADERS = [
 
 
 class EventStream(Response):
-    """A text/event-stream response that runs one stream of `spec` until it ends."""
+    """A text/event-stream response that runs one stream of `spec` until it ends.
+
+    The request's task only waits for the client to leave (or for `stop`). Catching
+    up (snapshot, replay from the tail or the store) runs in a task of its own until
+    the cursor reaches the head; then the stream subscribes to the hub, which pushes
+    each new event to it as it is published, and no task of this stream is left
+    running. A push is written at once when the server's `send` can finish without
+    waiting (see `_drivable`); when it cannot, the stream unsubscribes and catches up
+    again in a task from its cursor, so a slow reader waits alone and loses nothing.
+    """
 
     media_type = "text/event-stream"
 
@@ -116,73 +117,180 @@ class EventStream(Response):
         self.raw_headers = _HEADERS
         self.ctx, self.spec, self.client = ctx, spec, client
         self.on_close = on_close
+        flt = spec.flt
+        # a stream of one job is pushed only that job's events; several jobs or kinds: all
+        self.key = spec.job_id if spec.job_id is not None else (
+            next(iter(flt.job_ids)) if flt.job_ids is not None and len(flt.job_ids) == 1
+            else None)
+        self.everything = flt == Filter()
+        self.quiet = ctx.settings.keepalive_s * 2 / 3  # the hub ticks every third of it
+        self.cursor = 0
+        self.sent = 0
+        self.last_write = 0.0
+        self.ending: str | None = None  # why it ends: finished, shutdown, error
+        self._started = False  # the first catch-up (cursor check, snapshot) has run
+        self._ping = False  # a keep-alive is due and could not be written at once
+        self._listening = False  # the request's task waits for the client to leave
+        self._direct = False
+        self._send: Send = _not_started
+        self._task: asyncio.Task[Any] | None = None
+        self._pump: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hub = self.ctx.hub
         try:
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
             if scope["method"] == "HEAD":
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            stream_task = asyncio.current_task()
-            assert stream_task is not None
-            gone = False
-
-            async def watch_disconnect() -> None:
-                nonlocal gone
+            self._send = scope.get(DIRECT_SEND, send)
+            self._direct = _drivable(self._send)
+            self._task = task = asyncio.current_task()
+            assert task is not None
+            started = time.monotonic()
+            log.info("stream.opened", job_id=self.spec.job_id, resume_from=self.spec.cursor,
+                     client=self.client)
+            hub.opened(self)
+            self._resume()
+            self._listening = True
+            try:
                 while (await receive())["type"] != "http.disconnect":
                     pass
-                gone = True
-                stream_task.cancel()
-
-            watcher = asyncio.create_task(watch_disconnect())
-            body_send = scope.get(DIRECT_SEND, send)
-            try:
-                await _pump(self.ctx, self.spec, self.client, body_send)
             except asyncio.CancelledError:
-                if not gone:
-                    raise
-                stream_task.uncancel()  # the client left: an ordinary end, not a cancellation
-                return
+                if self.ending is None:
+                    raise  # not our own stop: the server cancels the request
+                task.uncancel()
             finally:
-                watcher.cancel()
-            await body_send({"type": "http.response.body", "body": b"", "more_body": False})
+                self._listening = False
+                hub.released(self, self.key)
+                if self._pump is not None:
+                    self._pump.cancel()
+                log.info("stream.closed", job_id=self.spec.job_id, events=self.sent,
+                         seconds=round(time.monotonic() - started, 3), shutdown=hub.closed,
+                         ended=self.ending or "client left")
+            if self.ending is not None:  # else the client left: nobody to tell
+                end: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+                if not self._direct:
+                    await self._send(end)
+                # at shutdown, a reader that is not reading is not waited for
+                elif not self._try_send(end) and self.ending != "shutdown":
+                    await self._send(end)
         finally:
             if self.on_close is not None:
                 self.on_close()
 
+    def stop(self, why: str) -> None:
+        """End the stream: its request's task stops waiting and ends the response."""
+        if self.ending is not None:
+            return
+        self.ending = why
+        self.ctx.hub.unsubscribe(self, self.key)
+        if self._listening and self._task is not None:
+            self._task.cancel()
 
-async def _pump(ctx: Context, spec: StreamSpec, client: str | None, send: Send) -> None:
-    """Send the stream's frames until it ends: snapshot or backlog, then live events."""
-    hub, store, flt = ctx.hub, ctx.store, spec.flt
-    batch = ctx.settings.replay_batch
-    quiet = ctx.settings.keepalive_s * 2 / 3  # the hub ticks every third of the interval
-    job_id = spec.job_id
-    # a stream of one job wakes only for that job; several jobs or kinds: for any event
-    wake_key = job_id if job_id is not None else (
-        next(iter(flt.job_ids)) if flt.job_ids is not None and len(flt.job_ids) == 1 else None
-    )
-    everything = flt == Filter()
-    started = last_write = time.monotonic()
-    sent = 0
-    hub.streams += 1
-    log.info("stream.opened", job_id=job_id, resume_from=spec.cursor, client=client)
-    try:
-        wake = hub.waiter(wake_key)
-        cursor = spec.cursor
-        # the retry hint rides on the first frame; alone only if the stream starts idle
-        prefix = f"retry: {ctx.settings.retry_ms}\n".encode()
-        if cursor is not None:
-            oldest = await store.oldest_id()
-            if cursor > hub.head or (oldest is not None and cursor < oldest - 1):
-                cursor = None  # older than retention kept, or unknown here: start over
-        if cursor is None:
-            frame, cursor, ended = await _snapshot(ctx, spec)
-            await send(_body(prefix + frame))
-            del frame  # up to a few hundred KiB, which no idle stream should keep
-            prefix = b""
-            if ended:
+    # ---- live: called by the hub, in its publish or tick
+
+    def push(self, events: Sequence[Event], shared: dict[Any, Any]) -> None:
+        if self.everything:
+            matched, key = events, None
+        else:
+            matched = [e for e in events if self.spec.flt.matches(e)]
+            if not matched:
                 return
+            key = self.spec.flt
+        message = shared.get(key)
+        if message is None:
+            message = shared[key] = _body(b"".join([e.frame for e in matched]))
+        try:
+            written = self._try_send(message)
+        except Exception:
+            log.exception("stream.failed", job_id=self.spec.job_id)
+            self.stop("error")
+            return
+        if not written:
+            self.fall_behind(events[0].id - 1)
+            return
+        self.sent += len(matched)
+        self.last_write = time.monotonic()
+        if self.spec.job_id is not None and _finished(matched, self.spec.job_id):
+            self.stop("finished")
+
+    def keep_alive(self, now: float) -> None:
+        if now - self.last_write < self.quiet:
+            return
+        try:
+            written = self._try_send(_KEEP_ALIVE)
+        except Exception:
+            log.exception("stream.failed", job_id=self.spec.job_id)
+            self.stop("error")
+            return
+        if written:
+            self.last_write = now
+        else:
+            self._ping = True
+            self.fall_behind(self.ctx.hub.head)
+
+    def fall_behind(self, cursor: int) -> None:
+        self.ctx.hub.unsubscribe(self, self.key)
+        self.cursor = cursor
+        self._resume()
+
+    def _try_send(self, message: Message) -> bool:
+        """Send now if the server's send finishes without waiting; else send nothing."""
+        if not self._direct:
+            return False
+        coro = cast(Coroutine[Any, Any, None], self._send(message))
+        try:
+            coro.send(None)
+        except StopIteration:
+            return True
+        coro.close()  # it waits for a paused transport before writing anything: unsent
+        return False
+
+    # ---- catching up: a task from the cursor to the head
+
+    def _resume(self) -> None:
+        if self.ending is None:
+            self.ctx.hub.catch_ups += 1
+            self._pump = asyncio.create_task(self._catch_up())
+            self._pump.add_done_callback(self._caught_up)
+
+    def _caught_up(self, task: asyncio.Task[None]) -> None:
+        if self._pump is task:
+            self._pump = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stream.failed", job_id=self.spec.job_id, exc_info=task.exception())
+            self.stop("error")
+
+    async def _catch_up(self) -> None:
+        """Send what is newer than the cursor, then subscribe; the first run starts the
+        stream (cursor check, snapshot, retry hint)."""
+        ctx, spec, send = self.ctx, self.spec, self._send
+        hub, store, flt = ctx.hub, ctx.store, spec.flt
+        batch = ctx.settings.replay_batch
+        cursor = self.cursor
+        prefix = b""
+        if not self._started:
+            self._started = True
+            # the retry hint rides on the first frame; alone only if the stream starts idle
+            prefix = f"retry: {ctx.settings.retry_ms}\n".encode()
+            start = spec.cursor
+            if start is not None:
+                oldest = await store.oldest_id()
+                if start > hub.head or (oldest is not None and start < oldest - 1):
+                    start = None  # older than retention kept, or unknown here: start over
+            if start is not None:
+                cursor = start
+            else:
+                frame, cursor, ended = await _snapshot(ctx, spec)
+                await send(_body(prefix + frame))
+                del frame  # up to a few hundred KiB, which no idle stream should keep
+                prefix = b""
+                self.last_write = time.monotonic()
+                if ended:
+                    self.stop("finished")
+                    return
         while not hub.closed:
             events = hub.after(cursor, batch)
             if events is None:  # behind the tail: read on from the store
@@ -192,32 +300,44 @@ async def _pump(ctx: Context, spec: StreamSpec, client: str | None, send: Send) 
                 matched = events
             elif events:
                 cursor = events[-1].id
-                matched = events if everything else [e for e in events if flt.matches(e)]
+                matched = events if self.everything else [e for e in events if flt.matches(e)]
             else:
-                if prefix:
-                    await send(_body(prefix + b"\n"))
-                    prefix = b""
-                    last_write = time.monotonic()
-                # an idle stream keeps no events: a replayed batch is a thousand copies
-                events = matched = None
-                await wake.wait()
-                wake = hub.waiter(wake_key)
-                if time.monotonic() - last_write >= quiet and not hub.closed:
-                    await send(_KEEP_ALIVE)
-                    last_write = time.monotonic()
-                continue
+                if prefix or self._ping:
+                    await send(_body(prefix + b"\n") if prefix else _KEEP_ALIVE)
+                    prefix, self._ping = b"", False
+                    self.last_write = time.monotonic()
+                    continue
+                self.cursor = cursor
+                hub.subscribe(self, self.key)  # no await since reading the head: none missed
+                return
             if matched:
-                sent += len(matched)
+                self.sent += len(matched)
                 await send(_body(prefix + b"".join([e.frame for e in matched])))
                 prefix = b""
-                last_write = time.monotonic()
-                if job_id is not None and _finished(matched, job_id):
+                self.last_write = time.monotonic()
+                if spec.job_id is not None and _finished(matched, spec.job_id):
+                    self.stop("finished")
                     return
-            wake = hub.waiter(wake_key) if wake.is_set() else wake
-    finally:
-        hub.streams -= 1
-        log.info("stream.closed", job_id=job_id, events=sent,
-                 seconds=round(time.monotonic() - started, 3), shutdown=hub.closed)
+            del events, matched  # a replayed batch is a thousand events nobody needs now
+        self.stop("shutdown")
+
+
+async def _not_started(message: Message) -> None:
+    raise RuntimeError("the stream has not started")
+
+
+_UVICORN_CYCLES = frozenset({("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle"),
+                             ("uvicorn.protocols.http.h11_impl", "RequestResponseCycle")})
+
+
+def _drivable(send: Send) -> bool:
+    """Whether `send` is uvicorn's own, which can be run to its end without a task.
+
+    Its one wait, for a paused transport to drain, comes before it writes anything,
+    so a send that does not finish at once has sent nothing and can be dropped.
+    Under any other server every push goes through a catch-up task instead."""
+    owner = getattr(send, "__self__", None)
+    return (type(owner).__module__, type(owner).__name__) in _UVICORN_CYCLES
 
 
 def _body(chunk: bytes) -> Message:
@@ -243,7 +363,7 @@ async def _snapshot(ctx: Context, spec: StreamSpec) -> tuple[bytes, int, bool]:
     return f"id: {head}\nevent: snapshot\ndata: {dumps(snap)}\n\n".encode(), head, ended
 
 
-def _finished(events: list[Event], job_id: str) -> bool:
+def _finished(events: Sequence[Event], job_id: str) -> bool:
     return any(e.type == "finished" and e.job_id == job_id for e in events)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from progress_sse.app import create_app
 from progress_sse.context import Context
@@ -67,9 +68,26 @@ class Service:
         await asyncio.wait_for(self.task, timeout)
 
 
-async def start_service(settings: Settings) -> Service:
+def relay_send(app: ASGIApp) -> ASGIApp:
+    """The app behind a `send` of its own, as under a server other than uvicorn:
+    streams cannot write pushed events at once and catch up in a task for each."""
+
+    async def relayed(scope: Scope, receive: Receive, send: Send) -> None:
+        async def relay(message: Message) -> None:
+            await send(message)
+
+        await app(scope, receive, relay)
+
+    return relayed
+
+
+async def start_service(settings: Settings,
+                        wrap: Callable[[ASGIApp], ASGIApp] | None = None) -> Service:
     settings = replace(settings, port=free_port())
-    server = make_server(create_app(settings), settings)
+    app = create_app(settings)
+    server = make_server(app, settings)
+    if wrap is not None:
+        server.config.app = wrap(app)
     task = asyncio.create_task(server.serve())
     await wait_for(lambda: server.started or task.done(), what="server start")
     if task.done():

@@ -8,12 +8,13 @@ from dataclasses import replace
 from typing import Any
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 
 from progress_sse.settings import Settings
 
 from .conftest import db_events
-from .helpers import Service, create_job, start_service
+from .helpers import Service, create_job, relay_send, start_service
 
 JOBS = 4
 POSTS_PER_JOB = 150
@@ -69,8 +70,21 @@ async def reader(client: httpx.AsyncClient, path: str, params: dict[str, Any],
             await asyncio.sleep(rng.random() * 0.02)
 
 
-async def test_readers_resuming_at_random_points_lose_nothing(service: Service) -> None:
-    """Concurrent workers; readers drop and resume; each sees the stored log exactly."""
+@pytest.mark.parametrize("send", ["uvicorn", "relayed"])
+async def test_readers_resuming_at_random_points_lose_nothing(settings: Settings,
+                                                               send: str) -> None:
+    """Concurrent workers; readers drop and resume; each sees the stored log exactly.
+
+    Under uvicorn, caught-up streams are pushed events by the hub; behind a relayed
+    send (another server) every event goes through a catch-up task: both lose nothing."""
+    service = await start_service(settings, wrap=relay_send if send == "relayed" else None)
+    try:
+        await _readers_resuming(service)
+    finally:
+        await service.stop()
+
+
+async def _readers_resuming(service: Service) -> None:
     rng = random.Random(1234)
     async with httpx.AsyncClient(base_url=service.url, timeout=20,
                                  limits=httpx.Limits(max_connections=50)) as client:

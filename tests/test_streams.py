@@ -15,7 +15,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 from progress_sse.settings import Settings
 
-from .helpers import Service, create_job, start_service, wait_for
+from .helpers import Service, create_job, relay_send, start_service, wait_for
 
 SSE = {"Accept": "text/event-stream"}
 
@@ -230,6 +230,40 @@ async def test_stream_counts_and_logs(client: httpx.AsyncClient, service: Servic
         await wait_for(lambda: service.ctx.hub.streams == 1, what="stream registered")
         assert (await client.get("/healthz")).json()["streams"] == 1
     await wait_for(lambda: service.ctx.hub.streams == 0, what="stream released")
+
+
+async def _three_readers_of_twenty_posts(svc: Service) -> None:
+    """Three caught-up readers each get twenty events, in order, as they are posted."""
+    async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c, \
+            contextlib.AsyncExitStack() as stack:
+        job = await create_job(c)
+        sources = [(await stack.enter_async_context(
+            aconnect_sse(c, "GET", "/api/events", headers=SSE))).aiter_sse() for _ in range(3)]
+        for events in sources:
+            [snap] = await take(events, 1)
+            assert snap.event == "snapshot"
+        await wait_for(lambda: svc.ctx.hub.live == 3, what="3 live streams")
+        assert "progress_sse_live_streams 3\n" in (await c.get("/metrics")).text
+        ids = [str((await post(c, job["id"], progress=i))["event_id"]) for i in range(1, 21)]
+        for events in sources:
+            assert [e.id for e in await take(events, 20)] == ids
+
+
+async def test_live_streams_are_pushed_each_event(service: Service) -> None:
+    """Under uvicorn a caught-up stream is written each event by the hub's publish: it
+    catches up (in a task) once, when it opens, and never again while it keeps up."""
+    await _three_readers_of_twenty_posts(service)
+    assert service.ctx.hub.catch_ups == 3
+
+
+async def test_streams_behind_a_send_that_must_be_awaited(settings: Settings) -> None:
+    """Under another server's send, each pushed event is sent by a catch-up task instead."""
+    svc = await start_service(settings, wrap=relay_send)
+    try:
+        await _three_readers_of_twenty_posts(svc)
+        assert svc.ctx.hub.catch_ups > 3 + 20
+    finally:
+        await svc.stop()
 
 
 async def test_idle_streams_hold_no_snapshot_or_replayed_events(settings: Settings) -> None:
