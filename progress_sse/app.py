@@ -27,7 +27,7 @@ from .logs import RequestLogMiddleware
 from .security import DashboardLogin, SecurityMiddleware, StreamQuota
 from .settings import Settings
 from .store.sqlite import SQLiteStore
-from .streams import DIRECT_SEND
+from .streams import STREAM_HOST, StreamHost
 
 log = structlog.get_logger("progress_sse.app")
 
@@ -37,11 +37,26 @@ WEB_DIR = _HERE / "_web" if (_HERE / "_web").is_dir() else _HERE.parent / "web"
 
 
 class Service(Starlette):
-    """The application; it keeps the server's own `send` in the scope, for streams."""
+    """The application; it runs streams once the layers that started them have returned
+    (see streams.StreamHost)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[DIRECT_SEND] = send
-        await super().__call__(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        host = scope[STREAM_HOST] = StreamHost(send)
+        try:
+            await super().__call__(scope, receive, send)
+        except BaseException:
+            if host.stream is not None:
+                host.stream.release()
+            raise
+        stream, host.stream = host.stream, None
+        if stream is not None:
+            # the request's own caches (headers, identity) are done with; a stream lives on
+            for key in [k for k in scope if k.startswith("progress_sse.")]:
+                del scope[key]
+            await stream.run(receive, send)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

@@ -173,3 +173,31 @@ async def test_frozen_reader_does_not_delay_others_and_memory_stays_bounded(
     growth = [b - a for a, b in itertools.pairwise(rss)]
     assert max(growth[1:]) < 4 * 1024, rss
     assert latencies[len(latencies) // 2] < 0.5, latencies[len(latencies) // 2]
+
+
+async def test_stream_request_is_logged_when_it_opens_and_keeps_its_request_id(
+        proc: ProcessService) -> None:
+    """A stream runs after the layers that started it have returned: its request line is
+    written as it opens (not hours later when it ends), and its own lines, to the last,
+    carry the same request id as its response header."""
+    async with httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
+        job = await create_job(client)
+        async with client.stream("GET", f"/api/jobs/{job['id']}/events",
+                                 headers={"Accept": "text/event-stream"}) as r:
+            rid = r.headers["x-request-id"]
+            assert r.headers["x-content-type-options"] == "nosniff"  # the layers' headers
+
+            def logged() -> list[dict[str, object]]:
+                return [json.loads(line) for line in proc.log_path.read_text().splitlines()
+                        if line.startswith("{") and rid in line]
+
+            await wait_for(lambda: any(e["event"] == "request" for e in logged()),
+                           what="the stream's request line while it is open")
+            assert [e["event"] for e in logged()] == ["request", "stream.opened"]
+            await client.post(f"/api/jobs/{job['id']}/finish", json={"status": "succeeded"})
+            async for _ in r.aiter_lines():
+                pass  # the per-job stream ends after `finished`
+    await wait_for(lambda: any(e["event"] == "stream.closed" for e in logged()),
+                   what="stream.closed")
+    [closed] = [e for e in logged() if e["event"] == "stream.closed"]
+    assert closed["ended"] == "finished" and closed["events"] >= 1
