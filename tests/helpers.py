@@ -81,11 +81,12 @@ def relay_send(app: ASGIApp) -> ASGIApp:
     return relayed
 
 
-async def start_service(settings: Settings,
-                        wrap: Callable[[ASGIApp], ASGIApp] | None = None) -> Service:
+async def start_service(settings: Settings, wrap: Callable[[ASGIApp], ASGIApp] | None = None,
+                        **config: Any) -> Service:
+    """The service in this process; `config` goes to uvicorn (http="h11", say)."""
     settings = replace(settings, port=free_port())
     app = create_app(settings)
-    server = make_server(app, settings)
+    server = make_server(app, settings, **config)
     if wrap is not None:
         server.config.app = wrap(app)
     task = asyncio.create_task(server.serve())

@@ -70,14 +70,18 @@ async def reader(client: httpx.AsyncClient, path: str, params: dict[str, Any],
             await asyncio.sleep(rng.random() * 0.02)
 
 
-@pytest.mark.parametrize("send", ["uvicorn", "relayed"])
+@pytest.mark.parametrize("send", ["httptools", "h11", "relayed"])
 async def test_readers_resuming_at_random_points_lose_nothing(settings: Settings,
                                                                send: str) -> None:
     """Concurrent workers; readers drop and resume; each sees the stored log exactly.
 
-    Under uvicorn, caught-up streams are pushed events by the hub; behind a relayed
-    send (another server) every event goes through a catch-up task: both lose nothing."""
-    service = await start_service(settings, wrap=relay_send if send == "relayed" else None)
+    Under uvicorn's httptools protocol pushed chunks go straight to the transport;
+    under its h11 protocol through its send, run without a task; behind a relayed
+    send (another server) through a catch-up task each time. All three lose nothing."""
+    if send == "relayed":
+        service = await start_service(settings, wrap=relay_send)
+    else:
+        service = await start_service(settings, http=send)
     try:
         await _readers_resuming(service)
     finally:

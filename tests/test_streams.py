@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -232,7 +232,8 @@ async def test_stream_counts_and_logs(client: httpx.AsyncClient, service: Servic
     await wait_for(lambda: service.ctx.hub.streams == 0, what="stream released")
 
 
-async def _three_readers_of_twenty_posts(svc: Service) -> None:
+async def _three_readers_of_twenty_posts(svc: Service,
+                                         while_live: Callable[[], None] = lambda: None) -> None:
     """Three caught-up readers each get twenty events, in order, as they are posted."""
     async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c, \
             contextlib.AsyncExitStack() as stack:
@@ -247,13 +248,29 @@ async def _three_readers_of_twenty_posts(svc: Service) -> None:
         ids = [str((await post(c, job["id"], progress=i))["event_id"]) for i in range(1, 21)]
         for events in sources:
             assert [e.id for e in await take(events, 20)] == ids
+        while_live()
 
 
-async def test_live_streams_are_pushed_each_event(service: Service) -> None:
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_live_streams_are_pushed_each_event(settings: Settings, http: str) -> None:
     """Under uvicorn a caught-up stream is written each event by the hub's publish: it
-    catches up (in a task) once, when it opens, and never again while it keeps up."""
-    await _three_readers_of_twenty_posts(service)
-    assert service.ctx.hub.catch_ups == 3
+    catches up (in a task) once, when it opens, and never again while it keeps up.
+    Under httptools the chunks skip uvicorn's send; under h11 they go through it."""
+    import gc
+
+    from progress_sse.streams import EventStream
+
+    def chunks_skip_send() -> None:
+        streams = [o for o in gc.get_objects() if isinstance(o, EventStream)]
+        assert len(streams) == 3
+        assert all((s._cycle is not None) == (http == "httptools") for s in streams)
+
+    svc = await start_service(settings, http=http)
+    try:
+        await _three_readers_of_twenty_posts(svc, chunks_skip_send)
+        assert svc.ctx.hub.catch_ups == 3
+    finally:
+        await svc.stop()
 
 
 async def test_streams_behind_a_send_that_must_be_awaited(settings: Settings) -> None:
