@@ -88,7 +88,6 @@ class Hub:
         self._open: dict[Subscriber, None] = {}  # every open stream, live or catching up
         self._live: dict[Subscriber, None] = {}  # live streams woken by any event
         self._live_by_job: dict[str, dict[Subscriber, None]] = {}  # ... by one job's
-
         self.catch_ups = 0  # times a stream read on from its cursor: at open, or fallen behind
 
     @property
@@ -132,7 +131,8 @@ class Hub:
         self._first = head + 1
 
     def publish(self, events: Sequence[Event]) -> None:
-        """Append committed events (ids contiguous, after head) and wake their streams."""
+        """Append committed events (ids contiguous, after head), push them to the live
+        streams, and wake the waiters."""
         if not events:
             return
         before = self.head
@@ -149,7 +149,7 @@ class Hub:
         if len(self._tail) > self.tail_size * 1.25 or self._bytes > self.tail_bytes * 1.25:
             self._trim()
         if gap:
-            for sub in [*self._live, *(s for subs in self._live_by_job.values() for s in subs)]:
+            for sub in self._all_live():
                 sub.fall_behind(before)
         else:
             self._push(events)
@@ -161,6 +161,10 @@ class Hub:
                 waiter = by_job.pop(ev.job_id, None)
                 if waiter is not None:
                     waiter.set()
+
+    def _all_live(self) -> list[Subscriber]:
+        """A copy: a stream may unsubscribe while it is handled."""
+        return [*self._live, *(s for subs in self._live_by_job.values() for s in subs)]
 
     def _push(self, events: Sequence[Event]) -> None:
         shared: dict[Any, Any] = {}
@@ -204,7 +208,7 @@ class Hub:
     def tick(self) -> None:
         """Let live streams send a keep-alive and wake every waiter; no timer per stream."""
         now = time.monotonic()
-        for sub in [*self._live, *(s for subs in self._live_by_job.values() for s in subs)]:
+        for sub in self._all_live():
             sub.keep_alive(now)
         wake, self._all = self._all, Wake()
         wake.set()

@@ -203,7 +203,9 @@ class StreamQuota:
 
     def acquire(self, subject: str) -> Callable[[], None]:
         """Take a slot for `subject`; the returned callable gives it back (once)."""
-        if self.limit and self.open[subject] >= self.limit:
+        if not self.limit:
+            return _no_slot  # nothing to count: no closure kept by every open stream
+        if self.open[subject] >= self.limit:
             raise TooManyStreams(
                 f"at most {self.limit} open streams per user; close one (a dashboard needs "
                 "one stream: /api/events takes job= filters)",
@@ -220,6 +222,10 @@ class StreamQuota:
                     del self.open[subject]
 
         return release
+
+
+def _no_slot() -> None:
+    """A slot of an unlimited quota: nothing to give back."""
 
 
 def stream_quota(conn: HTTPConnection) -> StreamQuota:
