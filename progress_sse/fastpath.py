@@ -3,8 +3,8 @@
 Worker posts are most of a busy service's requests, and open streams most of its
 connections. Through Starlette each passes its exception middleware, the router (a
 regex per route until one matches), the route's request/response wrapper and a
-second exception wrapper before reaching the endpoint; for a post that is CPU, for
-an idle stream it is five suspended coroutine frames kept for its whole life. This
+second exception wrapper before reaching the endpoint: CPU on every post and on
+every stream's start (a stream then runs past all of them, see streams). This
 middleware sits inside ours (request log, security), picks these routes out with
 string operations, calls the same endpoint functions and renders the same error
 answers; every other request goes down the usual stack. Exceptions other than our

@@ -10,7 +10,7 @@ takes them without waiting. One that cannot (a slow reader) unsubscribes and
 catches up again at its own pace, from its cursor. So a publish to a thousand
 live streams is a thousand writes in one loop turn, with no task woken per stream.
 
-Other waiters (long-polling workers) use one-shot `Wake`s replaced at each publish:
+Long-polling workers wait on one-shot `Wake`s, one per job, replaced at its publish:
 a waiter holds the wake it took before reading, so a publish between its read and
 its wait still wakes it, and there is no lock that a cancelled waiter could leave held.
 """
@@ -41,21 +41,16 @@ class Subscriber(Protocol):
 
 
 class Wake:
-    """A one-shot wake-up shared by every stream waiting for the same publish.
+    """A one-shot wake-up shared by every long poll waiting for the same job's publish.
 
-    asyncio.Event would do, but each of its waits looks up and checks the loop and
-    each waiter removes itself from a deque afterwards: a tenth of the CPU of every
-    delivery, measured with 1,000 streams. Here every waiter parks its own future
-    (so cancelling one waiter touches nobody else) and `set` resolves them all."""
+    Every waiter parks its own future, so cancelling one (a timed-out poll) touches
+    nobody else, and `set` resolves them all."""
 
     __slots__ = ("_futures", "_set")
 
     def __init__(self) -> None:
         self._futures: list[asyncio.Future[None]] = []
         self._set = False
-
-    def is_set(self) -> bool:
-        return self._set
 
     def set(self) -> None:
         if self._set:
@@ -82,7 +77,6 @@ class Hub:
         self._tail: list[Event] = []
         self._bytes = 0
         self._first = 1  # id of self._tail[0]
-        self._all = Wake()
         self._by_job: dict[str, Wake] = {}
         self.closed = False
         self._open: dict[Subscriber, None] = {}  # every open stream, live or catching up
@@ -153,8 +147,6 @@ class Hub:
                 sub.fall_behind(before)
         else:
             self._push(events)
-        wake, self._all = self._all, Wake()
-        wake.set()
         by_job = self._by_job
         if by_job:
             for ev in events:
@@ -189,10 +181,8 @@ class Hub:
         self._bytes = size
         self._first += drop
 
-    def waiter(self, job_id: str | None = None) -> Wake:
-        """The event the next publish (of this job, if named) will set. Take it before reading."""
-        if job_id is None:
-            return self._all
+    def waiter(self, job_id: str) -> Wake:
+        """The wake-up the next publish of this job will set. Take it before reading."""
         ev = self._by_job.get(job_id)
         if ev is None:
             ev = self._by_job[job_id] = Wake()
@@ -206,15 +196,10 @@ class Hub:
         return self._tail[start:start + limit]
 
     def tick(self) -> None:
-        """Let live streams send a keep-alive and wake every waiter; no timer per stream."""
+        """Let live streams send a keep-alive; no timer per stream."""
         now = time.monotonic()
         for sub in self._all_live():
             sub.keep_alive(now)
-        wake, self._all = self._all, Wake()
-        wake.set()
-        waiters, self._by_job = self._by_job, {}
-        for ev in waiters.values():
-            ev.set()
 
     async def keep_alive(self, interval: float) -> None:
         """Tick every `interval` seconds until closed."""
@@ -227,7 +212,6 @@ class Hub:
         self.closed = True
         for sub in list(self._open):
             sub.stop("shutdown")
-        self._all.set()
         for ev in self._by_job.values():
             ev.set()
         self._by_job.clear()

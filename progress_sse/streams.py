@@ -233,8 +233,7 @@ class EventStream(Response):
         # chunk per publish: the filter runs and the chunk is built once for them all
         hit = shared.get(self.share_key)
         if hit is None:
-            flt = self.spec.flt
-            matched = events if self.everything else [e for e in events if flt.matches(e)]
+            matched = self._matching(events)
             if matched:
                 body = b"".join([e.frame for e in matched])
                 hit = (_body(body), b"%x\r\n%b\r\n" % (len(body), body), matched)
@@ -292,6 +291,12 @@ class EventStream(Response):
         coro.close()  # it waits for a paused transport before writing anything: unsent
         return False
 
+    def _matching(self, events: Sequence[Event]) -> Sequence[Event]:
+        if self.everything:
+            return events
+        flt = self.spec.flt
+        return [e for e in events if flt.matches(e)]
+
     # ---- catching up: a task from the cursor to the head
 
     def _resume(self) -> None:
@@ -335,6 +340,7 @@ class EventStream(Response):
                 if ended:
                     self.stop("finished")
                     return
+        matched: Sequence[Event]
         while not hub.closed:
             events = hub.after(cursor, batch)
             if events is None:  # behind the tail: read on from the store
@@ -344,7 +350,7 @@ class EventStream(Response):
                 matched = events
             elif events:
                 cursor = events[-1].id
-                matched = events if self.everything else [e for e in events if flt.matches(e)]
+                matched = self._matching(events)
             else:
                 if prefix or self._ping:
                     await send(_body(prefix + b"\n") if prefix else _KEEP_ALIVE)
@@ -370,7 +376,8 @@ async def _not_started(message: Message) -> None:
     raise RuntimeError("the stream has not started")
 
 
-_UVICORN_CYCLES = frozenset({("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle"),
+_HTTPTOOLS_CYCLE = ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle")
+_UVICORN_CYCLES = frozenset({_HTTPTOOLS_CYCLE,
                              ("uvicorn.protocols.http.h11_impl", "RequestResponseCycle")})
 
 
@@ -382,9 +389,6 @@ def _drivable(send: Send) -> bool:
     Under any other server every push goes through a catch-up task instead."""
     owner = getattr(send, "__self__", None)
     return (type(owner).__module__, type(owner).__name__) in _UVICORN_CYCLES
-
-
-_HTTPTOOLS_CYCLE = ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle")
 
 
 def _chunked_cycle(send: Send) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -70,25 +71,22 @@ async def reader(client: httpx.AsyncClient, path: str, params: dict[str, Any],
             await asyncio.sleep(rng.random() * 0.02)
 
 
-@pytest.mark.parametrize("send", ["httptools", "h11", "relayed"])
-async def test_readers_resuming_at_random_points_lose_nothing(settings: Settings,
-                                                               send: str) -> None:
-    """Concurrent workers; readers drop and resume; each sees the stored log exactly.
-
-    Under uvicorn's httptools protocol pushed chunks go straight to the transport;
-    under its h11 protocol through its send, run without a task; behind a relayed
-    send (another server) through a catch-up task each time. All three lose nothing."""
-    if send == "relayed":
-        service = await start_service(settings, wrap=relay_send)
+@pytest.fixture(params=["httptools", "h11", "relayed"])
+async def service(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Service]:
+    """The service under uvicorn's httptools protocol (pushed chunks go straight to the
+    transport), its h11 protocol (through its send, run without a task) and a relayed
+    send standing for another server (a catch-up task for each push)."""
+    if request.param == "relayed":
+        svc = await start_service(settings, wrap=relay_send)
     else:
-        service = await start_service(settings, http=send)
-    try:
-        await _readers_resuming(service)
-    finally:
-        await service.stop()
+        svc = await start_service(settings, http=request.param)
+    yield svc
+    await svc.stop()
 
 
-async def _readers_resuming(service: Service) -> None:
+async def test_readers_resuming_at_random_points_lose_nothing(service: Service) -> None:
+    """Concurrent workers; readers drop and resume; each sees the stored log exactly,
+    under each of the three ways a stream writes."""
     rng = random.Random(1234)
     async with httpx.AsyncClient(base_url=service.url, timeout=20,
                                  limits=httpx.Limits(max_connections=50)) as client:
