@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import structlog
 from starlette.applications import Starlette
@@ -23,8 +24,8 @@ from .context import Context
 from .errors import ProgressError
 from .fastpath import HotRoutes
 from .hub import Hub
-from .logs import RequestLogMiddleware
-from .security import DashboardLogin, SecurityMiddleware, StreamQuota
+from .logs import RequestLog, RequestLogMiddleware
+from .security import DashboardLogin, Policy, SecurityMiddleware, StreamQuota
 from .settings import Settings
 from .store.sqlite import SQLiteStore
 from .streams import STREAM_HOST, StreamHost
@@ -37,8 +38,13 @@ WEB_DIR = _HERE / "_web" if (_HERE / "_web").is_dir() else _HERE.parent / "web"
 
 
 class Service(Starlette):
-    """The application; it runs streams once the layers that started them have returned
-    (see streams.StreamHost)."""
+    """The application. Its outermost layer serves the hot routes itself (see fastpath),
+    and runs streams once the layers that started them have returned (see
+    streams.StreamHost)."""
+
+    def __init__(self, *, hot: HotRoutes, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hot = hot
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,7 +52,12 @@ class Service(Starlette):
             return
         host = scope[STREAM_HOST] = StreamHost(send)
         try:
-            await super().__call__(scope, receive, send)
+            endpoint = self.hot.match(scope)
+            if endpoint is None:
+                await super().__call__(scope, receive, send)
+            else:
+                scope["app"] = self
+                await self.hot.serve(endpoint, scope, receive, send)
         except BaseException:
             if host.stream is not None:
                 host.stream.release()
@@ -97,13 +108,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if WEB_DIR.is_dir():
         web = DashboardLogin(StaticFiles(directory=WEB_DIR, html=True), settings)
         routes.append(Mount("/", web, name="web"))
+    requests = RequestLog()
+    policy = Policy(settings)
     app = Service(
+        hot=HotRoutes(api.hot_routes(), requests, policy, error_answer),
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(RequestLogMiddleware),
-                    Middleware(SecurityMiddleware, settings=settings),
-                    Middleware(HotRoutes, routes=api.hot_routes(),
-                               on_error=progress_error_response)],
+        middleware=[Middleware(RequestLogMiddleware, requests=requests),
+                    Middleware(SecurityMiddleware, policy=policy)],
         exception_handlers={
             ProgressError: _progress_error,
             HTTPException: _http_error,
@@ -148,4 +160,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("request.failed", path=request.url.path)
+    return error_answer(exc)
+
+
+def error_answer(exc: Exception) -> Response:
+    """Our errors as they are; anything else is a bug, answered with a 500."""
+    if isinstance(exc, ProgressError):
+        return progress_error_response(exc)
     return error_response(500, "internal", "internal error; see the server log")

@@ -52,22 +52,40 @@ def redact_query(query: str) -> str:
     return "&".join(parts)
 
 
-class RequestLogMiddleware:
-    """Bind a request id and log one line per request (streams log when they end)."""
+class RequestLog:
+    """Request ids and the one line per request, for the middleware and the hot routes
+    (see fastpath) alike; one per app, so ids stay unique across both."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self) -> None:
         self._prefix = os.urandom(4).hex()  # per process; a counter makes the rest unique
         self._counter = itertools.count(1)
+
+    def begin(self, scope: Scope) -> bytes:
+        """The request's id (the caller's, if it sent a usable one), bound for log lines."""
+        request_id = _incoming_request_id(scope) or f"{self._prefix}{next(self._counter):08x}"
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        return request_id.encode()
+
+    @staticmethod
+    def end(scope: Scope, status: int, start: float) -> None:
+        if log.is_enabled_for(logging.INFO):  # else skip building the line's fields
+            _log_request(scope, status, start)
+
+
+class RequestLogMiddleware:
+    """Bind a request id and log one line per request (a stream's when it opens)."""
+
+    def __init__(self, app: ASGIApp, requests: RequestLog) -> None:
+        self.app = app
+        self.requests = requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope) or f"{self._prefix}{next(self._counter):08x}"
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
         start = time.perf_counter()
+        request_id = self.requests.begin(scope)
         status = 500
 
         async def send_wrapper(message: Message) -> None:
@@ -75,15 +93,14 @@ class RequestLogMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode()))
+                headers.append((b"x-request-id", request_id))
                 message = {**message, "headers": headers}
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            if log.is_enabled_for(logging.INFO):  # else skip building the line's fields
-                _log_request(scope, status, start)
+            self.requests.end(scope, status, start)
 
 
 def _log_request(scope: Scope, status: int, start: float) -> None:

@@ -23,6 +23,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from starlette.datastructures import URL
 from starlette.requests import HTTPConnection
@@ -47,54 +48,91 @@ CORS_EXPOSE = "X-Request-Id, Retry-After, WWW-Authenticate"
 RETRY_STREAMS_S = 5
 
 
-class SecurityMiddleware:
-    """Security headers on every answer; CORS; cross-origin writes and foreign hosts refused."""
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: int
+    code: str
+    message: str
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
+
+class Policy:
+    """The checks every request passes and the headers every answer carries: shared by
+    the middleware (every route) and the hot routes served before it (see fastpath)."""
+
+    def __init__(self, settings: Settings) -> None:
         self.origins = frozenset(o.lower() for o in settings.cors_origin_list)
         self.check_host = settings.auth == "none" and not settings.insecure
         self.own_host = settings.host.lower()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = headers(scope)
-        raw_origin = given.get(b"origin")
-        origin = None if raw_origin is None else raw_origin.decode("latin-1")
-        allowed = origin is not None and origin.lower() in self.origins
-        host = given.get(b"host", b"").decode("latin-1")
-        if self.check_host and not _local_host(host, self.own_host):
-            await refuse(send, 400, "host_not_allowed",
-                         "this service answers only to localhost or an IP address without "
-                         "authentication; configure a JWT secret to serve other names")
-            return
-        if scope["method"] == "OPTIONS" and origin is not None \
-                and b"access-control-request-method" in given:
-            await self._preflight(send, origin, allowed)
-            return
-        if scope["method"] not in SAFE_METHODS and origin is not None and not allowed \
-                and not same_origin(scope, origin):
-            await refuse(send, 403, "cross_origin",
-                         f"requests from {origin[:100]!r} are not allowed; add the origin to "
-                         "cors_origins to let a dashboard there call this service")
-            return
+    def screen(self, scope: Scope, origin: str | None) -> Refusal | None:
+        """Why this request is refused (a foreign Host, a cross-origin write), or None."""
+        if self.check_host:
+            host = headers(scope).get(b"host", b"").decode("latin-1")
+            if not _local_host(host, self.own_host):
+                return Refusal(400, "host_not_allowed",
+                               "this service answers only to localhost or an IP address "
+                               "without authentication; configure a JWT secret to serve "
+                               "other names")
+        if scope["method"] not in SAFE_METHODS and origin is not None \
+                and not self.allowed(origin) and not same_origin(scope, origin):
+            return Refusal(403, "cross_origin",
+                           f"requests from {origin[:100]!r} are not allowed; add the origin "
+                           "to cors_origins to let a dashboard there call this service")
+        return None
+
+    def allowed(self, origin: str) -> bool:
+        return origin.lower() in self.origins
+
+    def answer_headers(self, origin: str | None) -> list[tuple[bytes, bytes]]:
+        """CORS headers for an allowed origin; `Vary` whenever CORS is configured."""
         cors: list[tuple[bytes, bytes]] = []
-        if allowed:
-            assert origin is not None
+        if origin is not None and self.allowed(origin):
             cors = [(b"access-control-allow-origin", origin.encode("latin-1")),
                     (b"access-control-allow-credentials", b"true"),
                     (b"access-control-expose-headers", CORS_EXPOSE.encode())]
         if self.origins:
             cors.append((b"vary", b"Origin"))
+        return cors
+
+
+def origin_of(scope: Scope) -> str | None:
+    raw = headers(scope).get(b"origin")
+    return None if raw is None else raw.decode("latin-1")
+
+
+def with_headers(own: list[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]]
+                 ) -> list[tuple[bytes, bytes]]:
+    """An answer's own headers, the security headers it does not set itself, and `extra`."""
+    present = {name.lower() for name, _ in own}
+    return [*own, *(h for h in SECURITY_HEADERS if h[0] not in present), *extra]
+
+
+class SecurityMiddleware:
+    """Security headers on every answer; CORS; cross-origin writes and foreign hosts refused."""
+
+    def __init__(self, app: ASGIApp, policy: Policy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        origin = origin_of(scope)
+        refusal = self.policy.screen(scope, origin)
+        if refusal is not None:
+            await refuse(send, refusal.status, refusal.code, refusal.message)
+            return
+        if scope["method"] == "OPTIONS" and origin is not None \
+                and b"access-control-request-method" in headers(scope):
+            await self._preflight(send, origin, self.policy.allowed(origin))
+            return
+        extra = self.policy.answer_headers(origin)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                own = message.get("headers", [])
-                present = {name.lower() for name, _ in own}
-                extra = [h for h in SECURITY_HEADERS if h[0] not in present]
-                message = {**message, "headers": [*own, *extra, *cors]}
+                message = {**message, "headers": with_headers(message.get("headers", []),
+                                                              extra)}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import httpx
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp
+
+from progress_sse.app import Service as App
+from progress_sse.settings import Settings
 
 from .conftest import db_events
-from .helpers import Service, create_job
+from .helpers import Service, create_job, start_service
 
 STAGES = [{"key": "fetch", "label": "Fetch", "weight": 1},
           {"key": "encode", "label": "Encode", "weight": 3}]
@@ -180,3 +186,30 @@ async def test_hot_routes_answer_like_the_router(client: httpx.AsyncClient) -> N
         r = await client.request(method, path, json={"progress": 1})
         assert r.status_code == status, (method, path, r.status_code)
         assert r.json()["error"]["code"] in ("not_found", "method_not_allowed")
+
+
+async def test_a_crash_on_a_hot_route_is_a_json_500_and_the_service_carries_on(
+        db_path: str) -> None:
+    """An exception that is not one of ours (a bug) answers like the router would: a 500
+    in the error shape, with the request id, logged; the next request is served."""
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    def break_progress(app: ASGIApp) -> ASGIApp:
+        assert isinstance(app, App)
+        app.hot.routes[("POST", "/api/jobs/{job_id}/progress")] = broken
+        return app
+
+    svc = await start_service(Settings(db=db_path), wrap=break_progress)
+    try:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c:
+            job = await create_job(c)
+            r = await c.post(f"/api/jobs/{job['id']}/progress", json={"progress": 1})
+            assert r.status_code == 500
+            assert r.json()["error"]["code"] == "internal"
+            assert r.headers["x-request-id"] and r.headers["x-content-type-options"]
+            r = await c.post(f"/api/jobs/{job['id']}/log", json={"message": "still here"})
+            assert r.status_code == 200
+            assert (await c.get("/healthz")).json()["status"] == "ok"
+    finally:
+        await svc.stop()

@@ -609,6 +609,11 @@ async def test_cors_allows_listed_origins_with_credentials(db_path: str) -> None
             r = await c.post("/api/jobs", json={}, headers={"Origin": "https://dash.example",
                                                             **bearer(ALICE)})
             assert r.status_code == 201
+            r = await c.post(f"/api/jobs/{r.json()['job']['id']}/progress", json={"progress": 3},
+                             headers={"Origin": "https://dash.example", **bearer(ALICE)})
+            assert r.status_code == 200  # a hot route (see fastpath): the same CORS answer
+            assert r.headers["access-control-allow-origin"] == "https://dash.example"
+            assert "Origin" in r.headers["vary"]
             r = await c.get("/api/jobs", headers={"Origin": "https://evil.example",
                                                   **bearer(ALICE)})
             assert "access-control-allow-origin" not in r.headers
@@ -623,10 +628,12 @@ async def test_cross_origin_writes_are_refused(client: httpx.AsyncClient,
     job_id, _ = await new_job(client, ALICE)
     before = event_count(service.settings.db)
     for origin in ("https://evil.example", "null", service.url.replace("127.0.0.1", "localhost")):
-        for path in ("/api/jobs", f"/api/jobs/{job_id}/cancel"):
+        for path in ("/api/jobs", f"/api/jobs/{job_id}/cancel",
+                     f"/api/jobs/{job_id}/progress"):  # the last is served past the stack
             r = await client.post(path, json={}, headers={"Origin": origin,
                                                           "Cookie": f"{COOKIE}={ALICE}"})
             assert_error(r, 403, "cross_origin")
+            assert r.headers["x-request-id"] and r.headers["x-content-type-options"]
     assert event_count(service.settings.db) == before
     r = await client.post("/api/jobs", json={}, headers={"Origin": service.url,
                                                          "Cookie": f"{COOKIE}={ALICE}"})
@@ -644,12 +651,20 @@ async def test_foreign_host_names_are_refused_without_auth(db_path: str) -> None
     port = svc.settings.port
     try:
         async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c:
+            job = (await c.post("/api/jobs", json={})).json()["job"]["id"]
+            before = event_count(db_path)
             for host in (f"attacker.example:{port}", "rebind.attacker.example"):
                 r = await c.get("/api/jobs", headers={"Host": host})
                 assert_error(r, 400, "host_not_allowed")
                 r = await c.post("/api/jobs", json={}, headers={"Host": host})
                 assert_error(r, 400)
-            assert event_count(db_path) == 0
+                for hot in ("progress", "log", "events"):  # served past the stack
+                    r = await c.request("GET" if hot == "events" else "POST",
+                                        f"/api/jobs/{job}/{hot}",
+                                        json={"progress": 1, "message": "m"},
+                                        headers={"Host": host})
+                    assert_error(r, 400, "host_not_allowed")
+            assert event_count(db_path) == before
             for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}",
                          "app.localhost", "b"):
                 assert (await c.get("/api/jobs", headers={"Host": host})).status_code == 200
