@@ -137,7 +137,8 @@ class Job:
 
     def private(self) -> dict[str, Any]:
         """The fields viewers never see; stored beside the public document."""
-        return {name: getattr(self, name) for name in _PRIVATE}
+        d = self.__dict__
+        return {name: d[name] for name in _PRIVATE}
 
     @classmethod
     def from_record(cls, public: dict[str, Any], private: dict[str, Any]) -> Job:
@@ -245,6 +246,11 @@ def check_seq(job: Job, seq: int | None) -> bool:
 
 def _touch(job: Job, now: float, seq: int | None) -> tuple[Job, list[Draft]]:
     """A worker spoke: start a queued job, clear a stall, note the time."""
+    changes, drafts = _touch_changes(job, now, seq)
+    return job.evolve(**changes), drafts
+
+
+def _touch_changes(job: Job, now: float, seq: int | None) -> tuple[dict[str, Any], list[Draft]]:
     drafts: list[Draft] = []
     changes: dict[str, Any] = {"updated_at": now, "last_post_at": now}
     if seq is not None:
@@ -255,7 +261,7 @@ def _touch(job: Job, now: float, seq: int | None) -> tuple[Job, list[Draft]]:
         changes["stalled"] = False
         drafts.append(Draft("status", {"status": job.status, "previous": job.status,
                                        "stalled": False}))
-    return job.evolve(**changes), drafts
+    return changes, drafts
 
 
 def stage_fraction(job: Job) -> tuple[float, int] | None:
@@ -285,7 +291,9 @@ def overall_progress(stages: tuple[Stage, ...], stage: str | None, fraction: flo
 
 def record_progress(job: Job, upd: ProgressUpdate, now: float) -> Outcome:
     check_worker(job, upd.attempt)
-    job, drafts = _touch(job, now, upd.seq)
+    # one copy of the job for the whole post: what the touch changes (times, a start,
+    # a stall cleared) is none of what the rules below read
+    changes, drafts = _touch_changes(job, now, upd.seq)
     stage = job.stage
     stage_changed = upd.stage is not None and upd.stage != job.stage
     if upd.stage is not None:
@@ -307,7 +315,8 @@ def record_progress(job: Job, upd: ProgressUpdate, now: float) -> Outcome:
     elif stage_changed:
         fraction = 0.0
 
-    changes: dict[str, Any] = {"total": total, "current": current}
+    changes["total"] = total
+    changes["current"] = current
     held = False
     if fraction is not None:
         if job.stages:

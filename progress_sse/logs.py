@@ -63,7 +63,8 @@ class RequestLog:
     def begin(self, scope: Scope) -> bytes:
         """The request's id (the caller's, if it sent a usable one), bound for log lines."""
         request_id = _incoming_request_id(scope) or f"{self._prefix}{next(self._counter):08x}"
-        structlog.contextvars.clear_contextvars()
+        # the only key bound per request, so binding it replaces an earlier request's
+        # (each request's task starts from a copy of the server's context anyway)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         return request_id.encode()
 

@@ -41,6 +41,7 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 ]
+_SECURITY_NAMES = frozenset(name for name, _ in SECURITY_HEADERS)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CORS_METHODS = "GET, POST"
 CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Worker-Token, X-Request-Id"
@@ -103,6 +104,8 @@ def origin_of(scope: Scope) -> str | None:
 def with_headers(own: list[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]]
                  ) -> list[tuple[bytes, bytes]]:
     """An answer's own headers, the security headers it does not set itself, and `extra`."""
+    if not any(name.lower() in _SECURITY_NAMES for name, _ in own):  # the usual answer
+        return [*own, *SECURITY_HEADERS, *extra]
     present = {name.lower() for name, _ in own}
     return [*own, *(h for h in SECURITY_HEADERS if h[0] not in present), *extra]
 

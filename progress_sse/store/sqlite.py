@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -60,7 +61,10 @@ class SQLiteStore:
         self._writer: WriterConnection | None = None
         self._readers: list[aiosqlite.Connection] = []
         self._next_reader = 0
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()  # None: stop
+        # waiting writes; None asks the writer to stop. A deque and one wake-up future:
+        # asyncio.Queue's bookkeeping (unfinished tasks, getters) cost every post
+        self._queue: deque[_Pending | None] = deque()
+        self._wake: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._publish: Callable[[Sequence[Event]], None] = lambda events: None
         self._jobs: dict[str, Job] = {}  # active jobs' committed state; the writer owns it
@@ -108,7 +112,7 @@ class SQLiteStore:
         """Finish the writes already queued, then close."""
         self._closing = True
         if self._task is not None:
-            self._queue.put_nowait(None)
+            self._put(None)
             await self._task
             self._task = None
         if self._writer is not None:
@@ -128,14 +132,24 @@ class SQLiteStore:
         if self._closing or self._task is None:
             raise Unavailable("the service is shutting down")
         fut: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(write, fut))
+        self._put(_Pending(write, fut))
         return await fut
 
+    def _put(self, item: _Pending | None) -> None:
+        self._queue.append(item)
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            if not wake.done():
+                wake.set_result(None)
+
     async def _run(self) -> None:
+        queue = self._queue
         while True:
-            items = [await self._queue.get()]
-            while len(items) < MAX_BATCH and not self._queue.empty():
-                items.append(self._queue.get_nowait())
+            while not queue:
+                self._wake = asyncio.get_running_loop().create_future()
+                await self._wake
+            items = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
             stop = None in items
             batch = [p for p in items if p is not None]
             if batch:
