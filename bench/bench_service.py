@@ -55,8 +55,16 @@ class Proc:
         raise RuntimeError(f"server {args} did not start")
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK
+        """CPU seconds of the server and its child processes (the service's writer)."""
+        pids = [str(self.p.pid)]
+        children = Path(f"/proc/{self.p.pid}/task/{self.p.pid}/children")
+        if children.exists():
+            pids += children.read_text().split()
+        total = 0
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / CLK
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():

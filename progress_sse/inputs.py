@@ -12,7 +12,6 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-
 from starlette.requests import ClientDisconnect, Request
 
 from .codec import dumps

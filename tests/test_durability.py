@@ -29,6 +29,21 @@ async def proc(tmp_path: Path) -> AsyncIterator[ProcessService]:
     svc.stop()
 
 
+def children(proc: ProcessService) -> list[int]:
+    assert proc.proc is not None
+    pid = proc.proc.pid
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it has ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "zombie" not in status
+
+
 async def test_kill_9_keeps_every_acknowledged_event(proc: ProcessService) -> None:
     """Every post answered 2xx before a kill -9 is in the log after restart."""
     acked: dict[int, tuple[str, float]] = {}
@@ -49,9 +64,14 @@ async def test_kill_9_keeps_every_acknowledged_event(proc: ProcessService) -> No
 
         tasks = [asyncio.create_task(post_forever(j["id"])) for j in jobs]
         await wait_for(lambda: len(acked) > 300, timeout=20, what="posts acknowledged")
+        writers = children(proc)
+        assert len(writers) == 1, writers  # the store's writer process (store/writer.py)
         proc.signal(signal.SIGKILL)
         proc.wait()
         await asyncio.gather(*tasks)
+    # the writer dies with the service: nothing is committed behind a restarted one's back
+    await wait_for(lambda: not any(alive(pid) for pid in writers), timeout=5,
+                   what="the writer process ending with the service")
     proc.start()
     stored = {e["id"]: e for e in db_events(proc.db)}
     missing = sorted(set(acked) - set(stored))
@@ -86,6 +106,7 @@ async def test_sigterm_ends_many_open_streams_promptly(proc: ProcessService) -> 
     async with httpx.AsyncClient() as client:
         health = (await client.get(proc.url + "/healthz")).json()
     assert health["streams"] == 1000
+    writers = children(proc)
     started = time.monotonic()
     proc.signal(signal.SIGTERM)
     ended = 0
@@ -100,6 +121,7 @@ async def test_sigterm_ends_many_open_streams_promptly(proc: ProcessService) -> 
     assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean stop
     assert "service.stopped" in proc.log_path.read_text()  # the lifespan ran to its end
     assert took < 10, took  # not a speed goal (that is in `make bench`): it must not hang
+    assert writers and not any(alive(pid) for pid in writers)  # closed, and waited for
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

@@ -15,6 +15,7 @@ from progress_sse.jobs import Job, Outcome
 from progress_sse.migrations import migrate_sqlite
 from progress_sse.store import Event, Write
 from progress_sse.store.sqlite import SQLiteStore
+from progress_sse.store.writer import WriterConnection, WriterError
 
 
 def new_job(job_id: str) -> Write:
@@ -114,3 +115,26 @@ async def test_a_commit_the_database_refuses_fails_only_its_write(tmp_path: Path
     assert rows == [(1, "a0"), (2, "a1"), (3, "a2"), (4, "a3")]
     assert [(e.id, e.job_id) for e in published] == rows
     assert stored_jobs == {"a0", "a1", "a2", "a3"} and after.events[0].id == 4
+
+
+async def test_the_writer_process_answers_in_step_and_ends_when_closed(tmp_path: Path) -> None:
+    """A statement the database refuses is an error naming it, and the next request gets
+    its own answer; closing ends the writer's process."""
+    db = str(tmp_path / "w.db")
+    migrate_sqlite(db)
+    conn = WriterConnection(db, "NORMAL")
+    await conn.open()
+    proc = conn._proc
+    assert proc is not None and proc.returncode is None
+    with pytest.raises(WriterError, match="no such table: nope"):
+        await conn.fetchall("SELECT * FROM nope")
+    await conn.commit([(1, "j", "o", "k", "created", 1, None, "{}")], [], [])
+    assert await conn.fetchall("SELECT id, body FROM events") == [[1, "{}"]]
+    with pytest.raises(WriterError, match="UNIQUE constraint failed"):  # all or nothing
+        await conn.commit([(2, "j", "o", "k", "log", 1, None, "{}"),
+                           (1, "j", "o", "k", "log", 1, None, "{}")], [], [])
+    assert await conn.fetchall("SELECT COUNT(*) FROM events") == [[1]]
+    await conn.close()
+    assert proc.returncode is not None
+    with pytest.raises(WriterError, match="not running"):
+        await conn.execute("SELECT 1")
