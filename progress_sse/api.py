@@ -303,6 +303,10 @@ async def metrics(request: Request) -> Response:
         "# HELP progress_sse_writes_total Write requests handled by the store's writer.",
         "# TYPE progress_sse_writes_total counter",
         f"progress_sse_writes_total {ctx.store.writes}",
+        "# HELP progress_sse_writes_redone_total Writes done again one at a time because"
+        " their batch failed (one of them was refused).",
+        "# TYPE progress_sse_writes_redone_total counter",
+        f"progress_sse_writes_redone_total {ctx.store.redone}",
     ]
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 

@@ -117,6 +117,51 @@ async def test_a_commit_the_database_refuses_fails_only_its_write(tmp_path: Path
     assert stored_jobs == {"a0", "a1", "a2", "a3"} and after.events[0].id == 4
 
 
+def refused(job_id: str) -> Write:
+    """A create the database refuses at commit (a NOT NULL column left empty)."""
+    create = new_job(job_id).apply
+
+    def apply(job: Job | None, now: float) -> Outcome:
+        created, drafts = create(job, now)
+        return created.evolve(kind=None), drafts
+
+    return Write(job_id, apply, create=True)
+
+
+async def test_a_refused_commit_is_done_again_with_the_batch_sent_after_it(
+        tmp_path: Path) -> None:
+    """A batch is built and sent while the one before it is written. When the first
+    fails, the second (built on the first's changes) is refused too; every write of both
+    is done again one at a time: the refused one fails alone, the rest are stored once,
+    in order, with contiguous ids, and the writer goes on."""
+    db, store, published = await started(tmp_path)
+    try:
+        first = [new_job(f"a{i:03}") for i in range(200)]
+        first.insert(100, refused("bad"))
+        sent = [asyncio.create_task(store.submit(w)) for w in first]
+        async with asyncio.timeout(5):
+            while store.batches < 1:  # taken: the writer sends it without a pause
+                await asyncio.sleep(0)
+        # queued now, these are sent as the next batch before the first one's answer is read
+        sent += [asyncio.create_task(store.submit(new_job(f"b{i}"))) for i in range(3)]
+        results = await asyncio.gather(*sent, return_exceptions=True)
+        assert store.batches == 2  # the second was built while the first was written
+        assert store.redone == 204  # both, after the first failed
+        after = await store.submit(new_job("c"))
+    finally:
+        await store.close()
+    assert isinstance(results[100], Unavailable)
+    assert not [r for i, r in enumerate(results) if i != 100 and isinstance(r, BaseException)]
+    expected = [f"a{i:03}" for i in range(200)] + ["b0", "b1", "b2", "c"]
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT id, job_id FROM events ORDER BY id").fetchall()
+        stored_jobs = sorted(r[0] for r in conn.execute("SELECT id FROM jobs"))
+    assert [job_id for _, job_id in rows] == expected
+    assert [i for i, _ in rows] == list(range(1, len(expected) + 1))
+    assert [(e.id, e.job_id) for e in published] == rows
+    assert stored_jobs == sorted(expected) and after.events[0].id == len(expected)
+
+
 async def test_the_writer_process_answers_in_step_and_ends_when_closed(tmp_path: Path) -> None:
     """A statement the database refuses is an error naming it, and the next request gets
     its own answer; closing ends the writer's process."""

@@ -11,9 +11,11 @@ does not disturb the rest of its batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,11 +27,14 @@ from ..errors import Conflict, ProgressError, Unavailable
 from ..eta import FinishedRun, estimate_wait
 from ..jobs import Draft, Job, check_seq, finished_run, with_estimate, with_queue_position
 from . import Event, Filter, Write, WriteResult
-from .writer import WriterConnection
+from .writer import WriterConnection, WriterError
 
 log = structlog.get_logger("progress_sse.store")
 
 MAX_BATCH = 512
+# batches sent to the writer process before the oldest must be answered: the next is
+# built while one is written (measured here: a fifth more posts per second than one)
+MAX_FLIGHTS = 2
 HISTORY = 50  # finished runs per kind that the estimator learns from
 _EVENT_COLS = "id, job_id, owner, kind, type, body"
 
@@ -46,6 +51,16 @@ class _Pending:
     def __init__(self, write: Write, future: asyncio.Future[WriteResult]) -> None:
         self.write = write
         self.future = future
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A batch whose commit has been sent; its callers wait until it is stored."""
+
+    batch: list[_Pending]
+    answers: list[tuple[_Pending, WriteResult | BaseException]]
+    events: list[Event]
+    commit: asyncio.Future[Any] | None  # None: the batch stores nothing
 
 
 class SQLiteStore:
@@ -73,9 +88,9 @@ class SQLiteStore:
         self._next_id = 1
         self._oldest: int | None = None
         self._closing = False
-        self._past_commit = False  # the batch being written has been committed
         self.batches = 0  # group commits so far, and the writes they carried (for /metrics)
         self.writes = 0
+        self.redone = 0  # writes done again one at a time, after their batch failed
 
     # ------------------------------------------------------------ life cycle
 
@@ -88,9 +103,20 @@ class SQLiteStore:
             conn = await self._connect()
             await conn.execute("PRAGMA query_only=ON")
             self._readers.append(conn)
+        head = await self._load_state()
+        self._task = asyncio.create_task(self._run(), name="progress-sse-writer")
+        return head
+
+    async def _load_state(self) -> int:
+        """The writer's memory of the database, as committed: the next id, the active
+        jobs, the queues; the estimators' history is read again as it is needed."""
+        assert self._writer is not None
         [(oldest, head)] = await self._writer.fetchall("SELECT MIN(id), MAX(id) FROM events")
         self._oldest = oldest
         self._next_id = (head or 0) + 1
+        self._jobs.clear()
+        self._queues.clear()
+        self._history.clear()
         for (doc,) in await self._writer.fetchall(
             "SELECT doc FROM jobs WHERE status IN ('queued', 'running', 'paused', 'cancelling')"
             " ORDER BY rowid"
@@ -99,8 +125,7 @@ class SQLiteStore:
             self._jobs[job.id] = job
             if job.status == "queued":
                 self._queues.setdefault(job.queue, []).append(job.id)
-        self._task = asyncio.create_task(self._run(), name="progress-sse-writer")
-        return head or 0
+        return int(head or 0)
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -137,57 +162,123 @@ class SQLiteStore:
 
     def _put(self, item: _Pending | None) -> None:
         self._queue.append(item)
+        self._wake_up()
+
+    async def _run(self) -> None:
+        queue = self._queue
+        flights: deque[_Flight] = deque()  # batches sent to be committed, oldest first
+        while True:
+            oldest = flights[0].commit if flights else None
+            if flights and (oldest is None or oldest.done()):
+                await self._land(flights)  # stored (or failed): answer it first
+                continue
+            if queue and len(flights) < MAX_FLIGHTS:
+                items = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
+                batch = [p for p in items if p is not None]
+                if batch:
+                    self.batches += 1
+                    self.writes += len(batch)
+                    await self._launch(batch, flights)
+                if None in items:
+                    while flights:
+                        await self._land(flights)
+                    return
+                continue
+            # wait for news: a write to take, or the oldest batch's commit
+            self._wake = asyncio.get_running_loop().create_future()
+            if oldest is not None:
+                oldest.add_done_callback(self._wake_up)
+            await self._wake
+
+    def _wake_up(self, _: object = None) -> None:
         wake = self._wake
         if wake is not None:
             self._wake = None
             if not wake.done():
                 wake.set_result(None)
 
-    async def _run(self) -> None:
-        queue = self._queue
-        while True:
-            while not queue:
-                self._wake = asyncio.get_running_loop().create_future()
-                await self._wake
-            items = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
-            stop = None in items
-            batch = [p for p in items if p is not None]
-            if batch:
-                self.batches += 1
-                self.writes += len(batch)
-                await self._write(batch)
-            if stop:
-                return
-
-    async def _write(self, batch: list[_Pending]) -> None:
-        """Commit a batch. If it fails before its commit, nothing of it was stored, and its
-        writes are committed one by one: a write that breaks the writer (a bug, a value
-        the database refuses) fails alone instead of taking its batch-mates with it."""
+    async def _launch(self, batch: list[_Pending], flights: deque[_Flight]) -> None:
+        """Apply the rules to a batch and send its commit; a batch that breaks the rules'
+        code (a bug) is sent again one write at a time, so that write fails alone."""
         try:
-            await self._commit_batch(batch)
-            return
+            flights.append(await self._prepare(batch))
         except Exception as exc:
-            if self._past_commit or len(batch) == 1:
+            if len(batch) == 1:
                 self._fail(batch, exc)
                 return
             log.warning("store.batch_split", size=len(batch), error=str(exc))
-        for p in batch:
-            try:
-                await self._commit_batch([p])
-            except Exception as exc:
-                self._fail([p], exc)
+            self.redone += len(batch)
+            for p in batch:
+                await self._launch([p], flights)
+
+    async def _land(self, flights: deque[_Flight]) -> None:
+        """Wait for the oldest batch's commit, then answer its callers and publish.
+
+        If it failed, nothing of it was stored, and nothing sent after it: the writer
+        process refuses every commit after a failed one until it is told to go on. The
+        batches after it were built on its changes, so every write of them all is done
+        again, one at a time, from the state as committed: a write the database refuses
+        fails alone instead of taking its batch-mates with it."""
+        flight = flights.popleft()
+        try:
+            if flight.commit is not None:
+                await flight.commit
+        except WriterError as exc:
+            later = [flight, *flights]
+            flights.clear()
+            for f in later[1:]:
+                if f.commit is not None:
+                    with contextlib.suppress(WriterError):
+                        await f.commit  # refused
+            await self._recover()
+            writes = [p for f in later for p in f.batch]
+            if len(writes) == 1:
+                self._fail(writes, exc)
+                return
+            log.warning("store.batch_split", size=len(writes), error=str(exc))
+            self.redone += len(writes)
+            for p in writes:
+                single: deque[_Flight] = deque()
+                await self._launch([p], single)
+                if single:
+                    await self._land(single)
+            return
+        for p, answer in flight.answers:
+            if p.future.done():
+                continue
+            if isinstance(answer, BaseException):
+                p.future.set_exception(answer)
+            else:
+                p.future.set_result(answer)
+        if flight.events:
+            self._publish(flight.events)
+            head = flight.events[-1].id
+            if self.retention_events and self._oldest is not None \
+                    and head - self._oldest >= self.retention_events * 1.1:
+                await self._prune(head)
+
+    async def _recover(self) -> None:
+        """After a failed commit: the writer process goes on, and so does the writer's
+        memory, from what is committed."""
+        assert self._writer is not None
+        try:
+            await self._writer.call(["resume"])
+            await self._load_state()
+        except WriterError as exc:
+            log.error("store.writer_lost", error=str(exc))
 
     def _fail(self, batch: list[_Pending], exc: Exception) -> None:
         log.error("store.write_failed", size=len(batch), job_id=batch[0].write.job_id,
-                  error=str(exc), stored=self._past_commit)
+                  error=str(exc))
         for p in batch:
             if not p.future.done():
                 p.future.set_exception(Unavailable(f"store write failed: {exc}"))
 
-    async def _commit_batch(self, batch: list[_Pending]) -> None:
+    async def _prepare(self, batch: list[_Pending]) -> _Flight:
+        """Apply the job rules, send the commit, and take its changes as done: the next
+        batch is built on them while this one is written (see _land for a failure)."""
         assert self._writer is not None
         conn = self._writer
-        self._past_commit = False
         await self._load_missing({p.write.job_id for p in batch})
         now = self._clock()
         b = _Batch(self, now)
@@ -228,12 +319,11 @@ class SQLiteStore:
             answers.append((p, WriteResult(b.working[new_job.id], events, job_json,
                                            created=job is None)))
         b.move_queues_on()
-        event_rows, job_rows, committed, next_id = b.event_rows, b.job_rows, b.events, b.next_id
         working = b.working
-
-        if event_rows or job_rows:
+        commit = None
+        if b.event_rows or b.job_rows:
             upserts, updates = [], []
-            for job_id, row in job_rows.items():
+            for job_id, row in b.job_rows.items():
                 before = self._jobs.get(job_id)
                 job = working[job_id]
                 if before is not None and before.status == job.status \
@@ -242,11 +332,11 @@ class SQLiteStore:
                                     job.token_hash, row[-1], job_id))
                 else:
                     upserts.append(row)
-            await conn.commit(event_rows, upserts, updates)
-            self._past_commit = True  # stored: no retry from here on
-            self._next_id = next_id
-            if self._oldest is None and committed:
-                self._oldest = committed[0].id
+            commit = conn.send(["commit", b.event_rows, upserts, updates])
+            # from here on the batch's changes are the writer's memory
+            self._next_id = b.next_id
+            if self._oldest is None and b.events:
+                self._oldest = b.events[0].id
             self._jobs.update(working)
             self._queues.update(b.queues)
             for job in working.values():
@@ -259,18 +349,7 @@ class SQLiteStore:
             cached = self._jobs.get(job_id)
             if cached is not None and cached.finished:
                 del self._jobs[job_id]  # finished jobs are read again if touched
-        for p, answer in answers:
-            if p.future.done():
-                continue
-            if isinstance(answer, BaseException):
-                p.future.set_exception(answer)
-            else:
-                p.future.set_result(answer)
-        if committed:
-            self._publish(committed)
-            if self.retention_events and self._oldest is not None \
-                    and next_id - 1 - self._oldest >= self.retention_events * 1.1:
-                await self._prune(next_id - 1)
+        return _Flight(batch, answers, b.events, commit)
 
     async def _prune(self, head: int) -> None:
         assert self._writer is not None

@@ -10,11 +10,13 @@ database work; 11k with no commit at all. A process shares no GIL: the loop send
 each request as one message over a socket pair and reads one answer.
 
 The child runs this file alone (sqlite3, orjson): it opens the connection, runs
-each request (a commit, a statement, a query) and answers. It ends when asked, and
+each request (a commit, a statement, a query) and answers, in the order asked; the
+store sends a batch's commit while the one before it is still being written. After a
+commit fails it refuses every commit until told to resume: those were built on the
+failed one (the store does them again, see SQLiteStore._land). It ends when asked, and
 when the service's end of the socket closes, so it never outlives the service: it
 also asks the kernel to kill it when its parent dies (Linux), before it could commit
-anything a restarted service does not know of. Requests come one at a time, from the
-store's writer task (and its start and close).
+anything a restarted service does not know of.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,8 +66,9 @@ class WriterConnection:
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._lock = asyncio.Lock()
-        self._broken = False
+        self._answers: deque[asyncio.Future[Any]] = deque()  # asked, in order
+        self._listener: asyncio.Task[None] | None = None
+        self._gone: str | None = None  # why no more answers will come
 
     async def open(self) -> None:
         ours, theirs = socket.socketpair()
@@ -76,50 +80,72 @@ class WriterConnection:
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL)  # its stderr is the service's: a crash shows
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        self._listener = asyncio.create_task(self._listen(self._reader),
+                                             name="progress-sse-writer-answers")
         try:
-            await self._call(["open", self.path, self.synchronous])
+            await self.call(["open", self.path, self.synchronous])
         except BaseException:
             await self.close()
             raise
 
-    async def _call(self, request: list[Any]) -> Any:
-        if self._reader is None or self._writer is None:
+    def send(self, request: list[Any]) -> asyncio.Future[Any]:
+        """Ask now; the answer comes in the order asked (the child runs one at a time)."""
+        if self._writer is None:
             raise WriterError("the writer is not running")
+        if self._gone is not None:
+            raise WriterError(self._gone)
         payload = orjson.dumps(request)
-        async with self._lock:
-            if self._broken:
-                raise WriterError("the writer's answers are out of step; restart the service")
-            self._writer.write(_LENGTH.pack(len(payload)) + payload)
-            try:
-                (size,) = _LENGTH.unpack(await self._reader.readexactly(_LENGTH.size))
-                status, value = orjson.loads(await self._reader.readexactly(size))
-            except (asyncio.IncompleteReadError, ConnectionError) as exc:
-                self._broken = True
-                raise WriterError(f"the writer process has gone ({exc})") from None
-            except BaseException:
-                self._broken = True  # cancelled mid-answer: the next answer is not ours
-                raise
-        if status != "ok":
-            raise WriterError(value)
-        return value
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._writer.write(_LENGTH.pack(len(payload)) + payload)
+        self._answers.append(answer)
+        return answer
+
+    async def call(self, request: list[Any]) -> Any:
+        return await self.send(request)
+
+    async def _listen(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+                status, value = orjson.loads(await reader.readexactly(size))
+                answer = self._answers.popleft()
+                if answer.done():
+                    continue
+                if status == "ok":
+                    answer.set_result(value)
+                else:
+                    answer.set_exception(WriterError(value))
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            self._gone = f"the writer process has gone ({exc})"
+        finally:
+            self._gone = self._gone or "the writer is closed"
+            while self._answers:
+                answer = self._answers.popleft()
+                if not answer.done():
+                    answer.set_exception(WriterError(self._gone))
 
     async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        rows: list[Any] = await self._call(["query", sql, list(args)])
+        rows: list[Any] = await self.call(["query", sql, list(args)])
         return rows
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
-        await self._call(["query", sql, list(args)])
+        await self.call(["query", sql, list(args)])
 
     async def commit(self, events: Rows, upserts: Rows, updates: Rows) -> None:
         """Insert events and write job rows in one transaction; all or nothing."""
-        await self._call(["commit", events, upserts, updates])
+        await self.call(["commit", events, upserts, updates])
 
     async def close(self) -> None:
         if self._writer is not None:
             with contextlib.suppress(WriterError, OSError):
-                await self._call(["close"])
+                await self.call(["close"])
             self._writer.close()
             self._reader = self._writer = None
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
         if self._proc is not None:
             proc, self._proc = self._proc, None
             try:
@@ -134,6 +160,7 @@ class WriterConnection:
 
 def _serve(sock: socket.socket) -> None:
     conn: sqlite3.Connection | None = None
+    refusing = False  # a commit failed: the service sent later ones built on it
     stream = sock.makefile("rb")
     while True:
         head = stream.read(_LENGTH.size)
@@ -149,7 +176,16 @@ def _serve(sock: socket.socket) -> None:
             elif conn is None:
                 raise WriterError("the connection is not open")
             elif request[0] == "commit":
-                _commit(conn, *request[1:])
+                if refusing:
+                    raise WriterError("an earlier commit failed; this one was built on it")
+                try:
+                    _commit(conn, *request[1:])
+                except BaseException:
+                    refusing = True
+                    raise
+                answer = None
+            elif request[0] == "resume":
+                refusing = False
                 answer = None
             else:
                 answer = conn.execute(request[1], request[2]).fetchall()
