@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import shutil
 import signal
 import socket
@@ -86,6 +87,25 @@ async def test_kill_9_keeps_every_acknowledged_event(proc: ProcessService) -> No
         seq_again = await client.post(f"/api/jobs/{jobs[0]['id']}/progress",
                                       json={"progress": 0.1, "seq": 1})
         assert seq_again.json()["duplicate"] is True
+
+
+async def test_a_lost_writer_process_is_a_clear_503_and_unhealthy(proc: ProcessService
+                                                                   ) -> None:
+    """If the writer's process dies, writes answer 503 at once (none hangs, nothing is
+    half stored) and /healthz says so; reads still answer."""
+    async with httpx.AsyncClient(base_url=proc.url, timeout=5) as client:
+        job = await create_job(client)
+        assert (await client.get("/healthz")).status_code == 200
+        [writer] = children(proc)
+        os.kill(writer, signal.SIGKILL)
+        await wait_for(lambda: not alive(writer), what="the writer process killed")
+        r = await client.post(f"/api/jobs/{job['id']}/progress", json={"progress": 5})
+        assert r.status_code == 503, r.text
+        assert "writer" in r.json()["error"]["message"]
+        health = await client.get("/healthz")
+        assert health.status_code == 503 and "writer" in health.json()["error"]["message"]
+        assert (await client.get(f"/api/jobs/{job['id']}")).json()["job"]["progress"] == 0
+    assert [e["type"] for e in db_events(proc.db)] == ["created"]
 
 
 async def open_raw_stream(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

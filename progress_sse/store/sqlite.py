@@ -149,6 +149,9 @@ class SQLiteStore:
         self._readers = []
 
     async def check(self) -> None:
+        """Healthy: a read answers, and the writer process is there to take writes."""
+        if self._writer is None or self._writer.gone is not None:
+            raise Unavailable(f"the store cannot write: {self._writer and self._writer.gone}")
         async with self._reader().execute("SELECT 1") as cur:
             await cur.fetchone()
 
@@ -251,12 +254,16 @@ class SQLiteStore:
                 p.future.set_exception(answer)
             else:
                 p.future.set_result(answer)
-        if flight.events:
+        if not flight.events:
+            return
+        try:
             self._publish(flight.events)
             head = flight.events[-1].id
             if self.retention_events and self._oldest is not None \
                     and head - self._oldest >= self.retention_events * 1.1:
                 await self._prune(head)
+        except Exception:  # stored and answered; the writer must go on
+            log.exception("store.publish_failed", first=flight.events[0].id)
 
     async def _recover(self) -> None:
         """After a failed commit: the writer process goes on, and so does the writer's
@@ -333,19 +340,20 @@ class SQLiteStore:
                                     job.token_hash, row[-1], job_id))
                 else:
                     upserts.append(row)
-            commit = conn.send(["commit", b.event_rows, upserts, updates])
+            runs = [(job.kind, run) for job in working.values()
+                    if job.finished and (run := finished_run(job)) is not None]
+            # sent, or nothing is (the request cannot be encoded, the writer has gone);
             # from here on the batch's changes are the writer's memory
+            commit = conn.send(["commit", b.event_rows, upserts, updates])
             self._next_id = b.next_id
             if self._oldest is None and b.events:
                 self._oldest = b.events[0].id
             self._jobs.update(working)
             self._queues.update(b.queues)
-            for job in working.values():
-                run = finished_run(job) if job.finished else None
-                if run is not None:
-                    runs = self._history.setdefault(job.kind, [])
-                    runs.append(run)
-                    del runs[:-HISTORY]
+            for kind, run in runs:
+                history = self._history.setdefault(kind, [])
+                history.append(run)
+                del history[:-HISTORY]
         for job_id in {p.write.job_id for p in batch}:
             cached = self._jobs.get(job_id)
             if cached is not None and cached.finished:

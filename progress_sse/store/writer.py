@@ -88,6 +88,11 @@ class WriterConnection:
             await self.close()
             raise
 
+    @property
+    def gone(self) -> str | None:
+        """Why the writer takes no more requests, or None while it does."""
+        return "the writer is not running" if self._writer is None else self._gone
+
     def send(self, request: list[Any]) -> asyncio.Future[Any]:
         """Ask now; the answer comes in the order asked (the child runs one at a time)."""
         if self._writer is None:
