@@ -5,7 +5,9 @@ the job rules to each request against the jobs' current state, inserts the event
 and updates the job rows in one transaction, commits, and only then answers the
 callers and hands the events to the hub. Ids are assigned by the writer, so they
 are contiguous and in commit order. A request the rules refuse stores nothing and
-does not disturb the rest of its batch.
+does not disturb the rest of its batch. The transactions run in the writer process
+(writer.py), in the order sent; the next batches are built while one is written,
+on its changes, and answered only after it (see _land for a commit that fails).
 """
 
 from __future__ import annotations
