@@ -236,8 +236,12 @@ async def test_stream_request_is_logged_when_it_opens_and_keeps_its_request_id(
             await wait_for(lambda: any(e["event"] == "request" for e in logged()),
                            what="the stream's request line while it is open")
             assert [e["event"] for e in logged()] == ["request", "stream.opened"]
+            lines = r.aiter_lines()
+            async for line in lines:
+                if line == "event: snapshot":
+                    break  # posted after the snapshot, `finished` is an event of the stream
             await client.post(f"/api/jobs/{job['id']}/finish", json={"status": "succeeded"})
-            async for _ in r.aiter_lines():
+            async for _ in lines:
                 pass  # the per-job stream ends after `finished`
     await wait_for(lambda: any(e["event"] == "stream.closed" for e in logged()),
                    what="stream.closed")
