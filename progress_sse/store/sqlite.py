@@ -209,13 +209,9 @@ class SQLiteStore:
         try:
             flights.append(await self._prepare(batch))
         except Exception as exc:
-            if len(batch) == 1:
-                self._fail(batch, exc)
-                return
-            log.warning("store.batch_split", size=len(batch), error=str(exc))
-            self.redone += len(batch)
-            for p in batch:
-                await self._launch([p], flights)
+            if self._split(batch, exc):
+                for p in batch:
+                    await self._launch([p], flights)
 
     async def _land(self, flights: deque[_Flight]) -> None:
         """Wait for the oldest batch's commit, then answer its callers and publish.
@@ -238,16 +234,12 @@ class SQLiteStore:
                         await f.commit  # refused
             await self._recover()
             writes = [p for f in later for p in f.batch]
-            if len(writes) == 1:
-                self._fail(writes, exc)
-                return
-            log.warning("store.batch_split", size=len(writes), error=str(exc))
-            self.redone += len(writes)
-            for p in writes:
-                single: deque[_Flight] = deque()
-                await self._launch([p], single)
-                if single:
-                    await self._land(single)
+            if self._split(writes, exc):
+                for p in writes:
+                    single: deque[_Flight] = deque()
+                    await self._launch([p], single)
+                    if single:
+                        await self._land(single)
             return
         for p, answer in flight.answers:
             if p.future.done():
@@ -267,12 +259,22 @@ class SQLiteStore:
         except Exception:  # stored and answered; the writer must go on
             log.exception("store.publish_failed", first=flight.events[0].id)
 
+    def _split(self, writes: list[_Pending], exc: Exception) -> bool:
+        """After a failure: one write fails alone (False); more are to be done again one
+        at a time (True)."""
+        if len(writes) == 1:
+            self._fail(writes, exc)
+            return False
+        log.warning("store.batch_split", size=len(writes), error=str(exc))
+        self.redone += len(writes)
+        return True
+
     async def _recover(self) -> None:
         """After a failed commit: the writer process goes on, and so does the writer's
         memory, from what is committed."""
         assert self._writer is not None
         try:
-            await self._writer.call(["resume"])
+            await self._writer.resume()
             await self._load_state()
         except WriterError as exc:
             log.error("store.writer_lost", error=str(exc))
@@ -346,7 +348,7 @@ class SQLiteStore:
                     if job.finished and (run := finished_run(job)) is not None]
             # sent, or nothing is (the request cannot be encoded, the writer has gone);
             # from here on the batch's changes are the writer's memory
-            commit = conn.send(["commit", b.event_rows, upserts, updates])
+            commit = conn.commit(b.event_rows, upserts, updates)
             self._next_id = b.next_id
             if self._oldest is None and b.events:
                 self._oldest = b.events[0].id

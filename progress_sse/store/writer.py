@@ -83,7 +83,7 @@ class WriterConnection:
         self._listener = asyncio.create_task(self._listen(self._reader),
                                              name="progress-sse-writer-answers")
         try:
-            await self.call(["open", self.path, self.synchronous])
+            await self._call(["open", self.path, self.synchronous])
         except BaseException:
             await self.close()
             raise
@@ -93,7 +93,7 @@ class WriterConnection:
         """Why the writer takes no more requests, or None while it does."""
         return "the writer is not running" if self._writer is None else self._gone
 
-    def send(self, request: list[Any]) -> asyncio.Future[Any]:
+    def _send(self, request: list[Any]) -> asyncio.Future[Any]:
         """Ask now; the answer comes in the order asked (the child runs one at a time)."""
         if self._writer is None:
             raise WriterError("the writer is not running")
@@ -105,8 +105,8 @@ class WriterConnection:
         self._answers.append(answer)
         return answer
 
-    async def call(self, request: list[Any]) -> Any:
-        return await self.send(request)
+    async def _call(self, request: list[Any]) -> Any:
+        return await self._send(request)
 
     async def _listen(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -130,20 +130,25 @@ class WriterConnection:
                     answer.set_exception(WriterError(self._gone))
 
     async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        rows: list[Any] = await self.call(["query", sql, list(args)])
+        rows: list[Any] = await self._call(["query", sql, list(args)])
         return rows
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
-        await self.call(["query", sql, list(args)])
+        await self._call(["query", sql, list(args)])
 
-    async def commit(self, events: Rows, upserts: Rows, updates: Rows) -> None:
-        """Insert events and write job rows in one transaction; all or nothing."""
-        await self.call(["commit", events, upserts, updates])
+    def commit(self, events: Rows, upserts: Rows, updates: Rows) -> asyncio.Future[Any]:
+        """Send a transaction (insert events, write job rows; all or nothing); the future
+        is its answer. Sent at once: the caller need not wait for it to send the next."""
+        return self._send(["commit", events, upserts, updates])
+
+    async def resume(self) -> None:
+        """Take commits again after a failed one (see the module docstring)."""
+        await self._call(["resume"])
 
     async def close(self) -> None:
         if self._writer is not None:
             with contextlib.suppress(WriterError, OSError):
-                await self.call(["close"])
+                await self._call(["close"])
             self._writer.close()
             self._reader = self._writer = None
         if self._listener is not None:
@@ -200,8 +205,9 @@ def _serve(sock: socket.socket) -> None:
         sock.sendall(_LENGTH.pack(len(reply)) + reply)
     if conn is not None:
         conn.close()
+    reply = orjson.dumps(["ok", None])  # to "close", once closed
     with contextlib.suppress(OSError):
-        sock.sendall(_LENGTH.pack(len(b'["ok",null]')) + b'["ok",null]')
+        sock.sendall(_LENGTH.pack(len(reply)) + reply)
 
 
 def _open(path: str, synchronous: str) -> sqlite3.Connection:
