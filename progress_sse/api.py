@@ -304,9 +304,13 @@ async def metrics(request: Request) -> Response:
         "# TYPE progress_sse_writes_total counter",
         f"progress_sse_writes_total {ctx.store.writes}",
         "# HELP progress_sse_writes_redone_total Writes done again one at a time because"
-        " their batch failed (one of them was refused).",
+        " their batch failed (one was refused, or the writer process died).",
         "# TYPE progress_sse_writes_redone_total counter",
         f"progress_sse_writes_redone_total {ctx.store.redone}",
+        "# HELP progress_sse_writer_restarts_total Writer processes started again after"
+        " one died.",
+        "# TYPE progress_sse_writer_restarts_total counter",
+        f"progress_sse_writer_restarts_total {ctx.store.restarts}",
     ]
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 

@@ -38,6 +38,7 @@ MAX_BATCH = 512
 # built while one is written (measured here, 64 workers posting: two gave a fifth more
 # posts per second than one, four another 5-8% over two)
 MAX_FLIGHTS = 4
+RESTART_PAUSE_S = 1.0  # after a writer process failed to start, before the next try
 HISTORY = 50  # finished runs per kind that the estimator learns from
 _EVENT_COLS = "id, job_id, owner, kind, type, body"
 
@@ -94,13 +95,15 @@ class SQLiteStore:
         self.batches = 0  # group commits so far, and the writes they carried (for /metrics)
         self.writes = 0
         self.redone = 0  # writes done again one at a time, after their batch failed
+        self.restarts = 0  # writer processes started again after one died
+        self._restart_after = 0.0  # monotonic time before which no restart is tried
 
     # ------------------------------------------------------------ life cycle
 
     async def start(self, publish: Callable[[Sequence[Event]], None]) -> int:
         """Open connections, start the writer; return the head id."""
         self._publish = publish
-        self._writer = WriterConnection(self.path, self.synchronous)
+        self._writer = self._new_writer()
         await self._writer.open()
         for _ in range(self._nreaders):
             conn = await self._connect()
@@ -129,6 +132,10 @@ class SQLiteStore:
             if job.status == "queued":
                 self._queues.setdefault(job.queue, []).append(job.id)
         return int(head or 0)
+
+    def _new_writer(self) -> WriterConnection:
+        # if its process dies, the loop wakes to start another (see _run)
+        return WriterConnection(self.path, self.synchronous, on_gone=self._wake_up)
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -178,6 +185,9 @@ class SQLiteStore:
             if flights and (oldest is None or oldest.done()):
                 await self._land(flights)  # stored (or failed): answer it first
                 continue
+            if not flights and not self._closing and self._writer is not None \
+                    and self._writer.gone is not None:
+                await self._replace_writer()  # its process died with nothing in flight
             if queue and len(flights) < MAX_FLIGHTS:
                 items = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
                 batch = [p for p in items if p is not None]
@@ -209,6 +219,12 @@ class SQLiteStore:
         try:
             flights.append(await self._prepare(batch))
         except Exception as exc:
+            if isinstance(exc, WriterError) and self._writer is not None \
+                    and self._writer.gone is not None \
+                    and time.monotonic() >= self._restart_after:
+                # the writer process died under it: taken again first, by the next one
+                self._queue.extendleft(reversed(batch))
+                return
             if self._split(batch, exc):
                 for p in batch:
                     await self._launch([p], flights)
@@ -216,11 +232,12 @@ class SQLiteStore:
     async def _land(self, flights: deque[_Flight]) -> None:
         """Wait for the oldest batch's commit, then answer its callers and publish.
 
-        If it failed, nothing of it was stored, and nothing sent after it: the writer
-        process refuses every commit after a failed one until it is told to go on. The
-        batches after it were built on its changes, so every write of them all is done
-        again, one at a time, from the state as committed: a write the database refuses
-        fails alone instead of taking its batch-mates with it."""
+        If the database refused it, nothing of it was stored, and nothing sent after
+        it: the writer process refuses every commit after a failed one until it is told
+        to go on. The batches after it were built on its changes, so every write of them
+        all is done again, one at a time, from the state as committed: a write the
+        database refuses fails alone instead of taking its batch-mates with it. If the
+        writer process died, `_recover` tells which of them it stored first."""
         flight = flights.popleft()
         try:
             if flight.commit is not None:
@@ -231,16 +248,19 @@ class SQLiteStore:
             for f in later[1:]:
                 if f.commit is not None:
                     with contextlib.suppress(WriterError):
-                        await f.commit  # refused
-            await self._recover()
-            writes = [p for f in later for p in f.batch]
-            if self._split(writes, exc):
+                        await f.commit  # refused, or lost with the writer process
+            writes, replaced = await self._recover(later)
+            if writes and (replaced or self._split(writes, exc)):
                 for p in writes:
                     single: deque[_Flight] = deque()
                     await self._launch([p], single)
                     if single:
                         await self._land(single)
             return
+        await self._answer(flight)
+
+    async def _answer(self, flight: _Flight) -> None:
+        """A stored batch: answer its callers, then publish its events."""
         for p, answer in flight.answers:
             if p.future.done():
                 continue
@@ -269,15 +289,62 @@ class SQLiteStore:
         self.redone += len(writes)
         return True
 
-    async def _recover(self) -> None:
-        """After a failed commit: the writer process goes on, and so does the writer's
-        memory, from what is committed."""
+    async def _recover(self, flights: list[_Flight]) -> tuple[list[_Pending], bool]:
+        """After a failed commit, the writer's memory goes on from what is committed.
+        Return the writes of `flights` that are not stored, to be done again, and
+        whether the writer process was replaced.
+
+        A commit the database refused stored nothing, and the writer process refused
+        every later one. A writer process that died may have committed some of them
+        before it went, and their answers were lost with it; each commit is whole and
+        they ran in order, so the stored head tells which: those are answered as
+        stored, and the rest done again by a new writer process."""
         assert self._writer is not None
+        if self._writer.gone is None:
+            try:
+                await self._writer.resume()
+                await self._load_state()
+                return [p for f in flights for p in f.batch], False
+            except WriterError:
+                pass  # it died meanwhile
+        if not await self._replace_writer():
+            return [p for f in flights for p in f.batch], False  # they fail: 503
+        head = self._next_id - 1
+        stored = 0
+        for i, f in enumerate(flights):
+            if f.events and f.events[-1].id <= head:
+                stored = i + 1  # and every one before it (a flight may store no event)
+        for f in flights[:stored]:
+            await self._answer(f)
+        writes = [p for f in flights[stored:] for p in f.batch]
+        if writes:
+            log.warning("store.writes_redone", size=len(writes), stored_batches=stored)
+            self.redone += len(writes)
+        return writes, True
+
+    async def _replace_writer(self) -> bool:
+        """Start a writer process in place of one that died, and read the writer's memory
+        back from the database. False if it cannot (writes then fail with 503 until a
+        later try succeeds)."""
+        now = time.monotonic()
+        if now < self._restart_after:
+            return False
+        old = self._writer
+        log.warning("store.writer_restarting", why=old.gone if old else None)
+        if old is not None:
+            await old.close()  # waits for the old process to have ended
+        self._writer = self._new_writer()
         try:
-            await self._writer.resume()
-            await self._load_state()
-        except WriterError as exc:
+            await self._writer.open()
+            head = await self._load_state()
+        except (WriterError, OSError) as exc:
+            self._restart_after = now + RESTART_PAUSE_S
+            asyncio.get_running_loop().call_later(RESTART_PAUSE_S, self._wake_up)
             log.error("store.writer_lost", error=str(exc))
+            return False
+        self.restarts += 1
+        log.info("store.writer_restarted", head=head, restarts=self.restarts)
+        return True
 
     def _fail(self, batch: list[_Pending], exc: Exception) -> None:
         log.error("store.write_failed", size=len(batch), job_id=batch[0].write.job_id,

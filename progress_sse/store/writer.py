@@ -16,7 +16,8 @@ commit fails it refuses every commit until told to resume: those were built on t
 failed one (the store does them again, see SQLiteStore._land). It ends when asked, and
 when the service's end of the socket closes, so it never outlives the service: it
 also asks the kernel to kill it when its parent dies (Linux), before it could commit
-anything a restarted service does not know of.
+anything a restarted service does not know of. If it dies first, the connection
+says so (`gone`, `on_gone`) and the store starts another (SQLiteStore._recover).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import struct
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -60,9 +61,11 @@ class WriterError(Exception):
 
 
 class WriterConnection:
-    def __init__(self, path: str, synchronous: str) -> None:
+    def __init__(self, path: str, synchronous: str,
+                 on_gone: Callable[[], None] = lambda: None) -> None:
         self.path = path
         self.synchronous = synchronous
+        self._on_gone = on_gone  # told once no more answers will come
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -101,7 +104,11 @@ class WriterConnection:
             raise WriterError(self._gone)
         payload = orjson.dumps(request)
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._writer.write(_LENGTH.pack(len(payload)) + payload)
+        try:
+            self._writer.write(_LENGTH.pack(len(payload)) + payload)
+        except (RuntimeError, OSError) as exc:  # the socket closed as the process died
+            self._gone = self._gone or f"the writer process has gone ({exc})"
+            raise WriterError(self._gone) from exc
         self._answers.append(answer)
         return answer
 
@@ -128,6 +135,7 @@ class WriterConnection:
                 answer = self._answers.popleft()
                 if not answer.done():
                     answer.set_exception(WriterError(self._gone))
+            self._on_gone()
 
     async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         rows: list[Any] = await self._call(["query", sql, list(args)])
