@@ -17,8 +17,8 @@ from progress_sse.errors import Unavailable
 from progress_sse.jobs import Job, Outcome
 from progress_sse.migrations import migrate_sqlite
 from progress_sse.store import Event, Write
-from progress_sse.store.sqlite import SQLiteStore
-from progress_sse.store.writer import WriterConnection, WriterError
+from progress_sse.store.sqlite import MAX_BATCH, SQLiteStore
+from progress_sse.store.writer import SEND_BUFFER, WriterConnection, WriterError
 
 
 def new_job(job_id: str) -> Write:
@@ -294,3 +294,39 @@ async def test_while_no_writer_process_starts_writes_fail_with_503_until_one_doe
         await store.close()
     assert after.events[0].id == 2
     assert _stored_ids(db) == [(1, "a"), (2, "a")]
+
+
+async def test_a_writer_process_far_behind_holds_the_store_back(tmp_path: Path) -> None:
+    """While the writer process takes nothing (stopped), the store sends no more than its
+    send buffer and then waits, instead of buffering every write; when the process goes
+    on, every write is stored, in order."""
+    db, store, published = await started(tmp_path)
+    try:
+        await store.submit(new_job("a"))
+        await store.submit(log_line("a"))  # the batches below ask the process nothing
+        writer = store._writer
+        assert writer is not None and writer._writer is not None and writer._proc is not None
+        transport = writer._writer.transport
+        big = jobs.LogLine(level="info", message="x" * 7000)
+        os.kill(writer._proc.pid, signal.SIGSTOP)
+        try:
+            sent = [asyncio.create_task(store.submit(
+                Write("a", lambda job, now: jobs.record_log(job, big, now))))
+                for _ in range(4000)]  # about 60 MB of requests
+            async with asyncio.timeout(10):
+                while transport.get_write_buffer_size() < SEND_BUFFER:
+                    await asyncio.sleep(0.01)
+            taken = store.writes
+            await asyncio.sleep(0.2)  # the store waits: nothing more is taken or sent
+            assert store.writes == taken < 4000
+            # past the limit by at most the batch that crossed it (each write about 9 kB)
+            assert transport.get_write_buffer_size() < SEND_BUFFER + MAX_BATCH * 10_000
+        finally:
+            os.kill(writer._proc.pid, signal.SIGCONT)
+        results = await asyncio.gather(*sent)
+    finally:
+        await store.close()
+    ids = [r.events[0].id for r in results]
+    assert ids == list(range(3, 4003))
+    assert [i for i, _ in _stored_ids(db)] == list(range(1, 4003))
+    assert [e.id for e in published] == list(range(1, 4003))

@@ -216,11 +216,11 @@ class SQLiteStore:
     async def _launch(self, batch: list[_Pending], flights: deque[_Flight]) -> None:
         """Apply the rules to a batch and send its commit; a batch that breaks the rules'
         code (a bug) is sent again one write at a time, so that write fails alone."""
+        assert self._writer is not None
         try:
             flights.append(await self._prepare(batch))
         except Exception as exc:
-            if isinstance(exc, WriterError) and self._writer is not None \
-                    and self._writer.gone is not None \
+            if isinstance(exc, WriterError) and self._writer.gone is not None \
                     and time.monotonic() >= self._restart_after:
                 # the writer process died under it: taken again first, by the next one
                 self._queue.extendleft(reversed(batch))
@@ -228,6 +228,8 @@ class SQLiteStore:
             if self._split(batch, exc):
                 for p in batch:
                     await self._launch([p], flights)
+            return
+        await self._writer.drain()  # the child is far behind: take no more until it reads
 
     async def _land(self, flights: deque[_Flight]) -> None:
         """Wait for the oldest batch's commit, then answer its callers and publish.

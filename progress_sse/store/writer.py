@@ -53,6 +53,9 @@ UPDATE_JOBS = ("UPDATE jobs SET updated_at=?, last_post_at=?, stalled=?, token_h
                " WHERE id=?")
 
 _LENGTH = struct.Struct("!I")
+# requests waiting to be sent before the store waits for the child to take them: a
+# child far behind (stopped, a slow disk) cannot make the service buffer without end
+SEND_BUFFER = 8 << 20
 Rows = Sequence[Sequence[Any]]
 
 
@@ -83,6 +86,7 @@ class WriterConnection:
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL)  # its stderr is the service's: a crash shows
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        self._writer.transport.set_write_buffer_limits(high=SEND_BUFFER)
         self._listener = asyncio.create_task(self._listen(self._reader),
                                              name="progress-sse-writer-answers")
         try:
@@ -111,6 +115,13 @@ class WriterConnection:
             raise WriterError(self._gone) from exc
         self._answers.append(answer)
         return answer
+
+    async def drain(self) -> None:
+        """Wait while more than SEND_BUFFER of requests wait to be sent. A lost process
+        is not an error here: the answers it owes say so."""
+        if self._writer is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._writer.drain()
 
     async def _call(self, request: list[Any]) -> Any:
         return await self._send(request)
