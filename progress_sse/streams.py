@@ -376,8 +376,8 @@ async def _not_started(message: Message) -> None:
     raise RuntimeError("the stream has not started")
 
 
-_HTTPTOOLS_CYCLE = ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle")
-_UVICORN_CYCLES = frozenset({_HTTPTOOLS_CYCLE,
+HTTPTOOLS_CYCLE = ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle")
+_UVICORN_CYCLES = frozenset({HTTPTOOLS_CYCLE,
                              ("uvicorn.protocols.http.h11_impl", "RequestResponseCycle")})
 
 
@@ -400,7 +400,7 @@ def _chunked_cycle(send: Send) -> Any:
     coroutine each. `_write_chunk` does the same with the frame shared by all of
     them. Checked here, once per stream: the class, its state, chunked framing."""
     cycle: Any = getattr(send, "__self__", None)
-    if (type(cycle).__module__, type(cycle).__name__) != _HTTPTOOLS_CYCLE:
+    if (type(cycle).__module__, type(cycle).__name__) != HTTPTOOLS_CYCLE:
         return None
     try:
         usable = (cycle.chunked_encoding is True and cycle.response_started is True

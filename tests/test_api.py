@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from typing import Any
+
 import httpx
 from starlette.requests import Request
 from starlette.responses import Response
@@ -234,3 +238,43 @@ async def test_a_crash_on_a_hot_route_is_a_json_500_and_the_service_carries_on(
             assert (await c.get("/healthz")).json()["status"] == "ok"
     finally:
         await svc.stop()
+
+
+async def test_worker_posts_pipelined_on_one_connection_then_closed(
+        service: Service, client: httpx.AsyncClient) -> None:
+    """Worker answers written whole to the connection keep HTTP/1.1 as uvicorn does it:
+    pipelined posts answered in order on a kept-alive connection, each with the server's
+    and the service's headers, and `Connection: close` honoured."""
+    job = await create_job(client)
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.settings.port)
+
+    def post(body: bytes, extra: bytes = b"") -> bytes:
+        return (b"POST /api/jobs/%s/progress HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+                % (job["id"].encode(), service.settings.port, len(body), extra, body))
+
+    async def answer() -> tuple[bytes, dict[bytes, bytes], dict[str, Any]]:
+        head = await reader.readuntil(b"\r\n\r\n")
+        status, *lines = head[:-4].split(b"\r\n")
+        headers = dict(line.lower().split(b": ", 1) for line in lines)
+        body = await reader.readexactly(int(headers[b"content-length"]))
+        return status, headers, json.loads(body)
+
+    try:
+        async with asyncio.timeout(10):
+            writer.write(post(b'{"progress": 10}') + post(b'{"progress": 20}'))
+            for pct in (10, 20):
+                status, headers, body = await answer()
+                assert status == b"HTTP/1.1 200 OK"
+                assert body["job"]["progress"] == pct
+                assert headers[b"content-type"] == b"application/json"
+                assert headers[b"x-content-type-options"] == b"nosniff"
+                assert headers[b"x-request-id"] and b"date" in headers
+                assert b"connection" not in headers
+            writer.write(post(b'{"progress": 130}', b"Connection: close\r\n"))
+            status, headers, body = await answer()
+            assert status == b"HTTP/1.1 400 Bad Request" and body["error"]["field"] == "progress"
+            assert headers[b"connection"] == b"close"
+            assert await reader.read() == b""  # closed after the answer
+    finally:
+        writer.close()

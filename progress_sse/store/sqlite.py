@@ -185,10 +185,11 @@ class SQLiteStore:
             if flights and (oldest is None or oldest.done()):
                 await self._land(flights)  # stored (or failed): answer it first
                 continue
-            if not flights and not self._closing and self._writer is not None \
-                    and self._writer.gone is not None:
+            gone = self._writer is None or self._writer.gone is not None
+            if gone and not flights and not self._closing:
                 await self._replace_writer()  # its process died with nothing in flight
-            if queue and len(flights) < MAX_FLIGHTS:
+            # with the process gone, nothing more is sent until the batches it had land
+            if queue and len(flights) < MAX_FLIGHTS and not (gone and flights):
                 items = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
                 batch = [p for p in items if p is not None]
                 if batch:
@@ -221,8 +222,9 @@ class SQLiteStore:
             flights.append(await self._prepare(batch))
         except Exception as exc:
             if isinstance(exc, WriterError) and self._writer.gone is not None \
-                    and time.monotonic() >= self._restart_after:
+                    and not self._closing and time.monotonic() >= self._restart_after:
                 # the writer process died under it: taken again first, by the next one
+                # (which _run starts before it takes anything more)
                 self._queue.extendleft(reversed(batch))
                 return
             if self._split(batch, exc):
