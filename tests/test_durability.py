@@ -301,3 +301,28 @@ async def test_stream_request_is_logged_when_it_opens_and_keeps_its_request_id(
                    what="stream.closed")
     [closed] = [e for e in logged() if e["event"] == "stream.closed"]
     assert closed["ended"] == "finished" and closed["events"] >= 1
+
+
+async def test_a_worker_post_logs_one_line_with_its_callers_request_id(
+        proc: ProcessService) -> None:
+    """The caller's X-Request-ID names the post in its answer and its log line; a post
+    without one gets an id of its own, not the one before it."""
+    async with httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
+        job = await create_job(client)
+        path = f"/api/jobs/{job['id']}/progress"
+        named = await client.post(path, json={"progress": 1},
+                                  headers={"X-Request-ID": "caller-42"})
+        unnamed = await client.post(path, json={"progress": 2})
+    assert named.headers["x-request-id"] == "caller-42"
+    rid = unnamed.headers["x-request-id"]
+    assert rid and rid != "caller-42"
+
+    def lines(request_id: str) -> list[dict[str, object]]:
+        return [e for e in map(json.loads, proc.log_path.read_text().splitlines())
+                if e.get("request_id") == request_id]
+
+    await wait_for(lambda: lines(rid), what="the second post's log line")
+    for request_id in ("caller-42", rid):
+        [line] = lines(request_id)
+        assert line["event"] == "request" and line["path"] == path
+        assert line["status"] == 200
