@@ -111,7 +111,7 @@ class Job:
             "stage_progress": self.stage_progress,
             "stages": [
                 {"key": s.key, "label": s.label, "weight": s.weight} for s in self.stages
-            ],
+            ] if self.stages else [],
             "message": self.message,
             "data": self.data,
             "meta": self.meta,

@@ -76,6 +76,10 @@ class RequestLog:
     def __init__(self) -> None:
         self._prefix = os.urandom(4).hex()  # per process; a counter makes the rest unique
         self._counter = itertools.count(1)
+        # the logger behind the module's lazy proxy, taken at the first request's end
+        # (as the proxy keeps it once used: cache_logger_on_first_use); through the
+        # proxy every call built a bound logger first, 1.7% of a post's CPU
+        self._log: Any = None
 
     def begin(self, scope: Scope) -> bytes:
         """The request's id (the caller's, if it sent a usable one), bound for log lines."""
@@ -83,10 +87,11 @@ class RequestLog:
         _REQUEST_ID.set(request_id)
         return request_id.encode()
 
-    @staticmethod
-    def end(scope: Scope, status: int, start: float) -> None:
-        if log.is_enabled_for(logging.INFO):  # else skip building the line's fields
-            _log_request(scope, status, start)
+    def end(self, scope: Scope, status: int, start: float) -> None:
+        if self._log is None:
+            self._log = log.bind()
+        if self._log.is_enabled_for(logging.INFO):  # else skip building the line's fields
+            _log_request(self._log, scope, status, start)
 
 
 class RequestLogMiddleware:
@@ -119,9 +124,9 @@ class RequestLogMiddleware:
             self.requests.end(scope, status, start)
 
 
-def _log_request(scope: Scope, status: int, start: float) -> None:
+def _log_request(logger: Any, scope: Scope, status: int, start: float) -> None:
     query = scope.get("query_string", b"").decode("latin-1")
-    log.info(
+    logger.info(
         "request",
         method=scope["method"],
         path=scope["path"],
