@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import Any
 
 import structlog
 from starlette.requests import ClientDisconnect, Request
@@ -28,7 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 from .errors import ProgressError
 from .logs import RequestLog
 from .security import Policy, origin_of, refuse, with_headers
-from .streams import HTTPTOOLS_CYCLE
+from .streams import httptools_cycle
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 JOBS = "/api/jobs/"
@@ -115,8 +114,8 @@ def write_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]],
     are built here, lowercase, with no line breaks: a client's request id is refused
     unless printable). Tests run with pytest's log capture off, so that uvicorn's
     access log is off there as in the service and this path is the one tested."""
-    cycle: Any = getattr(send, "__self__", None)
-    if (type(cycle).__module__, type(cycle).__name__) != HTTPTOOLS_CYCLE:
+    cycle = httptools_cycle(send)
+    if cycle is None:
         return False
     try:
         if (cycle.response_started is not False or cycle.disconnected is not False

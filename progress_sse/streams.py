@@ -376,9 +376,21 @@ async def _not_started(message: Message) -> None:
     raise RuntimeError("the stream has not started")
 
 
-HTTPTOOLS_CYCLE = ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle")
-_UVICORN_CYCLES = frozenset({HTTPTOOLS_CYCLE,
+_HTTPTOOLS_CYCLE = ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle")
+_UVICORN_CYCLES = frozenset({_HTTPTOOLS_CYCLE,
                              ("uvicorn.protocols.http.h11_impl", "RequestResponseCycle")})
+
+
+def _cycle_kind(send: Send) -> tuple[str, str]:
+    owner = getattr(send, "__self__", None)
+    return type(owner).__module__, type(owner).__name__
+
+
+def httptools_cycle(send: Send) -> Any:
+    """uvicorn's httptools request cycle whose `send` this is, or None."""
+    if _cycle_kind(send) != _HTTPTOOLS_CYCLE:
+        return None
+    return send.__self__  # type: ignore[attr-defined]
 
 
 def _drivable(send: Send) -> bool:
@@ -387,8 +399,7 @@ def _drivable(send: Send) -> bool:
     Its one wait, for a paused transport to drain, comes before it writes anything,
     so a send that does not finish at once has sent nothing and can be dropped.
     Under any other server every push goes through a catch-up task instead."""
-    owner = getattr(send, "__self__", None)
-    return (type(owner).__module__, type(owner).__name__) in _UVICORN_CYCLES
+    return _cycle_kind(send) in _UVICORN_CYCLES
 
 
 def _chunked_cycle(send: Send) -> Any:
@@ -399,8 +410,8 @@ def _chunked_cycle(send: Send) -> Any:
     streams spent a quarter of their delivery CPU in those checks and framing, one
     coroutine each. `_write_chunk` does the same with the frame shared by all of
     them. Checked here, once per stream: the class, its state, chunked framing."""
-    cycle: Any = getattr(send, "__self__", None)
-    if (type(cycle).__module__, type(cycle).__name__) != HTTPTOOLS_CYCLE:
+    cycle = httptools_cycle(send)
+    if cycle is None:
         return None
     try:
         usable = (cycle.chunked_encoding is True and cycle.response_started is True

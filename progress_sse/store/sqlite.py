@@ -304,15 +304,16 @@ class SQLiteStore:
         they ran in order, so the stored head tells which: those are answered as
         stored, and the rest done again by a new writer process."""
         assert self._writer is not None
+        every = [p for f in flights for p in f.batch]
         if self._writer.gone is None:
             try:
                 await self._writer.resume()
                 await self._load_state()
-                return [p for f in flights for p in f.batch], False
+                return every, False
             except WriterError:
                 pass  # it died meanwhile
         if not await self._replace_writer():
-            return [p for f in flights for p in f.batch], False  # they fail: 503
+            return every, False  # they fail: 503
         head = self._next_id - 1
         stored = 0
         for i, f in enumerate(flights):

@@ -102,10 +102,8 @@ class WriterConnection:
 
     def _send(self, request: list[Any]) -> asyncio.Future[Any]:
         """Ask now; the answer comes in the order asked (the child runs one at a time)."""
-        if self._writer is None:
-            raise WriterError("the writer is not running")
-        if self._gone is not None:
-            raise WriterError(self._gone)
+        if self._writer is None or self._gone is not None:
+            raise WriterError(self.gone)
         payload = orjson.dumps(request)
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
