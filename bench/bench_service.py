@@ -5,7 +5,8 @@ Figures, each with its baseline where one makes sense:
   2. fan-out at 50 events/s to 100 and 1,000 subscribers: p50/p99 delivery latency and
      server CPU per delivered event, vs a hand-rolled queue-per-subscriber broadcaster
      and vs the floor (a raw asyncio server: one task per socket, a wake-up and a write
-     per event, nothing else: bench/floor_app.py);
+     per event, nothing else: bench/floor_app.py), and vs a bound: a bare Starlette POST
+     at the same pace (which stores nothing) plus each delivery at the floor's cost;
   3. memory per idle stream with 1,000 open;
   4. resume replay rate for a client 100,000 events behind;
   5. SIGTERM to exit with 1,000 open streams;
@@ -216,21 +217,39 @@ async def open_subscribers(port: int, path: str, n: int) -> list[Subscriber]:
     return subs
 
 
-async def fanout(proc: Proc, n_subs: int, publish_path: str, stream_path: str,
-                 rate: float, seconds: float) -> dict[str, float]:
-    subs = await open_subscribers(proc.port, stream_path, n_subs)
-    await asyncio.sleep(0.5)
-    c = await Conn.open(proc.port)
-    sent: dict[int, float] = {}
-    cpu0 = proc.cpu_s()
+async def paced_posts(c: Conn, path: str, rate: float, seconds: float
+                      ) -> list[tuple[bytes, float]]:
+    """Post at `rate` per second, one at a time; each answer's body and when it was sent."""
+    out = []
     t_start = time.monotonic()
     k = 0
     while time.monotonic() - t_start < seconds:
         k += 1
         t = time.monotonic()
-        _, body = await c.request("POST", publish_path, b'{"progress": %d}' % min(k, 100))
-        sent[json.loads(body)["event_id"]] = t
+        _, body = await c.request("POST", path, b'{"progress": %d}' % min(k, 100))
+        out.append((body, t))
         await asyncio.sleep(max(0.0, t_start + k / rate - time.monotonic()))
+    return out
+
+
+async def post_cost(proc: Proc, path: str, rate: float, seconds: float) -> float:
+    """Server CPU per post at `rate`, nobody subscribed: what a post costs at that pace."""
+    c = await Conn.open(proc.port)
+    cpu0 = proc.cpu_s()
+    n = len(await paced_posts(c, path, rate, seconds))
+    cpu = proc.cpu_s() - cpu0
+    c.close()
+    return cpu / n * 1e6
+
+
+async def fanout(proc: Proc, n_subs: int, publish_path: str, stream_path: str,
+                 rate: float, seconds: float) -> dict[str, float]:
+    subs = await open_subscribers(proc.port, stream_path, n_subs)
+    await asyncio.sleep(0.5)
+    c = await Conn.open(proc.port)
+    cpu0 = proc.cpu_s()
+    sent = {json.loads(body)["event_id"]: t
+            for body, t in await paced_posts(c, publish_path, rate, seconds)}
     last = max(sent)
     async with asyncio.timeout(30):
         while not all(last in s.arrivals for s in subs):
@@ -348,6 +367,14 @@ async def main(quick: bool) -> None:
     publish_us = one["cpu_us_per_event"]  # the post, its commit, one delivery
     print(f"   one subscriber: {publish_us:.0f} us of server CPU per published event "
           "(the durable post itself, its commit, one delivery)")
+    # the least any service on this stack could spend: a Starlette POST that stores
+    # nothing, at the same pace, then each delivery at the floor's own marginal cost
+    bare_post_us = await post_cost(base, "/post", 50, secs)
+    low = floor()
+    floor_one_us = (await fanout(low, 1, "/publish", "/stream", 50, secs))["cpu_us_per_event"]
+    low.stop()
+    print(f"   a bare Starlette POST at the same pace: {bare_post_us:.0f} us; the floor's "
+          f"publish and one delivery: {floor_one_us:.0f} us")
     for n in (100, 1000):
         ours = service(f"{tmp}/fan{n}.db")
         [job] = await create_jobs(ours.port, 1)
@@ -368,6 +395,10 @@ async def main(quick: bool) -> None:
         print(f"   {n:5d} subs  floor: p50 {z['p50_ms']:6.2f} ms  p99 {z['p99_ms']:7.2f} ms  "
               f"CPU {z['cpu_us_per_event']:5.2f} us/event  -> ours/floor CPU "
               f"{f['cpu_us_per_event'] / z['cpu_us_per_event']:.2f}")
+        floor_each = (z["cpu_us_per_event"] * n - floor_one_us) / (n - 1)
+        bound = (bare_post_us + n * floor_each) / n
+        print(f"   {n:5d} subs  bound: the bare POST + {n} deliveries at the floor's "
+              f"{floor_each:.2f} us = {bound:5.2f} us/event (storing nothing)")
     base.stop()
 
     # 3. idle memory
