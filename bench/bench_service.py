@@ -6,7 +6,8 @@ Figures, each with its baseline where one makes sense:
      server CPU per delivered event, vs a hand-rolled queue-per-subscriber broadcaster
      and vs the floor (a raw asyncio server: one task per socket, a wake-up and a write
      per event, nothing else: bench/floor_app.py), and vs a bound: a bare Starlette POST
-     at the same pace (which stores nothing) plus each delivery at the floor's cost;
+     and a bare SQLite commit (bench/commit_floor.py) at the same pace plus each delivery
+     at the cheaper of ours and the floor's marginal cost;
   3. memory per idle stream with 1,000 open;
   4. resume replay rate for a client 100,000 events behind;
   5. SIGTERM to exit with 1,000 open streams;
@@ -367,14 +368,20 @@ async def main(quick: bool) -> None:
     publish_us = one["cpu_us_per_event"]  # the post, its commit, one delivery
     print(f"   one subscriber: {publish_us:.0f} us of server CPU per published event "
           "(the durable post itself, its commit, one delivery)")
-    # the least any service on this stack could spend: a Starlette POST that stores
-    # nothing, at the same pace, then each delivery at the floor's own marginal cost
+    # the least a durable service on this stack could spend: a Starlette POST that stores
+    # nothing and a commit with nothing around it, at the same pace, then each delivery
+    # at the cheapest marginal cost measured here
     bare_post_us = await post_cost(base, "/post", 50, secs)
     low = floor()
     floor_one_us = (await fanout(low, 1, "/publish", "/stream", 50, secs))["cpu_us_per_event"]
     low.stop()
-    print(f"   a bare Starlette POST at the same pace: {bare_post_us:.0f} us; the floor's "
-          f"publish and one delivery: {floor_one_us:.0f} us")
+    commit = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bench.commit_floor", "50", str(secs)],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    commit_us = float(commit.stdout.split()[-1])
+    print(f"   at the same pace: a bare Starlette POST {bare_post_us:.0f} us; a bare SQLite "
+          f"commit of one event {commit_us:.0f} us; the floor's publish and one delivery "
+          f"{floor_one_us:.0f} us")
     for n in (100, 1000):
         ours = service(f"{tmp}/fan{n}.db")
         [job] = await create_jobs(ours.port, 1)
@@ -396,9 +403,11 @@ async def main(quick: bool) -> None:
               f"CPU {z['cpu_us_per_event']:5.2f} us/event  -> ours/floor CPU "
               f"{f['cpu_us_per_event'] / z['cpu_us_per_event']:.2f}")
         floor_each = (z["cpu_us_per_event"] * n - floor_one_us) / (n - 1)
-        bound = (bare_post_us + n * floor_each) / n
-        print(f"   {n:5d} subs  bound: the bare POST + {n} deliveries at the floor's "
-              f"{floor_each:.2f} us = {bound:5.2f} us/event (storing nothing)")
+        each = min(floor_each, marginal)
+        bound = (bare_post_us + commit_us + n * each) / n
+        print(f"   {n:5d} subs  bound: the bare POST and commit + {n} deliveries at "
+              f"{each:.2f} us (the cheaper of ours and the floor's {floor_each:.2f}) = "
+              f"{bound:5.2f} us/event")
     base.stop()
 
     # 3. idle memory
