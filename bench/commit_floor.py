@@ -20,7 +20,11 @@ DOC = '{"job":{"pad":"' + "x" * 700 + '"},"private":{}}'  # about a job row's si
 
 
 def main(rate: float, seconds: float) -> float:
-    path = f"{tempfile.mkdtemp(prefix='progress-sse-commit-')}/c.db"
+    with tempfile.TemporaryDirectory(prefix="progress-sse-commit-") as tmp:
+        return _paced_commits(f"{tmp}/c.db", rate, seconds)
+
+
+def _paced_commits(path: str, rate: float, seconds: float) -> float:
     migrate_sqlite(path)
     conn = _open(path, "NORMAL")
     conn.execute("INSERT INTO jobs VALUES ('j', 'o', 'k', 'q', 'running', 0, 0, NULL, NULL,"
