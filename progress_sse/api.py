@@ -145,7 +145,7 @@ async def job_events(request: Request) -> Response:
     after = inputs.query_int(request, "after", default=0, low=0, high=2**62)
     limit = inputs.query_int(request, "limit", default=100, low=1, high=1000)
     head = ctx.hub.head
-    events = await ctx.store.events_after(after, head, flt, limit)
+    events = (await ctx.store.events_after(after, head, flt, limit)).events
     return json_response(f'{{"events":[{",".join(e.body for e in events)}],"head":{head}}}')
 
 
@@ -297,6 +297,13 @@ async def metrics(request: Request) -> Response:
         " (once when it opens, again each time its reader fell behind).",
         "# TYPE progress_sse_stream_catch_ups_total counter",
         f"progress_sse_stream_catch_ups_total {ctx.hub.catch_ups}",
+        "# HELP progress_sse_snapshot_reads_total Snapshots read for streams that start"
+        " fresh (shared by the streams of one filter that open meanwhile).",
+        "# TYPE progress_sse_snapshot_reads_total counter",
+        f"progress_sse_snapshot_reads_total {ctx.snapshots.reads}",
+        "# HELP progress_sse_watched_jobs Jobs with workers' long polls waiting on them.",
+        "# TYPE progress_sse_watched_jobs gauge",
+        f"progress_sse_watched_jobs {ctx.hub.watched}",
         "# HELP progress_sse_write_batches_total Group commits by the store's writer.",
         "# TYPE progress_sse_write_batches_total counter",
         f"progress_sse_write_batches_total {ctx.store.batches}",

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .hub import Hub
 from .settings import Settings
+from .snapshots import Snapshots
 from .store import Store
 
 
@@ -14,4 +15,8 @@ class Context:
     settings: Settings
     store: Store
     hub: Hub
+    snapshots: Snapshots = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.snapshots = Snapshots(self.store)
 

@@ -72,17 +72,21 @@ async def control_state(request: Request) -> Response:
     wait = inputs.query_number(request, "wait", low=0, high=ctx.settings.max_wait_s)
     known = (_flag(request, "cancel_requested"), _flag(request, "pause_requested"))
     deadline = time.monotonic() + (wait or 0.0)
-    while True:
-        waiter = ctx.hub.waiter(job_id)
-        job = credential.check(await ctx.store.get_job(job_id), job_id)
-        left = deadline - time.monotonic()
-        if (job.cancel_requested, job.pause_requested) != known or job.finished or left <= 0 \
-                or ctx.hub.closed:
-            return json_response(f'{{"control":{control_json(job)}}}')
-        try:
-            await asyncio.wait_for(waiter.wait(), left)
-        except TimeoutError:
-            pass
+    # the caller may see the job before any wake-up is held for it (an unknown id or a
+    # junk credential costs one read, nothing kept); they are freed when the poll ends
+    credential.check(await ctx.store.get_job(job_id), job_id)
+    with ctx.hub.watching(job_id):
+        while True:
+            waiter = ctx.hub.waiter(job_id)
+            job = credential.check(await ctx.store.get_job(job_id), job_id)
+            left = deadline - time.monotonic()
+            if (job.cancel_requested, job.pause_requested) != known or job.finished \
+                    or left <= 0 or ctx.hub.closed:
+                return json_response(f'{{"control":{control_json(job)}}}')
+            try:
+                await asyncio.wait_for(waiter.wait(), left)
+            except TimeoutError:
+                pass
 
 
 def _flag(request: Request, name: str) -> bool:

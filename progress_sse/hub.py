@@ -18,8 +18,10 @@ its wait still wakes it, and there is no lock that a cancelled waiter could leav
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from .store import Event
@@ -78,6 +80,7 @@ class Hub:
         self._bytes = 0
         self._first = 1  # id of self._tail[0]
         self._by_job: dict[str, Wake] = {}
+        self._watched: Counter[str] = Counter()  # long polls watching each job
         self.closed = False
         self._open: dict[Subscriber, None] = {}  # every open stream, live or catching up
         self._live: dict[Subscriber, None] = {}  # live streams woken by any event
@@ -181,12 +184,31 @@ class Hub:
         self._bytes = size
         self._first += drop
 
+    @contextlib.contextmanager
+    def watching(self, job_id: str) -> Iterator[None]:
+        """Hold wake-ups for a job while the block runs (see `waiter`); the last watcher
+        to leave frees them, so a job nobody waits on costs nothing here."""
+        self._watched[job_id] += 1
+        try:
+            yield
+        finally:
+            self._watched[job_id] -= 1
+            if not self._watched[job_id]:
+                del self._watched[job_id]
+                self._by_job.pop(job_id, None)
+
     def waiter(self, job_id: str) -> Wake:
-        """The wake-up the next publish of this job will set. Take it before reading."""
+        """The wake-up the next publish of this job will set. Take it before reading,
+        inside `watching(job_id)`."""
         ev = self._by_job.get(job_id)
         if ev is None:
             ev = self._by_job[job_id] = Wake()
         return ev
+
+    @property
+    def watched(self) -> int:
+        """Jobs with long polls waiting, and wake-ups held for them."""
+        return max(len(self._watched), len(self._by_job))
 
     def after(self, cursor: int, limit: int) -> list[Event] | None:
         """Events with id > cursor from the tail, or None when the tail no longer reaches back."""

@@ -27,6 +27,9 @@ class Settings:
     tail_size: int = 4096  # events kept in the hub's in-memory tail
     tail_bytes: int = 8 << 20  # and at most this many bytes of frames
     replay_batch: int = 1000  # events read from the store per step of a lagging stream
+    # what one stream may hold at once beyond the connection's own buffer: each step of
+    # a catch-up reads and sends at most this many bytes of events (or one bigger event)
+    stream_buffer_bytes: int = 256 << 10
     max_body_bytes: int = 64 * 1024
     retention_events: int = 0  # 0 = keep every event; otherwise prune the oldest beyond this count
     estimate_every_s: float = 1.0  # refresh a running job's estimate at most this often
@@ -72,6 +75,10 @@ class Settings:
             raise ConfigError("keepalive_s must be > 0")
         if self.tail_size < 16:
             raise ConfigError("tail_size must be >= 16")
+        if self.stream_buffer_bytes < 4096:
+            raise ConfigError("stream_buffer_bytes must be >= 4096")
+        if self.replay_batch < 1:
+            raise ConfigError("replay_batch must be >= 1")
         self.validate_security()
 
     def validate_security(self) -> None:

@@ -35,7 +35,6 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from .auth import identify
-from .codec import dumps
 from .context import Context
 from .errors import InvalidInput, JobNotFound
 from .headers import header
@@ -44,8 +43,6 @@ from .security import stream_quota
 from .store import Event, Filter
 
 log = structlog.get_logger("progress_sse.streams")
-
-SNAPSHOT_LIMIT = 500
 
 
 @dataclass(frozen=True)
@@ -231,6 +228,12 @@ class EventStream(Response):
     def push(self, events: Sequence[Event], shared: dict[Any, Any]) -> None:
         # streams with the same filter (a thousand dashboards of one owner) share one
         # chunk per publish: the filter runs and the chunk is built once for them all
+        if events[0].id <= self.cursor:
+            # subscribed ahead of the hub (its snapshot saw these): not sent twice
+            events = [e for e in events if e.id > self.cursor]
+            if not events:
+                return
+            shared = {}
         hit = shared.get(self.share_key)
         if hit is None:
             matched = self._matching(events)
@@ -242,6 +245,9 @@ class EventStream(Response):
             shared[self.share_key] = hit
         message, chunk, matched = hit
         if message is None:
+            return
+        if len(chunk) > self.ctx.settings.stream_buffer_bytes:
+            self.fall_behind(events[0].id - 1)  # a big publish: sent in pieces instead
             return
         try:
             cycle = self._cycle
@@ -314,10 +320,16 @@ class EventStream(Response):
 
     async def _catch_up(self) -> None:
         """Send what is newer than the cursor, then subscribe; the first run starts the
-        stream (cursor check, snapshot, retry hint)."""
+        stream (cursor check, snapshot, retry hint).
+
+        What it holds at once is bounded: each step reads at most `stream_buffer_bytes`
+        of events (or one, if larger) and sends them as one chunk, and the server's send
+        waits for the connection to drain before it takes the next; so a client that
+        does not read holds a chunk and the transport's buffer, not a replay."""
         ctx, spec, send = self.ctx, self.spec, self._send
         hub, store, flt = ctx.hub, ctx.store, spec.flt
         batch = ctx.settings.replay_batch
+        budget = ctx.settings.stream_buffer_bytes
         cursor = self.cursor
         prefix = b""
         if not self._started:
@@ -326,29 +338,30 @@ class EventStream(Response):
             prefix = f"retry: {ctx.settings.retry_ms}\n".encode()
             start = spec.cursor
             if start is not None:
-                oldest = await store.oldest_id()
-                if start > hub.head or (oldest is not None and start < oldest - 1):
+                oldest, head = await store.bounds()
+                if start > head or (oldest is not None and start < oldest - 1):
                     start = None  # older than retention kept, or unknown here: start over
             if start is not None:
                 cursor = start
             else:
-                frame, cursor, ended = await _snapshot(ctx, spec)
-                await send(_body(prefix + frame))
-                del frame  # up to a few hundred KiB, which no idle stream should keep
+                snap = await ctx.snapshots.take(flt, reset=spec.cursor is not None)
+                await send(_body(prefix + snap.frame))
                 prefix = b""
                 self.last_write = time.monotonic()
-                if ended:
+                cursor = snap.head
+                if spec.job_id is not None and spec.job_id in snap.finished:
                     self.stop("finished")
                     return
-        matched: Sequence[Event]
+                del snap  # up to a few hundred KiB, which no idle stream should keep
         while not hub.closed:
             events = hub.after(cursor, batch)
             if events is None:  # behind the tail: read on from the store
-                upto = hub.head
-                events = await store.events_after(cursor, upto, flt, batch)
-                cursor = events[-1].id if len(events) == batch else upto
-                matched = events
+                page = await store.events_after(cursor, hub.head, flt, batch, budget)
+                matched: Sequence[Event] = page.events
+                cursor = page.upto
+                del page
             elif events:
+                events = _within(events, budget)
                 cursor = events[-1].id
                 matched = self._matching(events)
             else:
@@ -357,19 +370,36 @@ class EventStream(Response):
                     prefix, self._ping = b"", False
                     self.last_write = time.monotonic()
                     continue
+                # no await since reading the head: none missed. The cursor may be ahead
+                # of the hub (a snapshot read sees a commit before it is published):
+                # pushes up to it are dropped (see push)
                 self.cursor = cursor
-                hub.subscribe(self, self.key)  # no await since reading the head: none missed
+                hub.subscribe(self, self.key)
                 return
+            del events
             if matched:
                 self.sent += len(matched)
-                await send(_body(prefix + b"".join([e.frame for e in matched])))
+                chunk = _body(prefix + b"".join([e.frame for e in matched]))
+                finished = spec.job_id is not None and _finished(matched, spec.job_id)
+                del matched  # only the chunk is held while the client drains
+                await send(chunk)
+                del chunk
                 prefix = b""
                 self.last_write = time.monotonic()
-                if spec.job_id is not None and _finished(matched, spec.job_id):
+                if finished:
                     self.stop("finished")
                     return
-            del events, matched  # a replayed batch is a thousand events nobody needs now
         self.stop("shutdown")
+
+
+def _within(events: list[Event], budget: int) -> list[Event]:
+    """The first of `events` up to `budget` bytes of frames (at least one)."""
+    size = 0
+    for i, e in enumerate(events):
+        size += len(e.frame)
+        if size >= budget:
+            return events[:i + 1]
+    return events
 
 
 async def _not_started(message: Message) -> None:
@@ -439,22 +469,6 @@ def _body(chunk: bytes) -> Message:
 
 
 _KEEP_ALIVE = _body(b": keep-alive\n\n")
-
-
-async def _snapshot(ctx: Context, spec: StreamSpec) -> tuple[bytes, int, bool]:
-    """The snapshot frame, its id (the head it shows), and whether the stream's job ended.
-
-    Its own function, so the jobs it read are freed once it is sent, not kept by every
-    idle stream that started with one."""
-    jobs, head = await ctx.store.snapshot(spec.flt, SNAPSHOT_LIMIT)
-    now = time.time()
-    snap = {"id": head, "type": "snapshot", "reset": spec.cursor is not None,
-            "jobs": [j.public(now) for j in jobs]}
-    if spec.cursor is None:
-        del snap["reset"]
-    ended = spec.job_id is not None and bool(jobs) and jobs[0].final_event_id is not None \
-        and jobs[0].final_event_id <= head
-    return f"id: {head}\nevent: snapshot\ndata: {dumps(snap)}\n\n".encode(), head, ended
 
 
 def _finished(events: Sequence[Event], job_id: str) -> bool:

@@ -16,7 +16,7 @@ from progress_sse import jobs
 from progress_sse.errors import Unavailable
 from progress_sse.jobs import Job, Outcome
 from progress_sse.migrations import migrate_sqlite
-from progress_sse.store import Event, Write
+from progress_sse.store import Event, Filter, Write
 from progress_sse.store.sqlite import MAX_BATCH, SQLiteStore
 from progress_sse.store.writer import SEND_BUFFER, WriterConnection, WriterError
 
@@ -330,3 +330,67 @@ async def test_a_writer_process_far_behind_holds_the_store_back(tmp_path: Path) 
     assert ids == list(range(3, 4003))
     assert [i for i, _ in _stored_ids(db)] == list(range(1, 4003))
     assert [e.id for e in published] == list(range(1, 4003))
+
+
+async def test_reads_see_every_event_published_before_them(tmp_path: Path) -> None:
+    """A read asked for after an event was published returns it, while other reads (a
+    burst of snapshots) and commits run on the same store: no read starts inside another
+    read's older snapshot (one in sixteen did when reads shared a connection)."""
+    _, store, published = await started(tmp_path)
+    for i in range(100):
+        await store.submit(new_job(f"j{i}"))
+    stop = asyncio.Event()
+
+    async def snapshots() -> None:
+        while not stop.is_set():
+            await store.snapshot(Filter(), 500)
+
+    async def writes() -> None:
+        while not stop.is_set():
+            await store.submit(log_line("j1"))
+
+    busy = [asyncio.create_task(snapshots()) for _ in range(4)] + \
+        [asyncio.create_task(writes()) for _ in range(4)]
+    short = []
+    try:
+        for _ in range(1500):
+            head = published[-1].id
+            page = await store.events_after(head - 5, head, Filter(), 100)
+            if [e.id for e in page.events] != list(range(head - 4, head + 1)) \
+                    or page.upto != head:
+                short.append(head)
+    finally:
+        stop.set()
+        await asyncio.gather(*busy)
+        await store.close()
+    assert not short, f"{len(short)} of 1500 reads missed published events"
+
+
+async def test_a_page_is_complete_only_as_far_as_it_read(tmp_path: Path) -> None:
+    """A page cut short by its limit or its byte budget lets a cursor move only to its
+    last event; a filtered page that matched nothing moves it to the head it read."""
+    _, store, published = await started(tmp_path)
+    await store.submit(new_job("a"))
+    await store.submit(new_job("b"))
+    for _ in range(20):
+        await store.submit(log_line("a"))
+    await store.submit(log_line("b"))
+    head = published[-1].id
+    try:
+        page = await store.events_after(0, head, Filter(), 5)
+        assert [e.id for e in page.events] == [1, 2, 3, 4, 5] and page.upto == 5
+        size = len(page.events[0].body)
+        page = await store.events_after(0, head, Filter(), 100, max_bytes=size + 1)
+        assert len(page.events) == 2 and page.upto == page.events[-1].id
+        only_b = Filter(job_ids=frozenset({"b"}))
+        of_b = [e.id for e in published if e.job_id == "b"]
+        assert of_b[-1] == head and of_b[-2] < head - 10
+        page = await store.events_after(of_b[-2], head, only_b, 100)
+        assert [e.id for e in page.events] == [head] and page.upto == head
+        page = await store.events_after(of_b[-2], head - 1, only_b, 100)
+        assert page.events == [] and page.upto == head - 1
+        # asked for beyond what is stored: complete only up to the stored head
+        page = await store.events_after(head, head + 50, Filter(), 100)
+        assert page.events == [] and page.upto == head
+    finally:
+        await store.close()

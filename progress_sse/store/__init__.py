@@ -32,6 +32,22 @@ class Event(NamedTuple):
 Apply = Callable[[Job | None, float], Outcome]
 
 
+class Page(NamedTuple):
+    """Events read from the log, and the id up to which the read is complete: a reader's
+    cursor may move to `upto` and no further (a filtered read may end on no event)."""
+
+    events: list[Event]
+    upto: int
+
+
+class Snapshot(NamedTuple):
+    """Jobs as of the event `head`, and the oldest event still kept, from one read."""
+
+    jobs: list[Job]
+    head: int
+    oldest: int | None
+
+
 # per-request values: slots, not frozen (a frozen dataclass's __init__ measured 10x slower)
 @dataclass(slots=True)
 class Write:
@@ -88,10 +104,10 @@ class Store(Protocol):
     async def list_jobs(
         self, flt: Filter, limit: int, before: int | None
     ) -> tuple[list[Job], int, int | None]: ...
-    async def snapshot(self, flt: Filter, limit: int) -> tuple[list[Job], int]: ...
+    async def snapshot(self, flt: Filter, limit: int) -> Snapshot: ...
     async def events_after(
-        self, after: int, upto: int, flt: Filter, limit: int
-    ) -> list[Event]: ...
-    async def oldest_id(self) -> int | None: ...
+        self, after: int, upto: int, flt: Filter, limit: int, max_bytes: int = 0
+    ) -> Page: ...
+    async def bounds(self) -> tuple[int | None, int]: ...
     async def stale_jobs(self, now: float) -> list[str]: ...
     async def check(self) -> None: ...

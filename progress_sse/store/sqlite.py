@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -21,14 +22,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import aiosqlite
 import structlog
 
 from ..codec import dumps, loads
 from ..errors import Conflict, ProgressError, Unavailable
 from ..eta import FinishedRun, estimate_wait
 from ..jobs import Draft, Job, check_seq, finished_run, with_estimate, with_queue_position
-from . import Event, Filter, Write, WriteResult
+from . import Event, Filter, Page, Snapshot, Write, WriteResult
+from .readers import Readers
 from .writer import WriterConnection, WriterError
 
 log = structlog.get_logger("progress_sse.store")
@@ -68,7 +69,7 @@ class _Flight:
 
 
 class SQLiteStore:
-    def __init__(self, path: str, *, synchronous: str = "NORMAL", readers: int = 2,
+    def __init__(self, path: str, *, synchronous: str = "NORMAL", readers: int = 3,
                  retention_events: int = 0, estimate_every_s: float = 1.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.path = path
@@ -76,10 +77,8 @@ class SQLiteStore:
         self.retention_events = retention_events
         self.estimate_every_s = estimate_every_s
         self._clock = clock
-        self._nreaders = readers
         self._writer: WriterConnection | None = None
-        self._readers: list[aiosqlite.Connection] = []
-        self._next_reader = 0
+        self._readers = Readers(path, readers)
         # waiting writes; None asks the writer to stop. A deque and one wake-up future:
         # asyncio.Queue's bookkeeping (unfinished tasks, getters) cost every post
         self._queue: deque[_Pending | None] = deque()
@@ -105,10 +104,7 @@ class SQLiteStore:
         self._publish = publish
         self._writer = self._new_writer()
         await self._writer.open()
-        for _ in range(self._nreaders):
-            conn = await self._connect()
-            await conn.execute("PRAGMA query_only=ON")
-            self._readers.append(conn)
+        await self._readers.open()
         head = await self._load_state()
         self._task = asyncio.create_task(self._run(), name="progress-sse-writer")
         return head
@@ -137,12 +133,6 @@ class SQLiteStore:
         # if its process dies, the loop wakes to start another (see _run)
         return WriterConnection(self.path, self.synchronous, on_gone=self._wake_up)
 
-    async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA busy_timeout=5000")
-        return conn
-
     async def close(self) -> None:
         """Finish the writes already queued, then close."""
         self._closing = True
@@ -152,17 +142,14 @@ class SQLiteStore:
             self._task = None
         if self._writer is not None:
             await self._writer.close()
-        for conn in self._readers:
-            await conn.close()
+        await self._readers.close()
         self._writer = None
-        self._readers = []
 
     async def check(self) -> None:
         """Healthy: a read answers, and the writer process is there to take writes."""
         if self._writer is None or self._writer.gone is not None:
             raise Unavailable(f"the store cannot write: {self._writer and self._writer.gone}")
-        async with self._reader().execute("SELECT 1") as cur:
-            await cur.fetchone()
+        await self._readers.read(_head)
 
     # ------------------------------------------------------------ writes
 
@@ -473,16 +460,18 @@ class SQLiteStore:
         return Event.build(*rows[0]) if rows else None
 
     # ------------------------------------------------------------ reads
-
-    def _reader(self) -> aiosqlite.Connection:
-        conn = self._readers[self._next_reader % len(self._readers)]
-        self._next_reader += 1
-        return conn
+    # Each read is one function run whole in one read transaction, on a connection no
+    # other read holds meanwhile (see readers.py). Every commit is published to the hub
+    # only after it is durable, so a read asked for after the hub's head reached H sees
+    # every event up to H; and each read says how far it is complete (Page.upto), so a
+    # stream's cursor never moves past an event it did not read or its snapshot saw.
 
     async def get_job(self, job_id: str) -> Job | None:
-        async with self._reader().execute("SELECT doc FROM jobs WHERE id=?", (job_id,)) as cur:
-            row = await cur.fetchone()
-        return job_from_doc(row[0]) if row else None
+        def read(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute("SELECT doc FROM jobs WHERE id=?", (job_id,)).fetchone()
+            return job_from_doc(row[0]) if row else None
+
+        return await self._readers.read(read)
 
     async def list_jobs(self, flt: Filter, limit: int, before: int | None
                         ) -> tuple[list[Job], int, int | None]:
@@ -491,58 +480,75 @@ class SQLiteStore:
         if before is not None:
             where.append("rowid < ?")
             args.append(before)
-        sql = (f"SELECT (SELECT COALESCE(MAX(id), 0) FROM events), doc, rowid FROM jobs"
-               f"{_and(where)} ORDER BY rowid DESC LIMIT ?")
-        conn = self._reader()
-        async with conn.execute(sql, [*args, limit]) as cur:
-            rows = list(await cur.fetchall())
-        if not rows:
-            return [], await self._head(conn), None
-        jobs = [job_from_doc(r[1]) for r in rows]
-        return jobs, rows[0][0], (rows[-1][2] if len(rows) == limit else None)
+        sql = f"SELECT doc, rowid FROM jobs{_and(where)} ORDER BY rowid DESC LIMIT ?"
 
-    async def snapshot(self, flt: Filter, limit: int) -> tuple[list[Job], int]:
-        """Jobs and the head id from one statement, so they agree with each other."""
+        def read(conn: sqlite3.Connection) -> tuple[list[Job], int, int | None]:
+            head = _head(conn)
+            rows = conn.execute(sql, [*args, limit]).fetchall()
+            jobs = [job_from_doc(r[0]) for r in rows]
+            return jobs, head, (rows[-1][1] if len(rows) == limit else None)
+
+        return await self._readers.read(read)
+
+    async def snapshot(self, flt: Filter, limit: int) -> Snapshot:
+        """Jobs, the head id and the oldest kept id from one read, so they agree."""
         where, args = _where(flt)
-        sql = (f"SELECT (SELECT COALESCE(MAX(id), 0) FROM events), doc FROM jobs"
-               f"{_and(where)} ORDER BY finished_at IS NOT NULL, updated_at DESC LIMIT ?")
-        return await self._jobs_and_head(sql, [*args, limit])
+        sql = (f"SELECT doc FROM jobs{_and(where)}"
+               " ORDER BY finished_at IS NOT NULL, updated_at DESC LIMIT ?")
 
-    async def _jobs_and_head(self, sql: str, args: list[Any]) -> tuple[list[Job], int]:
-        conn = self._reader()
-        async with conn.execute(sql, args) as cur:
-            rows = list(await cur.fetchall())
-        if not rows:
-            return [], await self._head(conn)
-        return [job_from_doc(r[1]) for r in rows], rows[0][0]
+        def read(conn: sqlite3.Connection) -> Snapshot:
+            oldest, head = conn.execute(
+                "SELECT MIN(id), COALESCE(MAX(id), 0) FROM events").fetchone()
+            docs = conn.execute(sql, [*args, limit]).fetchall()
+            return Snapshot([job_from_doc(d) for (d,) in docs], head, oldest)
 
-    async def _head(self, conn: aiosqlite.Connection) -> int:
-        async with conn.execute("SELECT COALESCE(MAX(id), 0) FROM events") as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return await self._readers.read(read)
 
-    async def events_after(self, after: int, upto: int, flt: Filter, limit: int
-                           ) -> list[Event]:
+    async def events_after(self, after: int, upto: int, flt: Filter, limit: int,
+                           max_bytes: int = 0) -> Page:
+        """Events with after < id <= upto that `flt` matches, in id order: at most
+        `limit`, and no more once `max_bytes` of bodies are read (0: no byte bound)."""
         where, args = _where(flt, job_column="job_id")
         where += ["id > ?", "id <= ?"]
         args += [after, upto]
         sql = f"SELECT {_EVENT_COLS} FROM events{_and(where)} ORDER BY id LIMIT ?"
-        async with self._reader().execute(sql, [*args, limit]) as cur:
-            rows = await cur.fetchall()
         build = Event.build
-        return [build(*r) for r in rows]
 
-    async def oldest_id(self) -> int | None:
-        async with self._reader().execute("SELECT MIN(id) FROM events") as cur:
-            row = await cur.fetchone()
-        return row[0] if row else None
+        def read(conn: sqlite3.Connection) -> Page:
+            seen = _head(conn)  # what this snapshot holds: the read is complete up to it
+            events: list[Event] = []
+            size = 0
+            for row in conn.execute(sql, [*args, limit]):
+                events.append(build(*row))
+                size += len(row[5])
+                if max_bytes and size >= max_bytes:
+                    return Page(events, row[0])  # cut short: complete up to this one
+            if len(events) == limit:
+                return Page(events, events[-1].id)
+            return Page(events, max(after, min(upto, seen)))
+
+        return await self._readers.read(read)
+
+    async def bounds(self) -> tuple[int | None, int]:
+        """The oldest event still kept (None: none) and the newest, from one read."""
+        def read(conn: sqlite3.Connection) -> tuple[int | None, int]:
+            oldest, head = conn.execute(
+                "SELECT MIN(id), COALESCE(MAX(id), 0) FROM events").fetchone()
+            return oldest, head
+
+        return await self._readers.read(read)
 
     async def stale_jobs(self, now: float) -> list[str]:
-        async with self._reader().execute(
-            "SELECT id FROM jobs WHERE status='running' AND stalled=0"
-            " AND last_post_at + heartbeat_timeout_s < ?", (now,)
-        ) as cur:
-            return [r[0] for r in await cur.fetchall()]
+        def read(conn: sqlite3.Connection) -> list[str]:
+            return [r[0] for r in conn.execute(
+                "SELECT id FROM jobs WHERE status='running' AND stalled=0"
+                " AND last_post_at + heartbeat_timeout_s < ?", (now,))]
+
+        return await self._readers.read(read)
+
+
+def _head(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
 
 
 class _Batch:
