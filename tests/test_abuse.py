@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import statistics
 import time
 from dataclasses import replace
@@ -77,11 +78,8 @@ async def test_long_polls_keep_nothing_for_unknown_jobs_or_junk_credentials(
 
 async def _open_unread(port: int, path: str, last_event_id: int) -> asyncio.StreamWriter:
     """An SSE request whose client never reads a byte of the answer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.transport.set_write_buffer_limits(0)
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
     sock = writer.get_extra_info("socket")
-    import socket
-
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
     writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
                  f"Last-Event-ID: {last_event_id}\r\n\r\n".encode())
@@ -169,7 +167,7 @@ async def test_an_open_and_close_storm_leaves_no_work_behind(settings: Settings)
             async def open_and_drop() -> None:
                 nonlocal opens
                 while time.monotonic() < stop:
-                    _, w = await asyncio.open_connection("127.0.0.1", settings_port(svc))
+                    _, w = await asyncio.open_connection("127.0.0.1", svc.settings.port)
                     w.write(request)
                     await w.drain()
                     opens += 1
@@ -200,8 +198,3 @@ async def test_an_open_and_close_storm_leaves_no_work_behind(settings: Settings)
             assert r.status_code == 200 and time.monotonic() - t0 < 0.2
     finally:
         await svc.stop()
-
-
-def settings_port(svc: object) -> int:
-    port: int = svc.settings.port  # type: ignore[attr-defined]
-    return port
