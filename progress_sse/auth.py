@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import re
 import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote_plus
 
 import jwt
@@ -42,7 +44,11 @@ ALGORITHM = "HS256"
 MIN_SECRET_BYTES = 32
 
 _SUBJECT_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
-_SCOPE_SPLIT = re.compile(r"[\s,]+")
+# RFC 6749 separates scopes with ASCII spaces only (commas are our own extension): with
+# `\s`, "read\u00a0admin" would be two scopes here and one unknown scope to the issuer
+_SCOPE_SPLIT = re.compile(r"[ ,]+")
+TIME_CLAIMS = ("exp", "nbf", "iat")
+MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: a later "time" is a mistake or a trick
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _CACHE_KEY = "progress_sse.identity"
@@ -144,10 +150,11 @@ def decode_token(settings: Settings, token: str) -> Identity:
     if settings.jwt_audience:
         required.append("aud")
     try:
-        claims = jwt.decode(token, settings.jwt_secret, algorithms=[ALGORITHM],
-                            issuer=settings.jwt_issuer or None,
-                            audience=settings.jwt_audience or None,
-                            leeway=settings.jwt_leeway_s, options={"require": required})
+        claims = _STRICT_JWT.decode(token, settings.jwt_secret, algorithms=[ALGORITHM],
+                                    issuer=settings.jwt_issuer or None,
+                                    audience=settings.jwt_audience or None,
+                                    leeway=settings.jwt_leeway_s,
+                                    options={"require": required})
     except jwt.ExpiredSignatureError:
         raise Unauthorized("the token has expired", headers=_invalid_token()) from None
     except jwt.InvalidTokenError as exc:
@@ -159,6 +166,55 @@ def decode_token(settings: Settings, token: str) -> Identity:
     scopes = _scopes(claims.get("scope", ""))
     return Identity(subject, admin=ADMIN in scopes, scopes=scopes,
                     expires_at=float(claims["exp"]))
+
+
+class _StrictJWT(jwt.PyJWT):
+    """PyJWT, reading the (already verified) payload as strictly as issuers write it.
+
+    json.loads keeps the last of two equal keys, so a token with two `scope` claims
+    means one thing to us and perhaps another to a gateway that reads the first.
+    PyJWT checks time claims with int(), which takes "123", True, 1e300 and 2**64: a
+    token that never expires. _decode_payload is PyJWT's documented hook for this.
+    """
+
+    def _decode_payload(self, decoded: dict[str, Any]) -> dict[str, Any]:
+        try:
+            payload = json.loads(decoded["payload"], object_pairs_hook=_unique_keys,
+                                 parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:  # the hooks' DecodeError passes through
+            raise jwt.DecodeError(f"invalid payload: {exc}") from None
+        if not isinstance(payload, dict):
+            raise jwt.DecodeError("invalid payload: must be a JSON object")
+        for name in TIME_CLAIMS:
+            if name in payload and not _is_time(payload[name]):
+                raise jwt.DecodeError(f"the {name} claim must be a number of seconds "
+                                      f"from 0 to {MAX_TIME}")
+        return payload
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused if it names a key twice (json.loads keeps the last)."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise jwt.DecodeError(f"the key {key[:50]!r} is given twice")
+        found[key] = value
+    return found
+
+
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON; Python's json.loads reads them unless told not to."""
+    raise jwt.DecodeError(f"{name} is not a JSON number")
+
+
+def _is_time(value: object) -> bool:
+    """A NumericDate (RFC 7519): a JSON number, not a string or a boolean, in range
+    (1e400 parses as inf, so the range check also catches it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and 0 <= value <= MAX_TIME
+
+
+_STRICT_JWT = _StrictJWT()
 
 
 def _scopes(raw: object) -> frozenset[str]:

@@ -20,17 +20,19 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from starlette.datastructures import URL
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import COOKIE, QUERY_PARAM, READ, decode_token, looks_like_jwt, query_token
-from .errors import Forbidden, TooManyStreams, Unauthorized
+from .errors import Forbidden, InvalidInput, TooManyStreams, Unauthorized
 from .headers import headers
 from .settings import Settings
 
@@ -47,6 +49,8 @@ CORS_METHODS = "GET, POST"
 CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Worker-Token, X-Request-Id"
 CORS_EXPOSE = "X-Request-Id, Retry-After, WWW-Authenticate"
 RETRY_STREAMS_S = 5
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # what no header value may hold (h11, httptools)
+_PATH_SAFE = "/:@!$&'()*+,;=~"  # RFC 3986 pchar and "/", besides the unreserved letters
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,14 +224,21 @@ class DashboardLogin:
         who = decode_token(self.settings, token)
         if not who.may(READ):
             raise Forbidden(f"this token lacks the {READ!r} scope")
-        url = URL(scope=scope).remove_query_params(QUERY_PARAM)
-        # one leading slash: "//host" would send the browser to another site
-        location = "/" + url.path.lstrip("/") + (f"?{url.query}" if url.query else "")
+        # the path comes percent-decoded: a control character would go into Location, where
+        # uvicorn refuses it (and drops the connection), or urlsplit would silently drop it
+        path: str = scope["path"]
+        if _CONTROL.search(path):
+            raise InvalidInput("the path holds a control character", field="path")
+        query = URL(scope=scope).remove_query_params(QUERY_PARAM).query
+        # one leading slash: "//host" would send the browser to another site; quoted, so
+        # spaces and non-ASCII letters reach the browser as they came
+        location = "/" + quote(path.lstrip("/"), safe=_PATH_SAFE) + (f"?{query}" if query
+                                                                     else "")
         lifetime = max(0, int((who.expires_at or 0) - time.time()))
         cookie = (f"{COOKIE}={token}; Path=/; Max-Age={lifetime}; HttpOnly; SameSite=Strict"
                   + ("; Secure" if scope["scheme"] == "https" else ""))
         await send({"type": "http.response.start", "status": 303, "headers": [
-            (b"location", location.encode("latin-1", "replace")),
+            (b"location", location.encode("ascii")),
             (b"set-cookie", cookie.encode("latin-1")),
             (b"cache-control", b"no-store"),
             (b"content-length", b"0"),

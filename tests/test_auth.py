@@ -6,7 +6,9 @@ Users: alice, bob and carol hold `read create`, rita only `read`, root `admin`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import hmac
 import json
 import re
 import shutil
@@ -42,6 +44,16 @@ def token(sub: str, scope: str = "read create", ttl: float = 600, **settings: An
 
 def bearer(tok: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {tok}"}
+
+
+def signed(payload: str) -> str:
+    """A token signed with SECRET over this exact payload text: duplicate keys, NaN and the
+    like, which no JWT library writes."""
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    head = b64(b'{"alg":"HS256","typ":"JWT"}') + "." + b64(payload.encode())
+    return head + "." + b64(hmac.new(SECRET.encode(), head.encode(), hashlib.sha256).digest())
 
 
 ALICE, BOB, CAROL = token("alice"), token("bob"), token("carol")
@@ -321,6 +333,63 @@ async def test_token_without_the_scope_is_403(client: httpx.AsyncClient,
     assert event_count(service.settings.db) == before
 
 
+async def test_scopes_split_on_ascii_spaces_and_commas_only(client: httpx.AsyncClient) -> None:
+    """RFC 6749 separates scopes with spaces: `read\u00a0admin` is one unknown scope, so
+    the token grants nothing (it used to grant read and admin); spaces and commas split."""
+    b_id, _ = await new_job(client, BOB)
+    now = int(time.time())
+    for sep in ("\u00a0", "\t", "\n", "\x1f", "\u2003", "\u3000", "\u2028"):
+        tok = jwt.encode({"sub": "x", "scope": f"read{sep}admin", "exp": now + 60}, SECRET,
+                         algorithm="HS256")
+        assert_error(await client.get("/api/jobs", headers=bearer(tok)), 403, "forbidden")
+        assert_error(await client.get(f"/api/jobs/{b_id}", headers=bearer(tok)), 403)
+    for scope in ("read admin", "read,admin", "read, admin", " admin ,, read ", ["admin"]):
+        tok = jwt.encode({"sub": "x", "scope": scope, "exp": now + 60}, SECRET, "HS256")
+        r = await client.get(f"/api/jobs/{b_id}", headers=bearer(tok))
+        assert r.status_code == 200, (scope, r.text)
+
+
+async def test_duplicate_claims_are_refused(client: httpx.AsyncClient) -> None:
+    """A claim named twice is refused (401), not read as the last one: a gateway that reads
+    the first `scope` and this service would disagree about what the token grants."""
+    exp = int(time.time()) + 60
+    for payload in (f'{{"sub":"x","scope":"read","scope":"admin","exp":{exp}}}',
+                    f'{{"sub":"x","scope":"admin","scope":"read","exp":{exp}}}',
+                    f'{{"sub":"alice","sub":"bob","scope":"read","exp":{exp}}}',
+                    f'{{"sub":"x","scope":"read","exp":{exp},"exp":{exp + 60}}}',
+                    f'{{"sub":"x","scope":"read","exp":{exp},"ctx":{{"a":1,"a":2}}}}'):
+        r = await client.get("/api/jobs", headers=bearer(signed(payload)))
+        assert_error(r, 401, "unauthorized")
+        assert "twice" in r.json()["error"]["message"], payload
+        assert 'error="invalid_token"' in r.headers["www-authenticate"]
+    good = signed(f'{{"sub":"x","scope":"read","exp":{exp},"ctx":{{"a":1,"b":2}}}}')
+    assert (await client.get("/api/jobs", headers=bearer(good))).status_code == 200
+
+
+async def test_time_claims_must_be_numbers_in_range(client: httpx.AsyncClient) -> None:
+    """`exp`, `nbf` and `iat` must be JSON numbers from 0 to the end of year 9999: not
+    strings ("99999999999" used to pass int()), booleans, NaN, 1e300 or 2**64, which made
+    tokens that never expire."""
+    now = int(time.time())
+    claims = '"sub":"x","scope":"read"'
+    bad_exp = ['"99999999999"', f'"{now + 60}"', "1e300", "1e400", str(2**64), "253402300800",
+               "NaN", "Infinity", "-Infinity", "true", "null", "[1]", '{"t":1}']
+    cases = [f'{{{claims},"exp":{value}}}' for value in bad_exp]
+    cases += [f'{{{claims},"exp":{now + 60},"{name}":{value}}}'
+              for name in ("nbf", "iat") for value in ('"0"', "false", "NaN", "1e300", "-1")]
+    for payload in cases:
+        r = await client.get("/api/jobs", headers=bearer(signed(payload)))
+        assert_error(r, 401, "unauthorized")
+        assert 'error="invalid_token"' in r.headers["www-authenticate"], payload
+    for payload in (f'{{{claims},"exp":{now + 60}}}', f'{{{claims},"exp":{now + 60}.5}}',
+                    f'{{{claims},"exp":{now + 60},"nbf":{now - 1},"iat":{now}.25}}',
+                    f'{{{claims},"exp":{now + 60},"nbf":0,"iat":0}}'):
+        r = await client.get("/api/jobs", headers=bearer(signed(payload)))
+        assert r.status_code == 200, (payload, r.text)
+    r = await client.get("/api/jobs", headers=bearer(signed(f'{{{claims},"exp":"{now}"}}')))
+    assert "the exp claim must be a number" in r.json()["error"]["message"]
+
+
 # ---------------------------------------------------------------- isolation
 
 
@@ -432,6 +501,22 @@ async def test_taken_id_answers_409_without_the_job(client: httpx.AsyncClient,
     again = await client.post("/api/jobs", json={"id": "shared-1"}, headers=bearer(ALICE))
     assert (again.status_code, again.json()["created"]) == (200, False)
     assert event_count(service.settings.db) == before
+
+
+async def test_queue_position_counts_other_owners_jobs_in_the_same_queue(
+        client: httpx.AsyncClient) -> None:
+    """Pins a documented disclosure (README, Security): queues are shared by name, so bob's
+    `queue_position` counts alice's queued jobs. Per-tenant queue names avoid it. A change
+    here must be deliberate, and the README changed with it."""
+    await new_job(client, ALICE, queue="exports")
+    await new_job(client, ALICE, queue="exports")
+    await new_job(client, ALICE)  # the "default" queue, shared by everyone too
+    r = await client.post("/api/jobs", json={"queue": "exports"}, headers=bearer(BOB))
+    assert r.json()["job"]["queue_position"] == 3
+    r = await client.post("/api/jobs", json={}, headers=bearer(BOB))
+    assert r.json()["job"]["queue_position"] == 2
+    r = await client.post("/api/jobs", json={"queue": "bob:exports"}, headers=bearer(BOB))
+    assert r.json()["job"]["queue_position"] == 1
 
 
 # ---------------------------------------------------------------- workers
@@ -692,6 +777,52 @@ async def test_dashboard_sign_in_sets_the_cookie_and_drops_the_token(
     assert_error(await client.get("/", params={"access_token": "forged.to.ken"}), 401)
     assert_error(await client.get("/", params={"access_token": token("x", "create")}), 403)
     assert (await client.get("/")).status_code == 200  # the page itself is public
+
+
+async def raw_get(port: int, target: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """GET with this exact request target (httpx would normalise it): the status, headers
+    and body; status 0 when the server closes the connection without an answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Connection: close\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    if not answer:
+        return 0, {}, b""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    fields = dict(line.split(b": ", 1) for line in lines)
+    return int(status.split()[1]), {k.lower(): v for k, v in fields.items()}, body
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_dashboard_sign_in_refuses_control_characters_in_the_path(
+        db_path: str, http: str) -> None:
+    """A control character in the path cannot go into the redirect's Location (the server
+    refuses the header and drops the connection; urlsplit drops TAB, CR and LF silently):
+    400 with the JSON error. Spaces and non-ASCII letters are percent-encoded."""
+    svc = await start_service(Settings(db=db_path, jwt_secret=SECRET), http=http)
+    query = b"?access_token=" + ALICE.encode()
+    try:
+        for char in (b"%00", b"%01", b"%09", b"%0B", b"%0C", b"%0D", b"%1F", b"%7F"):
+            status, fields, body = await raw_get(svc.settings.port, b"/a" + char + b"b" + query)
+            assert status == 400, (char, status)
+            assert fields[b"content-type"] == b"application/json"
+            assert json.loads(body)["error"]["code"] == "invalid_input"
+            assert b"location" not in fields and b"set-cookie" not in fields
+        # raw bytes never reach the app: the server answers 400 itself, without a drop
+        for target in (b"/a\x00b", b"/a\x7fb"):
+            assert (await raw_get(svc.settings.port, target + query))[0] == 400
+        for path, location in ((b"/a%20", b"/a%20"), (b"/a%20b/", b"/a%20b/"),
+                               (b"/%E2%82%AC", b"/%E2%82%AC"), (b"/%C3%A9", b"/%C3%A9"),
+                               (b"//evil.example/", b"/evil.example/")):
+            status, fields, _ = await raw_get(svc.settings.port, path + query + b"&job=j%001")
+            assert (status, fields.get(b"location")) == (303, location + b"?job=j%001"), path
+    finally:
+        await svc.stop()
 
 
 async def test_access_token_is_redacted_in_every_log_line(tmp_path: Path) -> None:
