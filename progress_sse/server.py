@@ -1,4 +1,5 @@
-"""uvicorn wiring: a server that ends every open stream as soon as it starts shutting down.
+"""uvicorn wiring: a server that ends every open stream as soon as it starts shutting down,
+and whose connections keep the request limits of `limits`.
 
 uvicorn waits for open connections before it runs the lifespan shutdown, so the
 streams must be ended before that wait, or SIGTERM would hang on them.
@@ -10,11 +11,15 @@ import gc
 import math
 import socket
 
+import structlog
 import uvicorn
 from starlette.applications import Starlette
 
 from .context import Context
+from .limits import Limits, limited_protocol
 from .settings import Settings
+
+log = structlog.get_logger("progress_sse.server")
 
 
 class Server(uvicorn.Server):
@@ -28,6 +33,16 @@ class Server(uvicorn.Server):
 
 
 def make_server(app: Starlette, settings: Settings, **config: object) -> Server:
+    """The server for `app`; `config` goes to uvicorn.Config (http="h11", say). Its HTTP
+    protocol is wrapped to refuse oversized and slow requests (`limits`); h11's own cap
+    on a head is set to the same size, so the same answer comes under either."""
+    http = config.pop("http", "auto")
+    limited = limited_protocol(http, Limits(settings.max_header_bytes,
+                                            settings.header_timeout_s, settings.body_timeout_s))
+    if limited is None:
+        log.warning("server.limits_off", http=str(http),
+                    why="request limits are built for uvicorn's HTTP/1.1 protocols")
+    config.setdefault("h11_max_incomplete_event_size", settings.max_header_bytes)
     cfg = uvicorn.Config(
         app,
         host=settings.host,
@@ -35,6 +50,7 @@ def make_server(app: Starlette, settings: Settings, **config: object) -> Server:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
+        http=limited or http,  # type: ignore[arg-type]
         **config,  # type: ignore[arg-type]
     )
     return Server(cfg, app.state.ctx)

@@ -31,6 +31,12 @@ class Settings:
     # a catch-up reads and sends at most this many bytes of events (or one bigger event)
     stream_buffer_bytes: int = 256 << 10
     max_body_bytes: int = 64 * 1024
+    # how a request may arrive (limits.py): its request line and headers at most this
+    # many bytes (431), within header_timeout_s of its first byte (or of the connection
+    # opening), and its body within body_timeout_s of the end of its headers
+    max_header_bytes: int = 32 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     retention_events: int = 0  # 0 = keep every event; otherwise prune the oldest beyond this count
     estimate_every_s: float = 1.0  # refresh a running job's estimate at most this often
     heartbeat_timeout_s: float = 60.0  # default per job: silence before a running job is `stalled`
@@ -79,6 +85,10 @@ class Settings:
             raise ConfigError("stream_buffer_bytes must be >= 4096")
         if self.replay_batch < 1:
             raise ConfigError("replay_batch must be >= 1")
+        if self.max_header_bytes < 1024:
+            raise ConfigError("max_header_bytes must be >= 1024 (browsers send more than that)")
+        if not self.header_timeout_s > 0 or not self.body_timeout_s > 0:
+            raise ConfigError("header_timeout_s and body_timeout_s must be > 0")
         self.validate_security()
 
     def validate_security(self) -> None:
