@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from . import api, control, migrations, openapi, tokens
+from . import api, control, openapi, tokens
 from .codec import dumps
 from .context import Context
 from .errors import ProgressError
@@ -27,6 +27,8 @@ from .hub import Hub
 from .logs import RequestLog, RequestLogMiddleware
 from .security import DashboardLogin, Policy, SecurityMiddleware, StreamQuota
 from .settings import Settings
+from .store import guard
+from .store.lock import DatabaseLock
 from .store.sqlite import SQLiteStore
 from .streams import STREAM_HOST, StreamHost
 
@@ -70,8 +72,11 @@ class Service(Starlette):
             await stream.run(receive, send)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    """Build one independent service instance (nothing shared between instances)."""
+def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = None
+               ) -> Starlette:
+    """Build one independent service instance (nothing shared between instances).
+    `lock`: the database, already locked and migrated by guard.prepare (the command
+    line does it before the server starts, to refuse without a traceback)."""
     settings = settings or Settings()
     settings.validate_security()  # no unauthenticated service on a public address
     if settings.auth == "none" and not settings.loopback:
@@ -85,8 +90,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await asyncio.to_thread(migrations.migrate_sqlite, settings.db)
-        head = await store.start(hub.publish)
+        # one service per file, not a damaged one; migrated (see store/guard.py)
+        held = lock if lock is not None else await asyncio.to_thread(guard.prepare,
+                                                                     settings.db)
+        try:
+            head = await store.start(hub.publish)
+        except BaseException:
+            held.release()
+            raise
         hub.reset(head)
         stalls = asyncio.create_task(control.watch_stalls(ctx), name="progress-sse-stalls")
         ticks = asyncio.create_task(hub.keep_alive(settings.keepalive_s / 3),
@@ -101,6 +112,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await store.close()
+            held.release()
             log.info("service.stopped", head=hub.head)
 
     routes: list[BaseRoute] = [*api.routes(), *control.routes(), *tokens.routes(),

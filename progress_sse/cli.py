@@ -1,9 +1,10 @@
-"""Command line: serve, migrate, and the worker and viewer tools (watch, post, demo).
+"""Command line: serve, migrate, check, and the worker and viewer tools (watch, post, demo).
 
 Exit codes of the tools, so shell scripts can branch on them:
 0 succeeded (or done), 1 the job failed, 2 the job was cancelled, 3 a cancel is
 requested (post), 4 a pause is requested (post), 5 the service refused or could not
-be reached, 64 bad command line, 130 interrupted.
+be reached, 64 bad command line, 130 interrupted. `check`: 0 ok, 1 damaged, 2 no
+such file; `serve` and `migrate` exit 2 on a refusal (a database in use or damaged).
 """
 
 from __future__ import annotations
@@ -60,12 +61,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .server import make_server, tune_collector
+    from .store.guard import prepare
 
     settings = _settings(args)
     configure_logging(settings.log_format, settings.log_level)
-    server = make_server(create_app(settings), settings)
-    tune_collector()
-    server.run()
+    settings.validate_security()  # before the database is touched (create_app checks too)
+    # here, not in the server's start-up, so a refusal is a message, not a traceback
+    with prepare(settings.db) as lock:
+        server = make_server(create_app(settings, lock=lock), settings)
+        tune_collector()
+        server.run()
     return 0 if server.started else 1
 
 
@@ -86,13 +91,37 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .migrations import migrate_sqlite
+    from .store.guard import MIGRATE_HINT, migrate
+    from .store.lock import DatabaseLock
 
     settings = _settings(args)
     configure_logging(settings.log_format, settings.log_level)
-    applied = migrate_sqlite(settings.db)
+    with DatabaseLock.acquire(settings.db, hint=MIGRATE_HINT):  # not under a running service
+        applied = migrate(settings.db)
     print(f"{settings.db}: applied {applied or 'nothing (up to date)'}")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """SQLite's integrity check, read-only (the service may run): 0 ok, 1 damaged,
+    2 no such file."""
+    from .store.guard import integrity_problems
+
+    try:
+        problems = integrity_problems(args.db, quick=args.quick)
+    except FileNotFoundError:
+        print(f"progress-sse check: no database file at {os.path.abspath(args.db)}",
+              file=sys.stderr)
+        return 2
+    if not problems:
+        print("ok")
+        return 0
+    print("\n".join(problems))
+    print(f"progress-sse check: {os.path.abspath(args.db)} is damaged "
+          f"({len(problems)} problem{'s' if len(problems) > 1 else ''} above). Restore it "
+          "from a backup, or move it aside (with its -wal and -shm files) to start with an "
+          "empty database.", file=sys.stderr)
+    return 1
 
 
 def run_async(main: Coroutine[Any, Any, int]) -> int:
@@ -308,6 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     migrate.add_argument("--db", help="SQLite file (default ./progress.db)")
     migrate.set_defaults(func=cmd_migrate)
+
+    check = sub.add_parser("check", help="check the database file's integrity (read-only)",
+                           description="Run SQLite's integrity check on the file, read-only "
+                           "(the service may be running). Prints ok and exits 0, or the "
+                           "problems and exits 1; 2 when there is no such file.")
+    check.add_argument("--db", default=os.environ.get("PROGRESS_SSE_DB", "progress.db"),
+                       help="SQLite file (default $PROGRESS_SSE_DB or ./progress.db)")
+    check.add_argument("--quick", action="store_true",
+                       help="PRAGMA quick_check: faster, skips checking indexes against tables")
+    check.set_defaults(func=cmd_check)
 
     _add_watch(sub)
     _add_post(sub)
