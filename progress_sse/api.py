@@ -15,7 +15,7 @@ from . import inputs, jobs, streams
 from .auth import CREATE, READ, new_worker_token, require, worker_pass
 from .codec import dumps
 from .context import Context
-from .errors import Conflict, InvalidInput
+from .errors import Conflict, InvalidInput, Unavailable
 from .headers import header
 from .jobs import Job, Outcome
 from .store import Filter, Write, WriteResult
@@ -275,8 +275,17 @@ async def post_finish(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
+    """200 only while writes can succeed: a load balancer's question. Else 503 and why;
+    it answers within the write deadline (store.health)."""
     ctx = ctx_of(request)
-    await ctx.store.check()
+    try:
+        reason = await ctx.store.health()
+        if reason is None:
+            await ctx.store.check()
+    except Unavailable as exc:
+        reason = exc.message
+    if reason is not None:
+        return json_response(dumps({"status": "unavailable", "reason": reason}), 503)
     return json_response(f'{{"status":"ok","head":{ctx.hub.head},"streams":{ctx.hub.streams}}}')
 
 
@@ -318,6 +327,15 @@ async def metrics(request: Request) -> Response:
         " one died.",
         "# TYPE progress_sse_writer_restarts_total counter",
         f"progress_sse_writer_restarts_total {ctx.store.restarts}",
+        "# HELP progress_sse_write_timeouts_total Writes answered 503 because the store"
+        " did not confirm them within the write timeout.",
+        "# TYPE progress_sse_write_timeouts_total counter",
+        f"progress_sse_write_timeouts_total {ctx.store.timeouts}",
+        "# HELP progress_sse_store_writable 1 unless the store knows that writes cannot"
+        " succeed now (writer gone or not answering, last commit failed); /healthz also"
+        " probes for a lock.",
+        "# TYPE progress_sse_store_writable gauge",
+        f"progress_sse_store_writable {int(ctx.store.trouble() is None)}",
     ]
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 

@@ -84,7 +84,8 @@ def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = 
                     hint="anyone who can reach this address can read and control every job")
     store = SQLiteStore(settings.db, synchronous=settings.synchronous,
                         retention_events=settings.retention_events,
-                        estimate_every_s=settings.estimate_every_s)
+                        estimate_every_s=settings.estimate_every_s,
+                        write_timeout_s=settings.write_timeout_s)
     hub = Hub(settings.tail_size, settings.tail_bytes)
     ctx = Context(settings=settings, store=store, hub=hub)
 

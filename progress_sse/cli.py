@@ -54,6 +54,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         log_format=getattr(args, "log_format", None),
         log_level=getattr(args, "log_level", None),
         synchronous=getattr(args, "synchronous", None),
+        write_timeout_s=getattr(args, "write_timeout", None),
         insecure=True if getattr(args, "insecure", False) else None,
     )
 
@@ -324,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--synchronous", choices=["NORMAL", "FULL"],
                        help="SQLite durability: NORMAL survives a process crash, FULL a power cut")
+    serve.add_argument("--write-timeout", type=float, metavar="SECONDS",
+                       help="longest wait for a write to be confirmed, then 503 (default 5)")
     serve.add_argument("--insecure", action="store_true",
                        help="allow no authentication on a non-loopback address (not advised)")
     serve.set_defaults(func=cmd_serve)

@@ -343,12 +343,15 @@ def spec(settings: Settings) -> Schema:
                           **errors(400, 401, 403, 429)}}},
         "/healthz": {"get": {
             "operationId": "healthz", "tags": ["ops"], "security": [],
-            "summary": "Liveness, with a store check.",
+            "summary": "200 while writes can succeed; 503 and the reason when they cannot.",
             "responses": {**ok({"type": "object", "required": ["status", "head", "streams"],
                                 "properties": {"status": {"const": "ok"},
                                                "head": {"type": "integer"},
                                                "streams": {"type": "integer"}}}),
-                          **errors(503)}}},
+                          **ok({"type": "object", "required": ["status", "reason"],
+                                "properties": {"status": {"const": "unavailable"},
+                                               "reason": {"type": "string"}}},
+                               "Writes cannot succeed now.", 503)}}},
         "/metrics": {"get": {
             "operationId": "metrics", "tags": ["ops"], "security": [],
             "summary": "Prometheus text.",

@@ -43,6 +43,9 @@ class Settings:
     stall_check_s: float = 1.0
     max_wait_s: float = 60.0  # upper bound for long-poll waits
     shutdown_timeout_s: float = 5.0
+    # longest wait for the store to confirm a write; then 503 (and /healthz 503 while
+    # writes cannot be confirmed within it)
+    write_timeout_s: float = 5.0
     # authentication (see docs/security.md); auth "" means: "jwt" with a secret, else "none"
     auth: str = ""
     jwt_secret: str | None = field(default=None, repr=False)
@@ -79,6 +82,8 @@ class Settings:
             raise ConfigError("log_format must be auto, json or console")
         if self.keepalive_s <= 0:
             raise ConfigError("keepalive_s must be > 0")
+        if not self.write_timeout_s > 0:  # NaN too
+            raise ConfigError("write_timeout_s must be > 0")
         if self.tail_size < 16:
             raise ConfigError("tail_size must be >= 16")
         if self.stream_buffer_bytes < 4096:

@@ -8,12 +8,16 @@ are contiguous and in commit order. A request the rules refuse stores nothing an
 does not disturb the rest of its batch. The transactions run in the writer process
 (writer.py), in the order sent; the next batches are built while one is written,
 on its changes, and answered only after it (see _land for a commit that fails).
+A write not answered within the write deadline is answered 503 (see _expire), and
+health() says when writes cannot succeed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import math
 import sqlite3
 import time
 from collections import deque
@@ -41,6 +45,11 @@ MAX_BATCH = 512
 MAX_FLIGHTS = 4
 RESTART_PAUSE_S = 1.0  # after a writer process failed to start, before the next try
 HISTORY = 50  # finished runs per kind that the estimator learns from
+WRITE_TIMEOUT_S = 5.0  # longest wait for a write's answer, then 503 (settings.write_timeout_s)
+PROBE_EVERY_S = 0.25  # health probes the writer only when nothing was confirmed this recently
+# a failed commit keeps health at 503 until a commit succeeds or, with none tried, this
+# long: no probe short of a real write can tell that the disk has room again
+FAILED_HOLD_S = 30.0
 _EVENT_COLS = "id, job_id, owner, kind, type, body"
 
 
@@ -51,11 +60,12 @@ def iso(ts: float) -> str:
 
 
 class _Pending:
-    __slots__ = ("future", "write")
+    __slots__ = ("future", "since", "write")
 
-    def __init__(self, write: Write, future: asyncio.Future[WriteResult]) -> None:
+    def __init__(self, write: Write, future: asyncio.Future[WriteResult], since: float) -> None:
         self.write = write
         self.future = future
+        self.since = since  # loop time of the submit: its deadline is this + write_timeout_s
 
 
 @dataclass(slots=True)
@@ -71,7 +81,8 @@ class _Flight:
 class SQLiteStore:
     def __init__(self, path: str, *, synchronous: str = "NORMAL", readers: int = 3,
                  retention_events: int = 0, estimate_every_s: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
         self.path = path
         self.synchronous = synchronous.upper()
         self.retention_events = retention_events
@@ -96,6 +107,15 @@ class SQLiteStore:
         self.redone = 0  # writes done again one at a time, after their batch failed
         self.restarts = 0  # writer processes started again after one died
         self._restart_after = 0.0  # monotonic time before which no restart is tried
+        # the write deadline (_expire) and health (health, trouble)
+        self.write_timeout_s = write_timeout_s
+        self.failed_hold_s = FAILED_HOLD_S
+        self.timeouts = 0  # writes answered 503 at their deadline (for /metrics)
+        self._waiting: deque[_Pending] = deque()  # submitted, maybe unanswered, in order
+        self._watch: asyncio.TimerHandle | None = None  # at the oldest one's deadline
+        self._confirmed_at = -math.inf  # loop time of the last commit or probe confirmed
+        self._failed: tuple[float, str] | None = None  # the last commit failed: when, why
+        self._probe: asyncio.Future[Any] | None = None
 
     # ------------------------------------------------------------ life cycle
 
@@ -154,11 +174,116 @@ class SQLiteStore:
     # ------------------------------------------------------------ writes
 
     async def submit(self, write: Write) -> WriteResult:
+        """The write's outcome, or Unavailable once write_timeout_s has passed (_expire)."""
         if self._closing or self._task is None:
             raise Unavailable("the service is shutting down")
-        fut: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        self._put(_Pending(write, fut))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[WriteResult] = loop.create_future()
+        pending = _Pending(write, fut, loop.time())
+        # one timer for every write, at the oldest one's deadline: a timer per write
+        # measured 2.5 us a post here
+        self._waiting.append(pending)
+        if self._watch is None:
+            self._arm(loop, pending.since)
+        self._put(pending)
         return await fut
+
+    def _expire(self) -> None:
+        """The write deadline: answer 503 to each write older than write_timeout_s. One
+        still queued is taken out, so surely not stored; one already taken into a batch
+        goes on (its batch-mates' fate is bound to it), so it may still be stored, once:
+        a retry with the same seq then gets the stored event back."""
+        self._watch = None
+        loop = asyncio.get_running_loop()
+        timeout = self.write_timeout_s
+        limit = loop.time() - timeout + 0.001  # the timer may fire a hair early
+        queue, waiting = self._queue, self._waiting
+        dropped = late = 0
+        # the queue is in submit order (a batch taken back goes first, and it is older):
+        # the expired writes still in it are at its front
+        while queue and (p := queue[0]) is not None and p.since <= limit:
+            queue.popleft()
+            if not p.future.done():
+                dropped += 1
+                p.future.set_exception(Unavailable(
+                    f"the store did not take the write within {timeout:g} s (the writer is"
+                    " stopped, slow, or the database is locked); it was not stored",
+                    headers={"Retry-After": "1"}))
+        while waiting:
+            p = waiting[0]
+            if not p.future.done():
+                if p.since > limit:
+                    break
+                late += 1
+                p.future.set_exception(Unavailable(
+                    f"the store did not confirm the write within {timeout:g} s (the writer is"
+                    " stopped, slow, or the database is locked); it may still be stored, once:"
+                    " send it again with the same seq to get its outcome",
+                    headers={"Retry-After": "1"}))
+            waiting.popleft()
+        if dropped or late:
+            self.timeouts += dropped + late
+            log.warning("store.write_timeout", timeout_s=timeout, not_stored=dropped,
+                        unconfirmed=late)
+        if waiting:
+            self._arm(loop, waiting[0].since)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, since: float) -> None:
+        # a context of its own: not the request's that happened to arm it (its log lines
+        # would carry that request's id)
+        self._watch = loop.call_at(since + self.write_timeout_s, self._expire,
+                                   context=contextvars.Context())
+
+    def trouble(self) -> str | None:
+        """Why writes cannot succeed now, from what the store knows without asking (for
+        /metrics; health() also asks the writer)."""
+        writer = self._writer
+        if writer is None or writer.gone is not None:
+            why = writer.gone if writer is not None else "not started"
+            return f"the writer process is not running ({why})"
+        now = asyncio.get_running_loop().time()
+        waited = writer.waited(now)
+        if waited > self.write_timeout_s:
+            return (f"the writer has answered nothing for {waited:.1f} s (it is stopped, the"
+                    " disk stalls, or another process holds the database locked)")
+        if self._failed is not None and now - self._failed[0] < self.failed_hold_s:
+            return f"the last commit failed and none has succeeded since: {self._failed[1]}"
+        return None
+
+    async def health(self) -> str | None:
+        """None when a write can succeed now, or why not. With no write confirmed in the
+        last PROBE_EVERY_S, ask the writer process to take the write lock and let it go
+        (another process may hold the database locked); answers within write_timeout_s."""
+        trouble = self.trouble()
+        if trouble is not None:
+            return trouble
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._confirmed_at < PROBE_EVERY_S:
+            return None
+        assert self._writer is not None
+        timeout = self.write_timeout_s
+        probe = self._probe
+        if probe is None:  # one at a time: health checks meanwhile wait for this one
+            try:
+                probe = self._probe = self._writer.probe(int(min(timeout / 2, 1.0) * 1000))
+            except WriterError as exc:
+                return f"the writer process is not running ({exc})"
+            probe.add_done_callback(self._probed)
+        # the oldest request's age is the probe's, or more (trouble() said it is young)
+        remaining = timeout - self._writer.waited(loop.time())
+        await asyncio.wait((probe,), timeout=max(remaining, 0.0))
+        if not probe.done():
+            return (f"the writer did not answer within {timeout:g} s (it is stopped, the disk"
+                    " stalls, or another process holds the database locked)")
+        refused = probe.exception()
+        if refused is not None:
+            return f"the database cannot be locked for writing: {refused}"
+        return None
+
+    def _probed(self, probe: asyncio.Future[Any]) -> None:
+        self._probe = None
+        if not probe.cancelled() and probe.exception() is None:
+            self._confirmed_at = probe.get_loop().time()
 
     def _put(self, item: _Pending | None) -> None:
         self._queue.append(item)
@@ -186,6 +311,8 @@ class SQLiteStore:
                 if None in items:
                     while flights:
                         await self._land(flights)
+                    if self._watch is not None:
+                        self._watch.cancel()
                     return
                 continue
             # wait for news: a write to take, or the oldest batch's commit
@@ -233,6 +360,8 @@ class SQLiteStore:
         try:
             if flight.commit is not None:
                 await flight.commit
+                self._confirmed_at = asyncio.get_running_loop().time()
+                self._failed = None
         except WriterError as exc:
             later = [flight, *flights]
             flights.clear()
@@ -241,6 +370,10 @@ class SQLiteStore:
                     with contextlib.suppress(WriterError):
                         await f.commit  # refused, or lost with the writer process
             writes, replaced = await self._recover(later)
+            # the database refused it (a new process starts afresh; a lock is for the
+            # health probe to see, and to see go)
+            if not replaced and "database is locked" not in str(exc):
+                self._failed = (asyncio.get_running_loop().time(), str(exc))
             if writes and (replaced or self._split(writes, exc)):
                 for p in writes:
                     single: deque[_Flight] = deque()
@@ -259,6 +392,9 @@ class SQLiteStore:
                 p.future.set_exception(answer)
             else:
                 p.future.set_result(answer)
+        waiting = self._waiting
+        while waiting and waiting[0].future.done():
+            waiting.popleft()  # answered: no deadline to watch for them
         if not flight.events:
             return
         try:

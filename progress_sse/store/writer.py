@@ -13,7 +13,9 @@ The child runs this file alone (sqlite3, orjson): it opens the connection, runs
 each request (a commit, a statement, a query) and answers, in the order asked; the
 store sends a batch's commit while the one before it is still being written. After a
 commit fails it refuses every commit until told to resume: those were built on the
-failed one (the store does them again, see SQLiteStore._land). It ends when asked, and
+failed one (the store does them again, see SQLiteStore._land). A probe takes the write
+lock and lets it go, to tell /healthz that no other process holds the database locked
+(SQLiteStore.health). It ends when asked, and
 when the service's end of the socket closes, so it never outlives the service: it
 also asks the kernel to kill it when its parent dies (Linux), before it could commit
 anything a restarted service does not know of. If it dies first, the connection
@@ -52,6 +54,7 @@ UPSERT_JOBS = (
 UPDATE_JOBS = ("UPDATE jobs SET updated_at=?, last_post_at=?, stalled=?, token_hash=?, doc=?"
                " WHERE id=?")
 
+BUSY_TIMEOUT_MS = 5000  # how long a commit waits for another process's lock
 _LENGTH = struct.Struct("!I")
 # requests waiting to be sent before the store waits for the child to take them: a
 # child far behind (stopped, a slow disk) cannot make the service buffer without end
@@ -73,6 +76,7 @@ class WriterConnection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._answers: deque[asyncio.Future[Any]] = deque()  # asked, in order
+        self._asked: deque[float] = deque()  # when each was asked (loop time), same order
         self._listener: asyncio.Task[None] | None = None
         self._gone: str | None = None  # why no more answers will come
 
@@ -112,7 +116,13 @@ class WriterConnection:
             self._gone = self._gone or f"the writer process has gone ({exc})"
             raise WriterError(self._gone) from exc
         self._answers.append(answer)
+        self._asked.append(answer.get_loop().time())
         return answer
+
+    def waited(self, now: float) -> float:
+        """How long the oldest unanswered request has waited (0 with none): a child that
+        is stopped or on a stalled disk answers nothing while its requests age."""
+        return now - self._asked[0] if self._asked else 0.0
 
     async def drain(self) -> None:
         """Wait while more than SEND_BUFFER of requests wait to be sent. A lost process
@@ -130,6 +140,7 @@ class WriterConnection:
                 (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
                 status, value = orjson.loads(await reader.readexactly(size))
                 answer = self._answers.popleft()
+                self._asked.popleft()
                 if answer.done():
                     continue
                 if status == "ok":
@@ -140,6 +151,7 @@ class WriterConnection:
             self._gone = f"the writer process has gone ({exc})"
         finally:
             self._gone = self._gone or "the writer is closed"
+            self._asked.clear()
             while self._answers:
                 answer = self._answers.popleft()
                 if not answer.done():
@@ -157,6 +169,11 @@ class WriterConnection:
         """Send a transaction (insert events, write job rows; all or nothing); the future
         is its answer. Sent at once: the caller need not wait for it to send the next."""
         return self._send(["commit", events, upserts, updates])
+
+    def probe(self, busy_ms: int) -> asyncio.Future[Any]:
+        """Send a probe: take the write lock, waiting at most `busy_ms` for another
+        process to let go of it, and let it go. It runs after what was asked before."""
+        return self._send(["probe", busy_ms])
 
     async def resume(self) -> None:
         """Take commits again after a failed one (see the module docstring)."""
@@ -214,6 +231,9 @@ def _serve(sock: socket.socket) -> None:
             elif request[0] == "resume":
                 refusing = False
                 answer = None
+            elif request[0] == "probe":
+                _probe(conn, int(request[1]))
+                answer = None
             else:
                 answer = conn.execute(request[1], request[2]).fetchall()
             reply = orjson.dumps(["ok", answer])
@@ -230,7 +250,7 @@ def _serve(sock: socket.socket) -> None:
 def _open(path: str, synchronous: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     return conn
 
@@ -246,6 +266,17 @@ def _commit(conn: sqlite3.Connection, events: Rows, upserts: Rows, updates: Rows
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _probe(conn: sqlite3.Connection, busy_ms: int) -> None:
+    """Take the write lock and let it go, with a short wait: locked by another process,
+    this fails with "database is locked" well before the health check's deadline."""
+    conn.execute(f"PRAGMA busy_timeout={busy_ms}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
 def _die_with_parent() -> None:
