@@ -287,7 +287,7 @@ async def test_stream_request_is_logged_when_it_opens_and_keeps_its_request_id(
                 return [json.loads(line) for line in proc.log_path.read_text().splitlines()
                         if line.startswith("{") and rid in line]
 
-            await wait_for(lambda: any(e["event"] == "request" for e in logged()),
+            await wait_for(lambda: any(e["event"] == "stream.opened" for e in logged()),
                            what="the stream's request line while it is open")
             assert [e["event"] for e in logged()] == ["request", "stream.opened"]
             lines = r.aiter_lines()
