@@ -51,6 +51,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         port=getattr(args, "port", None),
         db=getattr(args, "db", None),
         keepalive_s=getattr(args, "keepalive", None),
+        retry_ms=getattr(args, "retry_ms", None),
         log_format=getattr(args, "log_format", None),
         log_level=getattr(args, "log_level", None),
         synchronous=getattr(args, "synchronous", None),
@@ -321,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
     serve.add_argument("--db", help="SQLite file (default ./progress.db)")
     serve.add_argument("--keepalive", type=float, help="seconds between keep-alive comments")
+    serve.add_argument("--retry-ms", type=int, metavar="MS",
+                       help="the reconnect delay streams ask clients for (default 1000)")
     serve.add_argument("--log-format", choices=["auto", "json", "console"])
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--synchronous", choices=["NORMAL", "FULL"],

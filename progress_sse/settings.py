@@ -21,6 +21,8 @@ class Settings:
     db: str = "progress.db"
     synchronous: str = "NORMAL"  # NORMAL survives a process crash; FULL also a power cut
     keepalive_s: float = 15.0
+    # the reconnect delay each stream asks its clients for (`retry:`): a restart of a
+    # second or two costs a few tries, each a dropped connection that clients retry
     retry_ms: int = 1000
     log_format: str = "auto"  # auto (console on a TTY, JSON otherwise), json, console
     log_level: str = "info"
@@ -82,6 +84,8 @@ class Settings:
             raise ConfigError("log_format must be auto, json or console")
         if self.keepalive_s <= 0:
             raise ConfigError("keepalive_s must be > 0")
+        if not 0 < self.retry_ms <= 3_600_000:
+            raise ConfigError("retry_ms must be between 1 and 3600000 (an hour)")
         if not self.write_timeout_s > 0:  # NaN too
             raise ConfigError("write_timeout_s must be > 0")
         if self.tail_size < 16:

@@ -99,7 +99,7 @@ def open_stream(request: Request, ctx: Context, spec: StreamSpec) -> Response:
 
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-store"),
+    (b"cache-control", b"no-store, no-transform"),  # no proxy may compress it (and stall it)
     (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
 ]
 
@@ -334,7 +334,9 @@ class EventStream(Response):
         prefix = b""
         if not self._started:
             self._started = True
-            # the retry hint rides on the first frame; alone only if the stream starts idle
+            # the retry hint rides on the first frame's block; a stream that starts idle
+            # sends it at once with no blank line after it, so it ends no block alone
+            # (clients such as httpx-sse would hand the user an event without data)
             prefix = f"retry: {ctx.settings.retry_ms}\n".encode()
             start = spec.cursor
             if start is not None:
@@ -366,7 +368,7 @@ class EventStream(Response):
                 matched = self._matching(events)
             else:
                 if prefix or self._ping:
-                    await send(_body(prefix + b"\n") if prefix else _KEEP_ALIVE)
+                    await send(_body(prefix) if prefix else _KEEP_ALIVE)
                     prefix, self._ping = b"", False
                     self.last_write = time.monotonic()
                     continue
@@ -468,7 +470,10 @@ def _body(chunk: bytes) -> Message:
     return {"type": "http.response.body", "body": chunk, "more_body": True}
 
 
-_KEEP_ALIVE = _body(b": keep-alive\n\n")
+# a comment line alone, with no blank line: a blank line after an event with an id
+# comes out of httpx-sse and sseclient as an event without data. The next event's
+# block simply starts with the comment, which every client skips.
+_KEEP_ALIVE = _body(b": keep-alive\n")
 
 
 def _finished(events: Sequence[Event], job_id: str) -> bool:

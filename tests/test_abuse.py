@@ -130,8 +130,8 @@ async def test_streams_that_do_not_read_hold_a_bounded_amount(tmp_path: Path) ->
             async with aconnect_sse(client, "GET", "/api/events",
                                     headers={"Last-Event-ID": "1"}) as src:
                 async for ev in src.aiter_sse():
-                    if ev.data:
-                        seen.append(int(ev.id))
+                    assert ev.data and ev.id, f"an event without data or id: {ev}"
+                    seen.append(int(ev.id))
                     if seen and seen[-1] == events[-1]["id"]:
                         break
             assert seen == [e["id"] for e in events[1:]]

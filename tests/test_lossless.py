@@ -73,8 +73,7 @@ async def resuming_reader(client: httpx.AsyncClient, path: str, params: dict[str
                     return seen, reconnects
                 assert src.response.status_code == 200, await src.response.aread()
                 async for ev in src.aiter_sse():
-                    if not ev.data:
-                        continue
+                    assert ev.data and ev.id, f"an event without data or id: {ev}"
                     assert ev.event != "snapshot", "a resume started over"
                     seen.append(int(ev.id))
                     last = int(ev.id)

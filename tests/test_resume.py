@@ -52,8 +52,7 @@ async def reader(client: httpx.AsyncClient, path: str, params: dict[str, Any],
             if src.response.status_code == 204:
                 return seen, reconnects
             async for ev in src.aiter_sse():
-                if not ev.data:
-                    continue
+                assert ev.data and ev.id, f"an event without data or id: {ev}"
                 if ev.event == "snapshot":
                     last = int(ev.id)
                     continue
@@ -135,8 +134,8 @@ async def test_lagging_reader_reads_from_store_beyond_the_tail(settings: Setting
             async with aconnect_sse(client, "GET", "/api/events",
                                     headers={"Last-Event-ID": "1"}) as src:
                 async for ev in src.aiter_sse():
-                    if ev.data:
-                        seen.append(int(ev.id))
+                    assert ev.data and ev.id, f"an event without data or id: {ev}"
+                    seen.append(int(ev.id))
                     if len(seen) == 200:
                         break
             assert seen == list(range(2, 202))

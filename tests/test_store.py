@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -394,3 +395,14 @@ async def test_a_page_is_complete_only_as_far_as_it_read(tmp_path: Path) -> None
         assert page.events == [] and page.upto == head
     finally:
         await store.close()
+
+
+def test_events_stored_with_raw_line_separators_are_sent_escaped() -> None:
+    """A body stored before separators were escaped is framed with them escaped: the
+    same JSON document, on one line for every reader."""
+    body = '{"id":7,"type":"log","message":"a\u2028b\u2029c\x85d"}'
+    ev = Event.build(7, "j", "o", "k", "log", body)
+    assert json.loads(ev.body) == json.loads(body)
+    data = ev.frame.decode().split("data: ", 1)[1].rstrip("\n")
+    assert data.splitlines() == [data]
+    assert json.loads(data) == json.loads(body)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from ..codec import escape_separators
 from ..jobs import Job, Outcome
 
 
@@ -25,6 +26,7 @@ class Event(NamedTuple):
 
     @classmethod
     def build(cls, id: int, job_id: str, owner: str, kind: str, type: str, body: str) -> Event:
+        body = escape_separators(body)  # stored raw before they were escaped when written
         frame = f"id: {id}\nevent: {type}\ndata: {body}\n\n".encode()
         return cls(id, job_id, owner, kind, type, body, frame)
 
