@@ -282,7 +282,8 @@ class EventStream(Response):
 
     def fall_behind(self, cursor: int) -> None:
         self.ctx.hub.unsubscribe(self, self.key)
-        self.cursor = cursor
+        # never back: a stream that subscribed ahead of the hub has sent up to its cursor
+        self.cursor = max(self.cursor, cursor)
         self._resume()
 
     def _try_send(self, message: Message) -> bool:
