@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 DB     ?= ./progress.db
 
-.PHONY: install run test test-fast lint format bench bench-eta demo browser-deps clean
+.PHONY: install run test test-fast lint format bench bench-eta attack demo browser-deps clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: $(STAMP)
 
 bench-eta: $(STAMP)
 	$(BIN)/python bench/bench_eta.py
+
+# the issue's attack figures against a service process of its own (bench/attack.py)
+attack: $(STAMP)
+	$(BIN)/python bench/attack.py
 
 # Debian's Chromium for the dashboard tests (Playwright's own browser download does not work here)
 browser-deps:
