@@ -81,6 +81,34 @@ def relay_send(app: ASGIApp) -> ASGIApp:
     return relayed
 
 
+def reframed(rewrite: Callable[[bytes], bytes]) -> Callable[[ASGIApp], ASGIApp]:
+    """The app with each chunk of its streams' bodies rewritten: another server's framing."""
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+            async def rewriting(message: Message) -> None:
+                if message["type"] == "http.response.body" and message.get("more_body"):
+                    message = {**message, "body": rewrite(message["body"])}
+                await send(message)
+
+            await app(scope, receive, rewriting)
+
+        return wrapped
+
+    return wrap
+
+
+def raw_separators(body: bytes) -> bytes:
+    """U+2028, U+2029 and U+0085 raw in the JSON (valid JSON; servers may send them so)."""
+    for escaped, char in ((b"\\u2028", "\u2028"), (b"\\u2029", "\u2029"),
+                          (b"\\u0085", "\x85")):
+        body = body.replace(escaped, char.encode())
+    return body
+
+
+SEPARATORS = "one\u2028two\u2029three\x85four"  # characters str.splitlines cuts lines at
+
+
 async def start_service(settings: Settings, wrap: Callable[[ASGIApp], ASGIApp] | None = None,
                         **config: Any) -> Service:
     """The service in this process; `config` goes to uvicorn (http="h11", say)."""

@@ -23,7 +23,18 @@ from progress_sse.app import create_app
 from progress_sse.server import make_server
 from progress_sse.settings import Settings
 
-from .helpers import ROOT, Service, create_job, free_port, stored_log, wait_for
+from .helpers import (
+    ROOT,
+    SEPARATORS,
+    Service,
+    create_job,
+    free_port,
+    raw_separators,
+    reframed,
+    start_service,
+    stored_log,
+    wait_for,
+)
 
 STAGES = [{"key": "fetch", "label": "Fetch", "weight": 1},
           {"key": "encode", "label": "Encode", "weight": 3}]
@@ -136,6 +147,35 @@ async def test_watch_plain_output_shows_progress_lines(service: Service,
     assert proc.returncode == 0
     assert re.search(r"62\.5%\s+running\s+Encode 2/2 .*chunk 2", out.decode())
     assert "succeeded" in out.decode().splitlines()[-1]
+
+
+@pytest.mark.parametrize("wire", ["escaped", "raw"])
+async def test_watch_reads_messages_with_line_separators(settings: Settings,
+                                                         wire: str) -> None:
+    """U+2028, U+2029 and U+0085 in a job's messages split no event: watch prints each
+    event whole (one NDJSON line each) and exits 0, whether the wire escapes them (as the
+    service does) or carries them raw (as JSON allows). Before watch used the SDK's
+    reader, the raw wire cut the event there: JSONDecodeError, exit 1."""
+    service = await start_service(settings, wrap=reframed(raw_separators)
+                                  if wire == "raw" else None)
+    try:
+        async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
+            job = await create_job(client)
+            proc = await start_cli("watch", job["id"], "--json", "--url", service.url)
+            snapshot = await read_json_line(proc)
+            url = f"/api/jobs/{job['id']}"
+            await client.post(f"{url}/log", json={"message": SEPARATORS})
+            await client.post(f"{url}/progress", json={"progress": 50, "message": SEPARATORS})
+            await client.post(f"{url}/finish", json={"status": "succeeded"})
+            returncode, lines = await finish_watch(proc)
+            stored = await stored_log(client, job["id"], after=snapshot["id"])
+    finally:
+        await service.stop()
+    assert returncode == 0
+    assert lines == stored
+    assert [e["type"] for e in lines] == ["log", "progress", "finished"]
+    assert lines[0]["message"] == SEPARATORS and lines[1]["job"]["message"] == SEPARATORS
+    assert lines[-1]["job"]["status"] == "succeeded"
 
 
 @pytest.fixture
