@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,30 @@ class ProcessService:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise AssertionError("no VmRSS")
+
+
+_SSE_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def sse_lines(text: str) -> list[str]:
+    """Lines as the SSE spec splits them: on CR, LF and CRLF only (str.splitlines and
+    httpx's aiter_lines also cut at U+2028, U+2029, U+0085 and more)."""
+    lines = _SSE_LINE_END.split(text)
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+async def aiter_sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """A streamed response's lines, split as the SSE spec says (see sse_lines)."""
+    rest = ""
+    async for text in response.aiter_text():
+        lines = _SSE_LINE_END.split(rest + text)
+        if lines[-1] == "" and (rest + text).endswith("\r"):
+            lines[-2:] = [lines[-2] + "\r"]  # a CR that may be half of a CRLF: wait
+        rest = lines.pop()
+        for line in lines:
+            yield line
+    if rest:
+        yield rest.rstrip("\r")
 
 
 async def create_job(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:

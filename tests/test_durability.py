@@ -17,7 +17,14 @@ import httpx
 import pytest
 
 from .conftest import db_events
-from .helpers import ProcessService, create_job, free_port, wait_for
+from .helpers import (
+    ProcessService,
+    aiter_sse_lines,
+    create_job,
+    free_port,
+    sse_lines,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +115,7 @@ async def test_a_writer_process_killed_under_load_is_replaced_losing_nothing(
                     reader.stream("GET", "/api/events",
                                   headers={"Accept": "text/event-stream"}) as r:
                 event_id = None
-                async for line in r.aiter_lines():
+                async for line in aiter_sse_lines(r):
                     if line.startswith("id: "):
                         event_id = int(line[4:])
                     elif line.startswith("event: ") and line != "event: snapshot":
@@ -228,7 +235,7 @@ async def test_curl_receives_frames_live_and_resumes(proc: ProcessService) -> No
             "curl", "-sN", "--max-time", "2", "-H", "Last-Event-ID: 2",
             f"{proc.url}/api/events?job={job['id']}", stdout=asyncio.subprocess.PIPE)
         out, _ = await resumed.communicate()
-        ids = [int(line[4:]) for line in out.decode().splitlines() if line.startswith("id: ")]
+        ids = [int(line[4:]) for line in sse_lines(out.decode()) if line.startswith("id: ")]
         assert ids == [3]
 
 
@@ -247,7 +254,7 @@ async def test_frozen_reader_does_not_delay_others_and_memory_stays_bounded(
         rss = []
         async with client.stream("GET", "/api/events",
                                  headers={"Last-Event-ID": str(301)}) as live:
-            lines = live.aiter_lines()
+            lines = aiter_sse_lines(live)
             latencies = []
             for i in range(3000):
                 if i % 1000 == 0:
@@ -290,7 +297,7 @@ async def test_stream_request_is_logged_when_it_opens_and_keeps_its_request_id(
             await wait_for(lambda: any(e["event"] == "stream.opened" for e in logged()),
                            what="the stream's request line while it is open")
             assert [e["event"] for e in logged()] == ["request", "stream.opened"]
-            lines = r.aiter_lines()
+            lines = aiter_sse_lines(r)
             async for line in lines:
                 if line == "event: snapshot":
                     break  # posted after the snapshot, `finished` is an event of the stream

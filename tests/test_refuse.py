@@ -19,7 +19,7 @@ import pytest
 
 from progress_sse.store.lock import DatabaseInUse, DatabaseLock
 
-from .helpers import ROOT, ProcessService, create_job, free_port, wait_for
+from .helpers import ROOT, ProcessService, aiter_sse_lines, create_job, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -253,7 +253,7 @@ async def read_stream(client: httpx.AsyncClient, last_id: int, within: float = 2
         async with client.stream("GET", "/api/events",
                                  headers={"Last-Event-ID": str(last_id)}) as r:
             assert r.status_code == 200
-            async for line in r.aiter_lines():
+            async for line in aiter_sse_lines(r):
                 if line.startswith("id: "):
                     ids.append(int(line[4:]))
     return ids
