@@ -6,8 +6,13 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 DB     ?= ./progress.db
+NODE   := tests/node
+NODE_STAMP := $(NODE)/node_modules/.installed
+# the programs the browser and interop tests run, and the Debian packages that have them
+SYSTEM_TOOLS := chromium:chromium node:nodejs npm:npm nginx:nginx openssl:openssl
 
-.PHONY: install run test test-fast lint format bench bench-eta attack demo browser-deps clean
+.PHONY: install run test test-fast lint format bench bench-eta attack demo browser-deps \
+	system-deps node-deps clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +28,7 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/progress-sse demo --url http://$(HOST):$(PORT)
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
@@ -47,9 +52,28 @@ bench-eta: $(STAMP)
 attack: $(STAMP)
 	$(BIN)/python bench/attack.py
 
-# Debian's Chromium for the dashboard tests (Playwright's own browser download does not work here)
-browser-deps:
-	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+# Debian's chromium (Playwright's own browser download does not work here), nodejs, npm,
+# nginx and openssl for the dashboard and interop tests: apt-get installs what is missing
+system-deps:
+	@PATH="$$PATH:/usr/sbin:/sbin"; missing=""; for t in $(SYSTEM_TOOLS); do \
+	    command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+browser-deps: system-deps
+
+# the npm `eventsource` package for tests/test_interop_browser.py, as package-lock.json pins it
+$(NODE_STAMP): $(NODE)/package.json $(NODE)/package-lock.json
+	@if command -v npm >/dev/null; then \
+	    npm ci --prefix $(NODE) --no-audit --no-fund && touch $@; \
+	else \
+	    echo "npm not found: the Node EventSource tests will be skipped (make system-deps)"; \
+	fi
+
+node-deps: $(NODE_STAMP)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache test-output
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache test-output \
+	    $(NODE)/node_modules
