@@ -19,7 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from progress_sse import jobs as rules
 from progress_sse.eta import (
+    EtaState,
     FinishedRun,
     StageSpec,
     estimate,
@@ -223,6 +225,133 @@ def row(name: str, s: Scores) -> str:
     return f"{name:<13}{s.jobs:>5} | {naive} | {ours} | {s.nones:>5}"
 
 
+# --- pauses and silence: through the job rules, as the service estimates ------------
+
+PAUSE_TIMEOUT_S = 1e9  # heartbeat timeout of the pause runs: no stall unless asked
+
+
+@dataclass
+class PauseScores:
+    scores: Scores
+    wall: Scores  # the estimator on the wall clock, as before pauses were left out
+    frozen_drift: list[float]  # |shown at the pause's end - shown at its start|, seconds
+    wall_drift: list[float]  # how far the countdown from the last estimate moved (before)
+    stalled: int = 0  # stalled jobs checked
+    stalled_none: int = 0  # of them, showing no estimate
+
+
+def _post(job: rules.Job, now: float, upd: rules.ProgressUpdate,
+          history: list[FinishedRun]) -> rules.Job:
+    """One worker post as the store applies it: the rule, then the estimate."""
+    job, _ = rules.record_progress(job, upd, now)
+    return rules.with_estimate(job, now, history, 0.0) if job.status == "running" else job
+
+
+def score_paused(job: Job, pause_at: float, pause_s: float, out: PauseScores) -> None:
+    """Replay a job that the viewer pauses for `pause_s` once it has worked `pause_at` s
+    (its worker posts nothing meanwhile), then goes silent at the end: score the shown
+    remaining time after the pause, its drift during it, and the stalled job's."""
+    live = _started()
+    wall: EtaState = new_state()
+    wall_eta: tuple[float, float] | None = None  # (estimate, at): the old countdown
+    out.scores.jobs += 1
+    out.wall.jobs += 1
+    pending, paused = list(CHECKPOINTS), False
+    for t, f, _ in job.obs:
+        if not paused and t >= pause_at:
+            paused = True
+            live, _ = rules.request_pause(live, None, pause_at)
+            live = _post(live, pause_at, rules.ProgressUpdate(paused=True), [])
+            before = live.public(pause_at)["eta_s"]
+            after = live.public(pause_at + pause_s)["eta_s"]
+            if before is not None and after is not None:
+                out.frozen_drift.append(abs(after - before))
+            if wall_eta is not None:
+                shown = max(0.0, wall_eta[0] - (pause_at - wall_eta[1]))
+                out.wall_drift.append(min(shown, pause_s))
+            resume = pause_at + pause_s
+            live, _ = rules.request_resume(live, None, resume)
+            live = _post(live, resume, rules.ProgressUpdate(progress=live.progress), [])
+        now = t + (pause_s if paused else 0.0)
+        live = _post(live, now, rules.ProgressUpdate(progress=100 * f), [])
+        wall = observe(wall, elapsed_s=now, fraction=f, stage=None)
+        old = estimate(wall, elapsed_s=now, fraction=f, stage=None, stages=(), total=None,
+                       history=())
+        wall_eta = None if old is None else (old, now)
+        while pending and f >= pending[0]:
+            c = pending.pop(0)
+            true_rem = job.duration - t
+            if true_rem <= 0 or not paused:  # only what follows a pause is of interest
+                continue
+            ours = live.public(now)["eta_s"]
+            naive = abs(now / f - now - true_rem) / true_rem
+            for scores, got in ((out.scores, ours), (out.wall, old)):
+                scores.naive[c].append(naive)
+                scores.ours[c].append(1.0 if got is None else abs(got - true_rem) / true_rem)
+                scores.nones += got is None
+    # the worker falls silent: once stalled, no estimate is shown
+    last = live.last_post_at or 0.0
+    live = live.evolve(heartbeat_timeout_s=10.0)
+    live, _ = rules.mark_stalled(live, last + 11.0)
+    out.stalled += 1
+    out.stalled_none += live.public(last + 11.0)["eta_s"] is None
+
+
+def pauses(seed: int, n: int) -> PauseScores:
+    rng = random.Random(seed * 1000 + 99)
+    out = PauseScores(Scores.empty(), Scores.empty(), [], [])
+    for _ in range(n):
+        t_nom = rng.uniform(60, 3600)
+        job = simulate(rng, t_nom, noise=0.1)
+        pause_at = t_nom * rng.uniform(0.15, 0.45)
+        score_paused(job, pause_at, t_nom * rng.uniform(0.2, 2.0), out)
+    return out
+
+
+def issue_case() -> tuple[float | None, float | None]:
+    """The issue's report: a 100 s job at 1 %/s, paused half-way for 300 s, then
+    run to 93 % (7 s left): the remaining time shown now, and by the wall clock."""
+    live = _started()
+    wall, old = new_state(), None
+    for t in range(1, 94):
+        if t == 51:
+            live, _ = rules.request_pause(live, None, 50.0)
+            live = _post(live, 50.0, rules.ProgressUpdate(paused=True), [])
+            live, _ = rules.request_resume(live, None, 350.0)
+            live = _post(live, 350.0, rules.ProgressUpdate(progress=50.0), [])
+        now = t + (300.0 if t > 50 else 0.0)
+        live = _post(live, now, rules.ProgressUpdate(progress=float(t)), [])
+        wall = observe(wall, elapsed_s=now, fraction=t / 100, stage=None)
+        old = estimate(wall, elapsed_s=now, fraction=t / 100, stage=None, stages=(),
+                       total=None, history=())
+    return live.public(393.0)["eta_s"], old
+
+
+def _started() -> rules.Job:
+    spec = rules.NewJob("b", "o", "bench", "b", "default", (), None, {}, PAUSE_TIMEOUT_S, "h")
+    live, _ = rules.create_job(spec, 0.0)
+    return rules.heartbeat(live, None, 0.0)[0]
+
+
+def report_pauses(seed: int, n: int) -> None:
+    p = pauses(seed, n)
+    print()
+    print("Pauses and silence, through the job rules (progress_sse.jobs) as the service "
+          "estimates; checkpoints after the pause only")
+    print("-" * 83)
+    print(row("pause", p.scores))
+    print(row("pause(wall)", p.wall) + "  <- the estimator on the wall clock (before)")
+    print("-" * 83)
+    drift = max(p.frozen_drift, default=0.0)
+    print(f"paused: shown remaining moved by at most {drift:.1f} s over "
+          f"{len(p.frozen_drift)} pauses (a countdown moved a median "
+          f"{statistics.median(p.wall_drift) if p.wall_drift else 0.0:.0f} s)")
+    now, before = issue_case()
+    print(f"issue case: 100 s job paused at 50% for 300 s, at 93% (7 s left) shows "
+          f"{now} s (wall clock: {before if before is None else round(before, 1)} s)")
+    print(f"stalled: {p.stalled_none}/{p.stalled} stalled jobs show no estimate (null)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer jobs per scenario")
@@ -257,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ours/naive={ratio:.2f} (mean of the 4 suite-wide checkpoint medians; goal <=0.70), "
         f"Nones={suite.nones}/{samples} (scored as 100% error): {'PASS' if ok else 'MISS'}"
     )
+    report_pauses(args.seed, n)
     return 0
 
 

@@ -62,6 +62,7 @@ class Job:
     attempt: int = 1
     last_seq: int | None = None
     cancel_requested: bool = False
+    cancel_requested_at: float | None = None  # when the pending cancel was asked for
     pause_requested: bool = False
     control_reason: str | None = None
     stalled: bool = False
@@ -79,6 +80,9 @@ class Job:
     queue_position: int | None = None
     wait_s: float | None = None  # queued: the expected wait before it starts
     announced_position: int | None = None  # the queue place viewers last heard of
+    # time the worker spent paused, left out of the estimator's clock and of history
+    paused_s: float = 0.0
+    paused_at: float | None = None  # when the worker acknowledged the current pause
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with `changes`: a dict copy, far cheaper than dataclasses.replace."""
@@ -96,7 +100,9 @@ class Job:
         end = self.finished_at if self.finished_at is not None else now
         elapsed = round(max(0.0, end - self.started_at), 3) if self.started_at else None
         eta = None
-        if not self.finished and self.eta_s is not None:
+        if self.status == "paused" and self.eta_s is not None:
+            eta = round(max(0.0, self.eta_s), 1)  # frozen: no work is being done
+        elif self.status == "running" and not self.stalled and self.eta_s is not None:
             eta = round(max(0.0, self.eta_s - (now - (self.eta_at or now))), 1)
         return {
             "id": self.id,
@@ -132,8 +138,17 @@ class Job:
             "final_event_id": self.final_event_id,
             "elapsed_s": elapsed,
             "eta_s": eta,
-            "finish_estimate": round(now + eta, 3) if eta is not None else None,
+            # a paused job's finish depends on when it resumes
+            "finish_estimate": round(now + eta, 3)
+            if eta is not None and self.status == "running" else None,
         }
+
+    def active_s(self, now: float) -> float:
+        """Seconds since the start that the worker was not paused: the estimator's clock."""
+        if self.started_at is None:
+            return 0.0
+        paused = self.paused_s + (now - self.paused_at if self.paused_at is not None else 0.0)
+        return max(0.0, now - self.started_at - paused)
 
     def private(self) -> dict[str, Any]:
         """The fields viewers never see; stored beside the public document."""
@@ -142,7 +157,10 @@ class Job:
 
     @classmethod
     def from_record(cls, public: dict[str, Any], private: dict[str, Any]) -> Job:
-        """Rebuild a job from its stored public document and private fields."""
+        """Rebuild a job from its stored public document and private fields.
+
+        Private fields added later are missing from older documents: they take the
+        dataclass defaults."""
         d = {k: v for k, v in public.items() if k in _FIELDS}
         d.update(private)
         d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
@@ -153,7 +171,8 @@ class Job:
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Job))
 _PRIVATE = ("owner", "token_hash", "last_seq", "last_post_at", "stage_times",
             "stage_started_at", "eta_doc", "eta_s", "eta_at", "queue_position", "wait_s",
-            "announced_position", "final_event_id")
+            "announced_position", "final_event_id", "cancel_requested_at", "paused_s",
+            "paused_at")
 
 
 # ---------------------------------------------------------------- requests
@@ -347,10 +366,10 @@ def record_progress(job: Job, upd: ProgressUpdate, now: float) -> Outcome:
     job = job.evolve(**changes)
 
     if upd.paused is True and job.pause_requested and job.status == "running":
-        job = job.evolve(status="paused")
+        job = job.evolve(status="paused", **_pause_clock(job, now))
         drafts.append(Draft("status", {"status": "paused", "previous": "running"}))
     elif job.status == "paused" and not job.pause_requested:
-        job = job.evolve(status="running")
+        job = job.evolve(status="running", **_resume_clock(job, now))
         drafts.append(Draft("status", {"status": "running", "previous": "paused"}))
 
     fields: dict[str, Any] = {"held": held}
@@ -360,6 +379,29 @@ def record_progress(job: Job, upd: ProgressUpdate, now: float) -> Outcome:
         fields["stage"] = stage
     drafts.append(Draft("progress", fields, seq=upd.seq))
     return job, drafts
+
+
+def _pause_clock(job: Job, now: float) -> dict[str, Any]:
+    """The worker stopped: freeze the remaining time where it stands and start
+    counting paused time, which the rate and the history must not see."""
+    changes: dict[str, Any] = {"paused_at": now}
+    if job.eta_s is not None:
+        changes.update(eta_s=round(max(0.0, job.eta_s - (now - (job.eta_at or now))), 1),
+                       eta_at=now)
+    return changes
+
+
+def _resume_clock(job: Job, now: float) -> dict[str, Any]:
+    """The worker goes on: bank the pause, and refresh the estimate at once (eta_at
+    None) from the frozen one rather than count the pause down from it."""
+    if job.paused_at is None:  # paused before it started, or stored by an older version
+        return {}
+    pause = max(0.0, now - job.paused_at)
+    changes: dict[str, Any] = {"paused_s": job.paused_s + pause, "paused_at": None,
+                               "eta_at": None}
+    if job.stage_started_at is not None:  # stage times are history: working time only
+        changes["stage_started_at"] = job.stage_started_at + pause
+    return changes
 
 
 def record_log(job: Job, line: LogLine, now: float) -> Outcome:
@@ -387,7 +429,9 @@ def finish(job: Job, fin: Finish, now: float) -> Outcome:
             changes["stage_progress"] = 100.0
     if job.stage is not None and job.stage_started_at is not None:
         times = dict(job.stage_times)
-        times[job.stage] = times.get(job.stage, 0.0) + (now - job.stage_started_at)
+        paused = now - job.paused_at if job.paused_at is not None else 0.0
+        times[job.stage] = times.get(job.stage, 0.0) + max(0.0, now - job.stage_started_at
+                                                            - paused)
         changes["stage_times"] = times
     job = job.evolve(**changes)
     fields: dict[str, Any] = {"status": fin.status}
@@ -417,10 +461,64 @@ def request_cancel(job: Job, reason: str | None, now: float) -> Outcome:
             fields["reason"] = reason
         return job, [Draft("finished", fields)]
     previous = job.status
-    job = job.evolve(status="cancelling", cancel_requested=True,
-                              control_reason=reason, updated_at=now)
+    job = job.evolve(status="cancelling", cancel_requested=True, cancel_requested_at=now,
+                     control_reason=reason, updated_at=now)
     return job, [Draft("status", {"status": "cancelling", "previous": previous,
                                   "requested": "cancel", "reason": reason})]
+
+
+FORCED_REASON = "closed by a viewer without the worker's acknowledgement"
+
+
+def force_cancel(job: Job, reason: str | None, now: float) -> Outcome:
+    """'Close anyway': cancelled at once, whatever the worker does or whether it lives.
+
+    The only way out for a viewer when the worker is gone before the cancel times out,
+    or will never answer. The worker's later posts are refused as for any finished job.
+    """
+    if job.finished:
+        raise JobFinished(f"job {job.id} is already {job.status}")
+    said = FORCED_REASON if not reason else f"{FORCED_REASON}: {reason}"
+    return _close_cancelled(job, now, said, {"forced": True})
+
+
+def cancel_timed_out(job: Job, now: float) -> bool:
+    """A cancel nobody will acknowledge: asked longer than the heartbeat timeout ago,
+    and the worker has been silent that long too (a worker still posting is alive and
+    may be cleaning up; a viewer can still force it)."""
+    if job.status != "cancelling":
+        return False
+    timeout = job.heartbeat_timeout_s
+    # documents stored before cancel_requested_at existed: the last change is the cancel
+    asked = job.cancel_requested_at if job.cancel_requested_at is not None else job.updated_at
+    if now - asked <= timeout:
+        return False
+    return job.stalled or job.last_post_at is None or now - job.last_post_at > timeout
+
+
+def expire_cancel(job: Job, now: float) -> Outcome:
+    """End a cancel that timed out (see cancel_timed_out) as `cancelled`, saying why."""
+    if not cancel_timed_out(job, now):
+        return job, []
+    said = f"the worker did not answer the cancel within {job.heartbeat_timeout_s:g} s"
+    return _close_cancelled(job, now, said, {"timed_out": True})
+
+
+def _close_cancelled(job: Job, now: float, reason: str, flags: dict[str, Any]) -> Outcome:
+    """Cancelled by the service on the worker's behalf: no post of the worker's ends it."""
+    previous = job.status
+    changes: dict[str, Any] = {
+        "status": "cancelled", "finished_at": now, "updated_at": now,
+        "cancel_requested": False, "pause_requested": False, "control_reason": reason,
+        "eta_s": 0.0, "stalled": False,
+    }
+    if job.stage is not None and job.stage_started_at is not None:
+        times = dict(job.stage_times)
+        times[job.stage] = times.get(job.stage, 0.0) + max(0.0, now - job.stage_started_at)
+        changes["stage_times"] = times
+    job = job.evolve(**changes)
+    return job, [Draft("finished", {"status": "cancelled", "reason": reason,
+                                    "previous": previous, **flags})]
 
 
 def request_pause(job: Job, reason: str | None, now: float) -> Outcome:
@@ -482,10 +580,11 @@ def requeue(job: Job, reason: str | None, now: float) -> Outcome:
     job = job.evolve(
         status="queued", attempt=job.attempt + 1, last_seq=None, progress=0.0,
         current=None, stage=None, stage_progress=None, message=None, result=None, error=None,
-        cancel_requested=False, pause_requested=False, control_reason=reason, stalled=False,
-        started_at=None, finished_at=None, final_event_id=None, last_post_at=None,
-        stage_times={}, stage_started_at=None, eta_state=None, eta_doc=None, eta_s=None,
-        eta_at=None, updated_at=now)
+        cancel_requested=False, cancel_requested_at=None, pause_requested=False,
+        control_reason=reason, stalled=False, started_at=None, finished_at=None,
+        final_event_id=None, last_post_at=None, stage_times={}, stage_started_at=None,
+        eta_state=None, eta_doc=None, eta_s=None, eta_at=None, paused_s=0.0, paused_at=None,
+        updated_at=now)
     return job, [Draft("status", {"status": "queued", "previous": previous,
                                   "attempt": job.attempt, "reason": reason})]
 
@@ -499,13 +598,16 @@ def with_estimate(job: Job, now: float, history: list[eta.FinishedRun],
 
     At most once every `every_s` per job: the estimate is a finish time, and between
     refreshes the remaining time shown simply counts down to it. Only a running
-    job has one; a paused or cancelling job's clock would mislead.
+    job has one; a paused or cancelling job's clock would mislead. The clock is the
+    worker's working time: a pause is no slowness, and counting it would overshoot.
     """
+    if job.status == "paused":
+        return job  # frozen where the pause found it (see _pause_clock)
     if job.status != "running" or job.started_at is None:
         return job if job.eta_s is None or job.finished else job.evolve(eta_s=None, eta_at=None)
     if job.eta_at is not None and now - job.eta_at < every_s:
         return job
-    elapsed = max(0.0, now - job.started_at)
+    elapsed = job.active_s(now)
     fraction = job.progress / 100.0
     state = eta.observe(job.eta_state or eta.new_state(), elapsed_s=elapsed, fraction=fraction,
                         stage=job.stage)
@@ -521,7 +623,7 @@ def finished_run(job: Job) -> eta.FinishedRun | None:
     """A succeeded job as history for the estimator."""
     if job.status != "succeeded" or job.started_at is None or job.finished_at is None:
         return None
-    return eta.FinishedRun(duration_s=job.finished_at - job.started_at, total=job.total,
+    return eta.FinishedRun(duration_s=job.active_s(job.finished_at), total=job.total,
                            stage_durations=dict(job.stage_times))
 
 

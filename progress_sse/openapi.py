@@ -210,13 +210,17 @@ def spec(settings: Settings) -> Schema:
                    "result": DOCUMENT, "error": {"type": "string", "maxLength": 8000},
                    **IDEMPOTENCY}, required=("status",))
     reason = body({"reason": {"type": "string", "maxLength": 500}})
+    cancel = body({"reason": {"type": "string", "maxLength": 500},
+                   "force": {"type": "boolean",
+                             "description": "Close the job as cancelled at once, without "
+                                            "its worker's acknowledgement (200)."}})
     heartbeat = body({"attempt": IDEMPOTENCY["attempt"]})
 
-    def viewer_request(what: str) -> Schema:
+    def viewer_request(what: str, request_body: Schema = reason) -> Schema:
         return {"post": {
             "operationId": f"{what}Job", "summary": f"Request a {what} of the job.",
             "tags": ["control"], "security": viewer, "parameters": [JOB_ID],
-            "requestBody": reason,
+            "requestBody": request_body,
             "responses": {**ok(ref("WorkerAnswer"), "Done."),
                           **ok(ref("WorkerAnswer"), "Accepted; the worker has yet to act.",
                                202),
@@ -299,7 +303,7 @@ def spec(settings: Settings) -> Schema:
         "/api/jobs/{job_id}/finish": worker_post("finishJob", "Finish the job.", finish),
         "/api/jobs/{job_id}/heartbeat": worker_post(
             "heartbeat", "Say the worker is alive without reporting progress.", heartbeat),
-        "/api/jobs/{job_id}/cancel": viewer_request("cancel"),
+        "/api/jobs/{job_id}/cancel": viewer_request("cancel", cancel),
         "/api/jobs/{job_id}/pause": viewer_request("pause"),
         "/api/jobs/{job_id}/resume": viewer_request("resume"),
         "/api/jobs/{job_id}/requeue": viewer_request("requeue"),

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from progress_sse import jobs
 from progress_sse.settings import Settings
 
 from .conftest import db_events
@@ -190,3 +191,115 @@ async def test_heartbeat_stores_no_event(client: httpx.AsyncClient, service: Ser
     assert r.status_code == 200
     assert r.json()["event_id"] is None
     assert db_events(service.settings.db) == before
+
+
+async def test_force_cancel_closes_at_once_and_refuses_the_worker(
+        client: httpx.AsyncClient) -> None:
+    """'Close anyway': a job stuck in cancelling, a running and a paused job end cancelled
+    at once, saying no worker agreed; the worker's later posts are refused (409)."""
+    stuck = await create_job(client)
+    await post(client, stuck["id"], "progress", progress=10)
+    assert (await post(client, stuck["id"], "cancel")).status_code == 202
+    r = await post(client, stuck["id"], "cancel", force=True)
+    assert r.status_code == 200, r.text
+    job = r.json()["job"]
+    assert (job["status"], job["cancel_requested"]) == ("cancelled", False)
+    assert job["control_reason"] == "closed by a viewer without the worker's acknowledgement"
+    assert job["finished_at"] is not None and job["eta_s"] is None
+    events = (await client.get(f"/api/jobs/{stuck['id']}/events")).json()["events"]
+    assert events[-1]["type"] == "finished"
+    assert (events[-1]["status"], events[-1]["forced"]) == ("cancelled", True)
+    for what, body in (("progress", {"progress": 20}), ("heartbeat", {}),
+                       ("finish", {"status": "succeeded"})):
+        late = await post(client, stuck["id"], what, **body)
+        assert late.status_code == 409, (what, late.text)
+    assert (await post(client, stuck["id"], "cancel", force=True)).status_code == 409
+
+    running = await create_job(client)
+    await post(client, running["id"], "progress", progress=30)
+    r = await post(client, running["id"], "cancel", force=True, reason="worker host is gone")
+    assert r.status_code == 200
+    assert r.json()["job"]["control_reason"] == (
+        "closed by a viewer without the worker's acknowledgement: worker host is gone")
+
+    paused = await create_job(client)
+    await post(client, paused["id"], "progress", progress=30)
+    await post(client, paused["id"], "pause")
+    await post(client, paused["id"], "progress", paused=True)
+    r = await post(client, paused["id"], "cancel", force=True)
+    assert r.json()["job"]["status"] == "cancelled"
+
+    queued = await create_job(client)
+    r = await post(client, queued["id"], "cancel", force=True)
+    assert r.json()["job"]["status"] == "cancelled"
+
+    # without force, as before; force is a cancel's field only
+    plain = await create_job(client)
+    await post(client, plain["id"], "progress", progress=10)
+    assert (await post(client, plain["id"], "cancel", force=False)).status_code == 202
+    bad = await post(client, plain["id"], "pause", force=True)
+    assert (bad.status_code, bad.json()["error"]["field"]) == (400, "force")
+
+
+async def test_unanswered_cancel_ends_cancelled_after_the_heartbeat_timeout(
+        settings: Settings) -> None:
+    """A cancel that a silent worker never acknowledges ends `cancelled` after the job's
+    heartbeat timeout, saying so; a worker still heartbeating is left to finish."""
+    svc = await start_service(replace(settings, stall_check_s=0.05))
+    try:
+        async with httpx.AsyncClient(base_url=svc.url) as client:
+            gone = await create_job(client, heartbeat_timeout_s=1)
+            alive = await create_job(client, heartbeat_timeout_s=1)
+            for job in (gone, alive):
+                await post(client, job["id"], "progress", progress=10)
+                assert (await post(client, job["id"], "cancel")).status_code == 202
+
+            async def closed() -> bool:
+                await post(client, alive["id"], "heartbeat")
+                r = await client.get(f"/api/jobs/{gone['id']}")
+                return bool(r.json()["job"]["status"] == "cancelled")
+
+            started = time.monotonic()
+            await wait_for(closed, timeout=10, what="the unanswered cancel to end")
+            assert time.monotonic() - started > 0.8  # not before the timeout
+            job = (await client.get(f"/api/jobs/{gone['id']}")).json()["job"]
+            assert job["control_reason"] == "the worker did not answer the cancel within 1 s"
+            assert (job["cancel_requested"], job["stalled"]) == (False, False)
+            events = (await client.get(f"/api/jobs/{gone['id']}/events")).json()["events"]
+            assert events[-1]["type"] == "finished"
+            assert (events[-1]["status"], events[-1]["timed_out"]) == ("cancelled", True)
+            late = await post(client, gone["id"], "finish", status="cancelled")
+            assert late.status_code == 409
+
+            await post(client, alive["id"], "heartbeat")
+            await asyncio.sleep(0.5)  # past its timeout too, but its worker speaks
+            assert (await client.get(f"/api/jobs/{alive['id']}")).json()["job"]["status"] \
+                == "cancelling"
+    finally:
+        await svc.stop()
+
+
+def test_cancel_timeout_rule_and_documents_stored_before_it() -> None:
+    """The rule: asked longer ago than the timeout and the worker silent as long. A job
+    stored before `cancel_requested_at` existed loads and times out from its last change."""
+    job, _ = jobs.create_job(jobs.NewJob("j", "o", "k", "t", "default", (), None, {}, 10.0,
+                                         "h"), 0.0)
+    job, _ = jobs.heartbeat(job, None, 1.0)
+    job, _ = jobs.request_cancel(job, None, 5.0)
+    assert job.cancel_requested_at == 5.0
+    assert not jobs.cancel_timed_out(job, 14.0)  # asked 9 s ago
+    assert jobs.cancel_timed_out(job, 15.5)  # asked 10.5 s ago, silent for 14.5 s
+    spoke, _ = jobs.heartbeat(job, None, 12.0)
+    assert not jobs.cancel_timed_out(spoke, 15.5)  # the worker is alive
+    assert jobs.expire_cancel(spoke, 15.5) == (spoke, [])
+    ended, drafts = jobs.expire_cancel(job, 15.5)
+    assert ended.status == "cancelled" and ended.finished_at == 15.5
+    assert [d.type for d in drafts] == ["finished"]
+
+    private = job.private()
+    for name in ("cancel_requested_at", "paused_s", "paused_at"):
+        del private[name]
+    old = jobs.Job.from_record(job.public(5.0), private)
+    assert (old.cancel_requested_at, old.paused_s, old.paused_at) == (None, 0.0, None)
+    assert not jobs.cancel_timed_out(old, 14.0)
+    assert jobs.cancel_timed_out(old, 15.5)
