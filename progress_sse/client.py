@@ -14,11 +14,19 @@ Choices that may look odd but are deliberate:
   superseded (the job was requeued) is refused instead of writing into the new one.
   A handle that created its job counts from 1; one that attaches to an existing job
   starts from the clock (`clock_seq()`), so it is ahead of any earlier worker.
-* Progress is throttled, never dropped: a value that comes too soon becomes the
-  *pending* value (newer values replace it) and goes out at the next allowed moment,
-  from the caller or from the background heartbeat. Stage changes, log lines and the
-  finish are never merged away: they flush the pending progress first, then wait for
-  their own slot, so the stored order is the order of the calls.
+* Every post goes through one ordered outbox. Progress is throttled, never dropped: a
+  value that comes too soon waits there (newer values replace it) and goes out at the
+  next allowed moment, from the caller or from the background heartbeat. Stage
+  changes, log lines and the finish are never merged away, so the stored order is the
+  order of the calls.
+* Reporting must never end the work it reports on. When the service is unreachable
+  (connection refused or reset, a timeout, 5xx, 408, 429), posts stay in the outbox
+  and the call returns at once; the background retries with backoff and flushes the
+  outbox in order when the service is back. A post keeps the `seq` of its first
+  attempt, so a re-send whose first answer was lost is stored once. The outbox is
+  bounded: progress is merged (only the newest value counts), log lines beyond
+  `max_buffered_logs` drop the oldest (counted, and one warning line says so).
+  Only `finish` waits, up to `finish_timeout`; then it raises NotRecorded.
 * A block swallows the `Cancelled` of its own job: the cancel was obeyed and the job
   ended `cancelled`, which `job.status` shows. Every other exception propagates.
 * Worker posts authenticate with the job's worker token when there is one; everything
@@ -43,6 +51,7 @@ import secrets
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import AsyncGenerator, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -78,6 +87,31 @@ class ProgressClientError(Exception):
 
 class ServiceUnavailable(ProgressClientError):
     """The service stayed unreachable (or kept answering 5xx) through every retry."""
+
+
+class NotRecorded(ServiceUnavailable):
+    """`finish` ran out of `finish_timeout` with the service unreachable.
+
+    The message names what the job's record lacks: the finish itself, how many
+    progress and log posts were still waiting, and how many log lines were dropped.
+    """
+
+    def __init__(self, job_id: str | None, *, status: str | None, progress_posts: int,
+                 log_lines: int, dropped_logs: int, waited: float) -> None:
+        parts = [f"the finish ({status})" if status else "the finish"]
+        if progress_posts:
+            parts.append(_count(progress_posts, "progress post"))
+        if log_lines:
+            parts.append(_count(log_lines, "log line"))
+        dropped = (f"; {_count(dropped_logs, 'log line')} had already been dropped"
+                   if dropped_logs else "")
+        super().__init__(f"job {job_id}: the service stayed unreachable for {waited:.0f}s; "
+                         f"not recorded: {', '.join(parts)}{dropped}")
+        self.job_id = job_id
+        self.status = status
+        self.progress_posts = progress_posts
+        self.log_lines = log_lines
+        self.dropped_logs = dropped_logs
 
 
 class APIError(ProgressClientError):
@@ -154,6 +188,8 @@ class _Options:
     timeout: float
     heartbeat_interval: float | None
     control_max_age: float
+    finish_timeout: float = 120.0
+    max_buffered_logs: int = 1000
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -188,6 +224,16 @@ def _retry_delays(retries: int, backoff: float, cap: float = 8.0) -> Iterator[fl
 
 def _retryable(status: int) -> bool:
     return status >= 500 or status in (408, 429)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A failure that says nothing about the post itself: keep it and send it again later."""
+    return isinstance(exc, ServiceUnavailable) or (
+        isinstance(exc, APIError) and _retryable(exc.status_code))
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
 
 
 def _retry_after(response: httpx.Response) -> float:
@@ -264,6 +310,19 @@ class _Pacer:
         self._last = time.monotonic()
 
 
+OUTAGE_RETRY_CAP_S = 2.0  # the longest wait between tries while the service is unreachable
+
+
+@dataclass
+class _Post:
+    """One worker post waiting in the outbox, in the order of the calls."""
+
+    what: str
+    body: dict[str, Any]
+    merge: bool = False  # plain progress: a newer value replaces it until it is first sent
+    seq: int | None = None  # given at the first attempt and kept, so a re-send is stored once
+
+
 @dataclass(frozen=True)
 class _ExitPlan:
     status: str | None  # None: do not finish (already finished, or fenced off)
@@ -289,7 +348,14 @@ class _JobCore:
         self._opts = opts
         self._spec = spec
         self._seq = 0
-        self._pending: dict[str, Any] | None = None
+        self._outbox: deque[_Post] = deque()  # posts not yet recorded, in call order
+        self._logs = 0  # log lines in the outbox (the drop marker not counted)
+        self._marker: _Post | None = None  # the unsent "N log lines dropped" line
+        self._marker_count = 0
+        self.dropped_logs = 0  # log lines dropped because the outbox was full
+        self._outage = False  # unreachable, or still flushing what waited meanwhile
+        self._failures = 0
+        self._retry_at = 0.0  # while unreachable: when to try again
         self._stage: str | None = None
         self._pacer = _Pacer(opts.max_rate)
         self._done = False  # finished, or fenced off by a newer attempt
@@ -315,6 +381,16 @@ class _JobCore:
     def seq(self) -> int:
         """The last `seq` used."""
         return self._seq
+
+    @property
+    def pending(self) -> int:
+        """Posts not yet recorded by the service (throttled, or waiting out an outage)."""
+        return len(self._outbox)
+
+    @property
+    def unreachable(self) -> bool:
+        """True from a failed post until the outbox is flushed after the service is back."""
+        return self._outage
 
     def _adopt(self, job: dict[str, Any], control: Mapping[str, Any] | None,
                created: bool) -> None:
@@ -350,9 +426,12 @@ class _JobCore:
         self._last_post = time.monotonic()
         self._posted = True
 
-    def _stamp(self, body: dict[str, Any]) -> dict[str, Any]:
-        self._seq += 1
-        return {**body, "seq": self._seq, "attempt": self.attempt}
+    def _stamp(self, post: _Post) -> dict[str, Any]:
+        """The body to send: the post's seq is fixed at its first attempt."""
+        if post.seq is None:
+            self._seq += 1
+            post.seq = self._seq
+        return {**post.body, "seq": post.seq, "attempt": self.attempt}
 
     def _check(self) -> None:
         """Raise what the background learned, and refuse posts once the job is over."""
@@ -376,13 +455,79 @@ class _JobCore:
         if c.cancel_requested or c.status == "cancelled":
             raise Cancelled(self.id, c.reason)
 
-    def _take_pending(self) -> dict[str, Any] | None:
-        pending, self._pending = self._pending, None
-        return pending
+    def _queue(self, what: str, body: dict[str, Any], *, merge: bool = False) -> None:
+        """Add a post to the outbox; plain progress merges into an unsent progress tail."""
+        tail = self._outbox[-1] if self._outbox else None
+        if merge and tail is not None and tail.merge and tail.seq is None:
+            tail.body = _merge(tail.body, body)
+            return
+        self._outbox.append(_Post(what, dict(body), merge))
+        if what == "log":
+            self._logs += 1
+            if self._logs > self._opts.max_buffered_logs:
+                self._drop_oldest_log()
 
-    def _restore_pending(self, taken: dict[str, Any]) -> None:
-        """Put back a value whose post failed, under anything newer."""
-        self._pending = _merge(taken, self._pending or {})
+    def _drop_oldest_log(self) -> None:
+        """Keep the outbox bounded: the oldest unsent log line gives way, and is counted."""
+        i = next((n for n, post in enumerate(self._outbox) if post.what == "log"
+                  and post.seq is None and post is not self._marker), None)
+        if i is None:
+            return
+        self._logs -= 1
+        self.dropped_logs += 1
+        if self._marker is not None and self._marker.seq is None:
+            self._marker_count += 1
+            del self._outbox[i]
+            if 0 < i < len(self._outbox):
+                a, b = self._outbox[i - 1], self._outbox[i]
+                if a.merge and b.merge and a.seq is None and b.seq is None:
+                    a.body = _merge(a.body, b.body)
+                    del self._outbox[i]
+        else:
+            self._marker, self._marker_count = _Post("log", {"level": "warning"}), 1
+            self._outbox[i] = self._marker
+        self._marker.body["message"] = (
+            f"{_count(self._marker_count, 'log line')} dropped while the service was "
+            "unreachable (the worker's buffer was full)")
+
+    def _sent(self, post: _Post) -> None:
+        """Take a post out of the outbox: recorded, or refused for good."""
+        if self._outbox and self._outbox[0] is post:
+            self._outbox.popleft()
+        if post.what == "log" and post is not self._marker:
+            self._logs -= 1
+        if post is self._marker:
+            self._marker = None
+
+    def _failed(self, exc: BaseException) -> None:
+        """The service is unreachable: keep posting into the outbox, and try again later."""
+        if not self._outage:
+            log.warning("job %s: the service is unreachable (%s); the worker goes on and its "
+                        "posts wait until it is back", self.id, exc)
+        self._outage = True
+        self._failures += 1
+        step = min(OUTAGE_RETRY_CAP_S, self._opts.backoff * 2 ** min(self._failures - 1, 10))
+        self._retry_at = time.monotonic() + step * random.uniform(0.5, 1.0)
+
+    def _reached(self) -> None:
+        """A post got through; the outage is over once the outbox is flushed."""
+        self._failures = 0
+        self._retry_at = 0.0
+        if self._outage and not self._outbox:
+            self._outage = False
+            log.warning("job %s: the service is back; every waiting post is recorded", self.id)
+
+    def _waiting_out(self) -> bool:
+        """Unreachable, and too soon to try again."""
+        return self._outage and time.monotonic() < self._retry_at
+
+    def _unrecorded(self, waited: float) -> NotRecorded:
+        finish = next((p for p in self._outbox if p.what == "finish"), None)
+        return NotRecorded(
+            self.id, status=None if finish is None else str(finish.body.get("status")),
+            progress_posts=sum(p.what == "progress" for p in self._outbox),
+            log_lines=sum(p.what == "log" and p is not self._marker for p in self._outbox),
+            dropped_logs=self.dropped_logs, waited=waited)
 
     def _heartbeat_interval(self) -> float:
         if self._opts.heartbeat_interval:
@@ -391,12 +536,14 @@ class _JobCore:
         return min(30.0, max(0.2, timeout / 3.0))
 
     def _seconds_to_duty(self) -> float:
-        """Until the next heartbeat, or until the pending progress may go out."""
+        """Until the next heartbeat, until waiting posts may go out, or the next retry."""
+        if self._outage:
+            return max(0.0, self._retry_at - time.monotonic())
         interval = self._heartbeat_interval()
         if not self._posted:
             interval = min(interval, 1.0)  # mark the job running soon, with an event
         due = self._last_post + interval - time.monotonic()
-        if self._pending is not None:
+        if self._outbox:
             due = min(due, self._pacer.delay())
         return max(0.0, due)
 
@@ -588,12 +735,13 @@ class ProgressClient:
     def __init__(self, url: str | None = None, *, token: str | None = None,
                  max_rate: float | None = 10.0, retries: int = 5, backoff: float = 0.25,
                  timeout: float = 10.0, heartbeat_interval: float | None = None,
-                 control_max_age: float = 1.0,
+                 control_max_age: float = 1.0, finish_timeout: float = 120.0,
+                 max_buffered_logs: int = 1000,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.url = resolve_url(url)
         self.token = resolve_token(token)
         self.options = _Options(max_rate, retries, backoff, timeout, heartbeat_interval,
-                                control_max_age)
+                                control_max_age, finish_timeout, max_buffered_logs)
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
                                   headers={"User-Agent": "progress-sse-client"})
 
@@ -608,9 +756,14 @@ class ProgressClient:
 
     def request(self, method: str, path: str, *, json: Any = None,
                 params: Mapping[str, str] | None = None, token: str | None = None,
-                request_timeout: float | None = None) -> dict[str, Any]:
-        """Send one request, retrying connection errors, 5xx and 429; the decoded answer."""
-        delays = _retry_delays(self.options.retries, self.options.backoff)
+                request_timeout: float | None = None, retries: int | None = None
+                ) -> dict[str, Any]:
+        """Send one request, retrying connection errors, 5xx and 429; the decoded answer.
+
+        `retries` overrides the client's count (0: one attempt).
+        """
+        delays = _retry_delays(self.options.retries if retries is None else retries,
+                               self.options.backoff)
         headers = _auth(token or self.token)
         limit = (httpx.Timeout(request_timeout) if request_timeout is not None
                  else httpx.USE_CLIENT_DEFAULT)
@@ -652,11 +805,13 @@ class ProgressClient:
         return job
 
     def control(self, job_id: str, *, wait: float = 0.0, cancel_requested: bool = False,
-                pause_requested: bool = False, token: str | None = None) -> Control:
+                pause_requested: bool = False, token: str | None = None,
+                retries: int | None = None) -> Control:
         """The control state; with `wait`, long-poll until it differs from what you know."""
         answer = self.request("GET", f"/api/jobs/{job_id}/control",
                               params=_control_params(wait, cancel_requested, pause_requested),
-                              token=token, request_timeout=wait + self.options.timeout)
+                              token=token, request_timeout=wait + self.options.timeout,
+                              retries=retries)
         return Control.from_dict(answer["control"])
 
     def cancel(self, job_id: str, reason: str | None = None) -> Control:
@@ -796,18 +951,22 @@ class Job(_JobCore):
     def progress(self, progress: float | None = None, *, current: float | None = None,
                  total: float | None = None, message: str | None = None, data: Any = None,
                  stage: str | None = None) -> Control:
-        """Report progress (0-100, of the current stage for a staged job), throttled."""
+        """Report progress (0-100, of the current stage for a staged job), throttled.
+
+        Never raises because the service is unreachable: the value waits in the outbox.
+        """
         self._check()
         update = _fields(progress=progress, current=current, total=total, message=message,
                          data=data)
         if stage is not None and stage != self._stage:
-            self._send_now("progress", {**update, "stage": stage})
+            self._send("progress", {**update, "stage": stage})
             return self.control
         with self._state_lock:
-            self._pending = _merge(self._pending, update)
-        if self._pacer.delay() <= 0 and self._send_lock.acquire(blocking=False):
+            self._queue("progress", update, merge=True)
+        if not self._outage and self._pacer.delay() <= 0 \
+                and self._send_lock.acquire(blocking=False):
             try:
-                self._flush_locked(wait=False)
+                self._drain(wait=False)
             finally:
                 self._send_lock.release()
         else:
@@ -818,31 +977,41 @@ class Job(_JobCore):
               current: float | None = None, total: float | None = None) -> Control:
         """Enter a stage; never merged away, sent after any pending progress."""
         self._check()
-        self._send_now("progress", _fields(stage=key, message=message, progress=progress,
-                                           current=current, total=total))
+        self._send("progress", _fields(stage=key, message=message, progress=progress,
+                                       current=current, total=total))
         return self.control
 
     def log(self, message: str, level: str = "info") -> Control:
         """Add a log line to the job; never merged away, sent after any pending progress."""
         self._check()
-        self._send_now("log", {"level": level, "message": message})
+        self._send("log", {"level": level, "message": message})
         return self.control
 
     def checkpoint(self) -> None:
-        """Raise Cancelled when a cancel was requested; block while a pause is requested."""
+        """Raise Cancelled when a cancel was requested; block while a pause is requested.
+
+        While the service is unreachable it goes by the last control state it knew.
+        """
         self._check()
-        if time.monotonic() - self._control_at > self._opts.control_max_age:
-            self._set_control(self._client.control(self._id(), token=self.token))
+        if not self._outage and time.monotonic() - self._control_at > self._opts.control_max_age:
+            try:
+                self._set_control(self._client.control(self._id(), token=self.token,
+                                                       retries=0))
+            except ProgressClientError as exc:
+                if not _unreachable(exc):
+                    raise
+                with self._state_lock:
+                    self._failed(exc)
+                self._wake.set()
         self._verdict()
         if self.control.pause_requested:
             self._pause()
 
     def finish(self, status: str = "succeeded", *, result: Any = None,
                error: str | None = None) -> None:
-        """Finish now (leaving the block does it otherwise)."""
+        """Finish now (leaving the block does it otherwise); retried up to `finish_timeout`."""
         self._check()
-        self._send_now("finish", _finish_body(status, result, error))
-        self._done = True
+        self._finish(_finish_body(status, result, error))
 
     def refresh(self) -> dict[str, Any]:
         """Read the job and its control state from the service."""
@@ -860,44 +1029,87 @@ class Job(_JobCore):
 
     def _pause(self) -> None:
         """Acknowledge the pause, wait until it is lifted, then say so."""
-        self._send_now("progress", {"paused": True})
+        self._send("progress", {"paused": True})
         while self.control.pause_requested and not self.control.cancel_requested \
                 and self.control.status not in ("cancelled", "failed", "succeeded"):
-            self._set_control(self._client.control(
-                self._id(), wait=LONG_POLL_S, pause_requested=True, token=self.token))
+            try:
+                self._set_control(self._client.control(
+                    self._id(), wait=LONG_POLL_S, pause_requested=True, token=self.token,
+                    retries=0))
+            except ProgressClientError as exc:
+                if not _unreachable(exc):
+                    raise
+                with self._state_lock:
+                    self._failed(exc)
+                time.sleep(max(0.0, self._retry_at - time.monotonic()))
         self._verdict()
-        self._send_now("progress", {"paused": False})
+        self._send("progress", {"paused": False})
 
-    def _send_now(self, what: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Send a post that is never merged: pending progress first, then this, in order."""
-        with self._send_lock:
-            self._flush_locked(wait=True)
-            time.sleep(self._pacer.delay())
-            return self._post(what, body)
-
-    def _flush_locked(self, *, wait: bool) -> None:
-        """Send the pending progress (the send lock is held)."""
-        if not wait and self._pacer.delay() > 0:
-            return
+    def _send(self, what: str, body: dict[str, Any]) -> None:
+        """Queue a post that is never merged, and send the outbox in order unless the
+        service is unreachable (then the post waits, and the caller goes on)."""
         with self._state_lock:
-            pending = self._take_pending()
-        if pending is None:
+            self._queue(what, body)
+        if self._outage:
+            self._wake.set()
             return
-        time.sleep(self._pacer.delay())
-        try:
-            self._post("progress", pending)
-        except ServiceUnavailable:
+        with self._send_lock:
+            self._drain(wait=True)
+
+    def _finish(self, body: dict[str, Any]) -> None:
+        """Queue the finish and send the outbox, retrying up to `finish_timeout`."""
+        with self._state_lock:
+            self._queue("finish", body)
+        started = time.monotonic()
+        while True:
+            with self._send_lock:
+                if self._drain(wait=True):
+                    self._done = True
+                    return
+            waited = time.monotonic() - started
+            if waited >= self._opts.finish_timeout:
+                self._done = True
+                with self._state_lock:
+                    raise self._unrecorded(waited)
+            time.sleep(max(0.01, min(self._opts.finish_timeout - waited,
+                                     self._retry_at - time.monotonic())))
+
+    def _drain(self, *, wait: bool) -> bool:
+        """Send the outbox in order (the send lock is held). False: the service is
+        unreachable, and what is left waits. Without `wait`, stop at the throttle."""
+        while True:
             with self._state_lock:
-                self._restore_pending(pending)
-            raise
+                if not self._outbox:
+                    self._reached()
+                    return True
+                if self._waiting_out():
+                    return False
+                head = self._outbox[0]
+            if not wait and self._pacer.delay() > 0:
+                return True
+            time.sleep(self._pacer.delay())
+            with self._state_lock:
+                body = self._stamp(head)
+            try:
+                self._post(head.what, body)
+            except Exception as exc:
+                with self._state_lock:
+                    if _unreachable(exc):
+                        self._failed(exc)
+                        return False
+                    self._sent(head)
+                raise
+            with self._state_lock:
+                self._sent(head)
+                self._reached()
 
     def _post(self, what: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Number the post, send it (retried as is), and learn from the answer."""
+        """Send one numbered post, once, and learn from the answer."""
         job_id = self._id()
-        stamped = self._stamp(body)
         self._pacer.note()
         try:
-            answer = self._client.post_worker(job_id, what, stamped, token=self.token)
+            answer = self._client.request("POST", f"/api/jobs/{job_id}/{what}", json=body,
+                                          token=self.token, retries=0)
         except JobFinishedError as exc:
             self._done = True
             self.refresh()
@@ -916,13 +1128,14 @@ class Job(_JobCore):
         if plan.status is None:
             return
         if plan.traceback:
-            self._send_now("log", {"level": "error", "message": plan.traceback})
+            with self._state_lock:
+                self._queue("log", {"level": "error", "message": plan.traceback})
         result = self.result if plan.status == "succeeded" else None
-        self._send_now("finish", _finish_body(plan.status, result, plan.error))
-        self._done = True
+        self._finish(_finish_body(plan.status, result, plan.error))
 
     def _background(self) -> None:
-        """Heartbeat while the worker is busy, and send pending progress when it may go."""
+        """Heartbeat while the worker is busy, send waiting posts when they may go, and
+        retry them while the service is unreachable."""
         while True:
             self._wake.wait(self._seconds_to_duty())
             self._wake.clear()
@@ -930,23 +1143,37 @@ class Job(_JobCore):
                 return
             try:
                 self._duties()
-            except ServiceUnavailable as exc:
-                log.warning("job %s: %s", self.id, exc)
             except Exception as exc:  # the worker's next call raises it; keep beating
                 self._bg_error = exc
 
     def _duties(self) -> None:
-        if self._pending is not None and self._pacer.delay() <= 0:
+        if self._waiting_out():
+            return
+        if self._outbox:
             with self._send_lock:
-                self._flush_locked(wait=False)
-        if not self._heartbeat_due():
+                self._drain(wait=True)
+            return
+        if not (self._outage or self._heartbeat_due()):
             return
         self._last_post = time.monotonic()  # a failed beat is tried again an interval on
         if not self._posted:
-            self._send_now("progress", {})  # an event, so viewers see the job start
+            with self._state_lock:
+                self._queue("progress", {}, merge=True)  # an event: viewers see the start
+            with self._send_lock:
+                self._drain(wait=True)
             return
-        answer = self._client.post_worker(self._id(), "heartbeat", {"attempt": self.attempt},
-                                          token=self.token)
+        try:
+            answer = self._client.request("POST", f"/api/jobs/{self._id()}/heartbeat",
+                                          json={"attempt": self.attempt}, token=self.token,
+                                          retries=0)
+        except ProgressClientError as exc:
+            if not _unreachable(exc):
+                raise
+            with self._state_lock:
+                self._failed(exc)
+            return
+        with self._state_lock:
+            self._reached()
         self._absorb(answer)
 
     def _stop_background(self) -> None:
@@ -968,12 +1195,13 @@ class AsyncProgressClient:
     def __init__(self, url: str | None = None, *, token: str | None = None,
                  max_rate: float | None = 10.0, retries: int = 5, backoff: float = 0.25,
                  timeout: float = 10.0, heartbeat_interval: float | None = None,
-                 control_max_age: float = 1.0,
+                 control_max_age: float = 1.0, finish_timeout: float = 120.0,
+                 max_buffered_logs: int = 1000,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = resolve_url(url)
         self.token = resolve_token(token)
         self.options = _Options(max_rate, retries, backoff, timeout, heartbeat_interval,
-                                control_max_age)
+                                control_max_age, finish_timeout, max_buffered_logs)
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport,
                                        headers={"User-Agent": "progress-sse-client"})
 
@@ -988,9 +1216,14 @@ class AsyncProgressClient:
 
     async def request(self, method: str, path: str, *, json: Any = None,
                       params: Mapping[str, str] | None = None, token: str | None = None,
-                      request_timeout: float | None = None) -> dict[str, Any]:
-        """Send one request, retrying connection errors, 5xx and 429; the decoded answer."""
-        delays = _retry_delays(self.options.retries, self.options.backoff)
+                      request_timeout: float | None = None, retries: int | None = None
+                      ) -> dict[str, Any]:
+        """Send one request, retrying connection errors, 5xx and 429; the decoded answer.
+
+        `retries` overrides the client's count (0: one attempt).
+        """
+        delays = _retry_delays(self.options.retries if retries is None else retries,
+                               self.options.backoff)
         headers = _auth(token or self.token)
         limit = (httpx.Timeout(request_timeout) if request_timeout is not None
                  else httpx.USE_CLIENT_DEFAULT)
@@ -1029,11 +1262,12 @@ class AsyncProgressClient:
         return job
 
     async def control(self, job_id: str, *, wait: float = 0.0, cancel_requested: bool = False,
-                      pause_requested: bool = False, token: str | None = None) -> Control:
+                      pause_requested: bool = False, token: str | None = None,
+                      retries: int | None = None) -> Control:
         answer = await self.request(
             "GET", f"/api/jobs/{job_id}/control",
             params=_control_params(wait, cancel_requested, pause_requested), token=token,
-            request_timeout=wait + self.options.timeout)
+            request_timeout=wait + self.options.timeout, retries=retries)
         return Control.from_dict(answer["control"])
 
     async def cancel(self, job_id: str, reason: str | None = None) -> Control:
@@ -1161,17 +1395,20 @@ class AsyncJob(_JobCore):
     async def progress(self, progress: float | None = None, *, current: float | None = None,
                        total: float | None = None, message: str | None = None,
                        data: Any = None, stage: str | None = None) -> Control:
-        """Report progress (0-100, of the current stage for a staged job), throttled."""
+        """Report progress (0-100, of the current stage for a staged job), throttled.
+
+        Never raises because the service is unreachable: the value waits in the outbox.
+        """
         self._check()
         update = _fields(progress=progress, current=current, total=total, message=message,
                          data=data)
         if stage is not None and stage != self._stage:
-            await self._send_now("progress", {**update, "stage": stage})
+            await self._send("progress", {**update, "stage": stage})
             return self.control
-        self._pending = _merge(self._pending, update)
-        if self._pacer.delay() <= 0 and not self._send_lock.locked():
+        self._queue("progress", update, merge=True)
+        if not self._outage and self._pacer.delay() <= 0 and not self._send_lock.locked():
             async with self._send_lock:
-                await self._flush_locked(wait=False)
+                await self._drain(wait=False)
         else:
             self._wake.set()
         return self.control
@@ -1181,31 +1418,40 @@ class AsyncJob(_JobCore):
                     total: float | None = None) -> Control:
         """Enter a stage; never merged away, sent after any pending progress."""
         self._check()
-        await self._send_now("progress", _fields(stage=key, message=message, progress=progress,
-                                                 current=current, total=total))
+        await self._send("progress", _fields(stage=key, message=message, progress=progress,
+                                             current=current, total=total))
         return self.control
 
     async def log(self, message: str, level: str = "info") -> Control:
         """Add a log line to the job; never merged away, sent after any pending progress."""
         self._check()
-        await self._send_now("log", {"level": level, "message": message})
+        await self._send("log", {"level": level, "message": message})
         return self.control
 
     async def checkpoint(self) -> None:
-        """Raise Cancelled when a cancel was requested; wait while a pause is requested."""
+        """Raise Cancelled when a cancel was requested; wait while a pause is requested.
+
+        While the service is unreachable it goes by the last control state it knew.
+        """
         self._check()
-        if time.monotonic() - self._control_at > self._opts.control_max_age:
-            self._set_control(await self._client.control(self._id(), token=self.token))
+        if not self._outage and time.monotonic() - self._control_at > self._opts.control_max_age:
+            try:
+                self._set_control(await self._client.control(self._id(), token=self.token,
+                                                             retries=0))
+            except ProgressClientError as exc:
+                if not _unreachable(exc):
+                    raise
+                self._failed(exc)
+                self._wake.set()
         self._verdict()
         if self.control.pause_requested:
             await self._pause()
 
     async def finish(self, status: str = "succeeded", *, result: Any = None,
                      error: str | None = None) -> None:
-        """Finish now (leaving the block does it otherwise)."""
+        """Finish now (leaving the block does it otherwise); retried up to `finish_timeout`."""
         self._check()
-        await self._send_now("finish", _finish_body(status, result, error))
-        self._done = True
+        await self._finish(_finish_body(status, result, error))
 
     async def refresh(self) -> dict[str, Any]:
         """Read the job and its control state from the service."""
@@ -1221,40 +1467,79 @@ class AsyncJob(_JobCore):
 
     async def _pause(self) -> None:
         """Acknowledge the pause, wait until it is lifted, then say so."""
-        await self._send_now("progress", {"paused": True})
+        await self._send("progress", {"paused": True})
         while self.control.pause_requested and not self.control.cancel_requested \
                 and self.control.status not in ("cancelled", "failed", "succeeded"):
-            self._set_control(await self._client.control(
-                self._id(), wait=LONG_POLL_S, pause_requested=True, token=self.token))
+            try:
+                self._set_control(await self._client.control(
+                    self._id(), wait=LONG_POLL_S, pause_requested=True, token=self.token,
+                    retries=0))
+            except ProgressClientError as exc:
+                if not _unreachable(exc):
+                    raise
+                self._failed(exc)
+                await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
         self._verdict()
-        await self._send_now("progress", {"paused": False})
+        await self._send("progress", {"paused": False})
 
-    async def _send_now(self, what: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Send a post that is never merged: pending progress first, then this, in order."""
+    async def _send(self, what: str, body: dict[str, Any]) -> None:
+        """Queue a post that is never merged, and send the outbox in order unless the
+        service is unreachable (then the post waits, and the caller goes on)."""
+        self._queue(what, body)
+        if self._outage:
+            self._wake.set()
+            return
         async with self._send_lock:
-            await self._flush_locked(wait=True)
-            await asyncio.sleep(self._pacer.delay())
-            return await self._post(what, body)
+            await self._drain(wait=True)
 
-    async def _flush_locked(self, *, wait: bool) -> None:
-        if not wait and self._pacer.delay() > 0:
-            return
-        pending = self._take_pending()
-        if pending is None:
-            return
-        await asyncio.sleep(self._pacer.delay())
-        try:
-            await self._post("progress", pending)
-        except ServiceUnavailable:
-            self._restore_pending(pending)
-            raise
+    async def _finish(self, body: dict[str, Any]) -> None:
+        """Queue the finish and send the outbox, retrying up to `finish_timeout`."""
+        self._queue("finish", body)
+        started = time.monotonic()
+        while True:
+            async with self._send_lock:
+                if await self._drain(wait=True):
+                    self._done = True
+                    return
+            waited = time.monotonic() - started
+            if waited >= self._opts.finish_timeout:
+                self._done = True
+                raise self._unrecorded(waited)
+            await asyncio.sleep(max(0.01, min(self._opts.finish_timeout - waited,
+                                              self._retry_at - time.monotonic())))
+
+    async def _drain(self, *, wait: bool) -> bool:
+        """Send the outbox in order (the send lock is held). False: the service is
+        unreachable, and what is left waits. Without `wait`, stop at the throttle."""
+        while True:
+            if not self._outbox:
+                self._reached()
+                return True
+            if self._waiting_out():
+                return False
+            head = self._outbox[0]
+            if not wait and self._pacer.delay() > 0:
+                return True
+            await asyncio.sleep(self._pacer.delay())
+            body = self._stamp(head)
+            try:
+                await self._post(head.what, body)
+            except Exception as exc:
+                if _unreachable(exc):
+                    self._failed(exc)
+                    return False
+                self._sent(head)
+                raise
+            self._sent(head)
+            self._reached()
 
     async def _post(self, what: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Send one numbered post, once, and learn from the answer."""
         job_id = self._id()
-        stamped = self._stamp(body)
         self._pacer.note()
         try:
-            answer = await self._client.post_worker(job_id, what, stamped, token=self.token)
+            answer = await self._client.request("POST", f"/api/jobs/{job_id}/{what}",
+                                                json=body, token=self.token, retries=0)
         except JobFinishedError as exc:
             self._done = True
             await self.refresh()
@@ -1273,13 +1558,13 @@ class AsyncJob(_JobCore):
         if plan.status is None:
             return
         if plan.traceback:
-            await self._send_now("log", {"level": "error", "message": plan.traceback})
+            self._queue("log", {"level": "error", "message": plan.traceback})
         result = self.result if plan.status == "succeeded" else None
-        await self._send_now("finish", _finish_body(plan.status, result, plan.error))
-        self._done = True
+        await self._finish(_finish_body(plan.status, result, plan.error))
 
     async def _background(self) -> None:
-        """Heartbeat while the worker is busy, and send pending progress when it may go."""
+        """Heartbeat while the worker is busy, send waiting posts when they may go, and
+        retry them while the service is unreachable."""
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self._seconds_to_duty())
@@ -1290,23 +1575,34 @@ class AsyncJob(_JobCore):
                 return
             try:
                 await self._duties()
-            except ServiceUnavailable as exc:
-                log.warning("job %s: %s", self.id, exc)
             except Exception as exc:  # the worker's next call raises it; keep beating
                 self._bg_error = exc
 
     async def _duties(self) -> None:
-        if self._pending is not None and self._pacer.delay() <= 0:
+        if self._waiting_out():
+            return
+        if self._outbox:
             async with self._send_lock:
-                await self._flush_locked(wait=False)
-        if not self._heartbeat_due():
+                await self._drain(wait=True)
+            return
+        if not (self._outage or self._heartbeat_due()):
             return
         self._last_post = time.monotonic()  # a failed beat is tried again an interval on
         if not self._posted:
-            await self._send_now("progress", {})  # an event, so viewers see the job start
+            self._queue("progress", {}, merge=True)  # an event, so viewers see the start
+            async with self._send_lock:
+                await self._drain(wait=True)
             return
-        answer = await self._client.post_worker(self._id(), "heartbeat",
-                                                {"attempt": self.attempt}, token=self.token)
+        try:
+            answer = await self._client.request("POST", f"/api/jobs/{self._id()}/heartbeat",
+                                                json={"attempt": self.attempt},
+                                                token=self.token, retries=0)
+        except ProgressClientError as exc:
+            if not _unreachable(exc):
+                raise
+            self._failed(exc)
+            return
+        self._reached()
         self._absorb(answer)
 
     async def _stop_background(self) -> None:

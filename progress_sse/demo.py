@@ -5,6 +5,11 @@ import), walks its stages with jittered step times, logs now and then, fails wit
 plausible error at the configured rate, and calls `checkpoint()` between steps, so
 cancel and pause from the dashboard work on demo jobs exactly as on real ones.
 `--speed` divides every duration (tests run the same code quickly).
+
+The workers live through a restart of the service: the SDK keeps their posts while
+it is away and flushes them when it is back, so a job under way carries on and ends
+as it would have. A job that cannot be started (or finished) meanwhile is reported
+in one line, and the worker tries again after a pause instead of ending the demo.
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ SCENARIOS = (
 )
 
 
+RETRY_S = 2.0  # a worker's pause after the service refused or could not be reached
+
+
 class SimulatedFailure(Exception):
     """The error a demo job fails with on purpose."""
 
@@ -104,7 +112,12 @@ class Demo:
 
     async def worker(self, rng: random.Random) -> None:
         while True:
-            await self.run_job(rng.choice(SCENARIOS), rng)
+            try:
+                await self.run_job(rng.choice(SCENARIOS), rng)
+            except ProgressClientError as exc:
+                self.say(f"worker: {exc}; trying again in {RETRY_S:g}s")
+                await asyncio.sleep(RETRY_S)
+                continue
             if self.opts.once:
                 return
             await asyncio.sleep(rng.uniform(0.5, 3.0) / self.opts.speed)
