@@ -5,6 +5,9 @@ Exit codes of the tools, so shell scripts can branch on them:
 requested (post), 4 a pause is requested (post), 5 the service refused or could not
 be reached, 64 bad command line, 130 interrupted. `check`: 0 ok, 1 damaged, 2 no
 such file; `serve` and `migrate` exit 2 on a refusal (a database in use or damaged).
+`run` exits with its command's status (128+N when a signal N ended it, 143 or more
+after a cancel), or 125 when it could not create the job (the command did not run),
+126 when the command cannot be executed, 127 when it is not found.
 """
 
 from __future__ import annotations
@@ -235,6 +238,48 @@ def _wait_while_paused(pc: ProgressClient, args: argparse.Namespace, seq: int) -
     return control
 
 
+def cmd_create(args: argparse.Namespace) -> int:
+    """Create a job for a shell worker: print its id and worker token."""
+    from .client import ProgressClient, ProgressClientError
+
+    stages = [s for s in (args.stages or "").split(",") if s] or None
+    try:
+        with ProgressClient(args.url, token=args.token, max_rate=None) as pc:
+            created = pc.create(kind=args.kind, title=args.title, id=args.id, stages=stages,
+                                total=args.total,
+                                heartbeat_timeout_s=args.heartbeat_timeout)
+    except ProgressClientError as exc:
+        print(f"progress-sse create: {exc}", file=sys.stderr)
+        return EXIT_SERVICE_ERROR
+    if created.worker_token is None:
+        print(f"progress-sse create: job {created.id} already exists; its worker token was "
+              "given only when it was created", file=sys.stderr)
+        return EXIT_SERVICE_ERROR
+    if args.json:
+        print(json.dumps({"id": created.id, "worker_token": created.worker_token,
+                          "job": created.job}))
+    else:
+        print(created.id, created.worker_token)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import RunOptions
+    from .runner import main as run_main
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("name the command to run: progress-sse run [OPTIONS] -- CMD ARGS...")
+    opts = RunOptions(command=command, url=args.url, token=args.token, kind=args.kind,
+                      title=args.title, heartbeat_timeout_s=args.heartbeat_timeout,
+                      grace_s=args.grace, log_rate=args.log_rate,
+                      stderr_level=args.stderr_level, pause=not args.no_pause)
+    try:
+        return run_main(opts)
+    except KeyboardInterrupt:  # before the command started: nothing to pass it on to
+        return EXIT_INTERRUPTED
+
+
 class UsageError(Exception):
     """A command line that parses but makes no sense."""
 
@@ -298,6 +343,65 @@ def _add_post(sub: argparse._SubParsersAction[Parser]) -> None:
     post.set_defaults(func=cmd_post)
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def _add_create(sub: argparse._SubParsersAction[Parser]) -> None:
+    create = sub.add_parser(
+        "create", help="create a job for a shell worker; print its id and worker token",
+        description="Create a job and print its id and worker token on one line, "
+        "separated by a space: read -r JOB TOKEN <<< \"$(progress-sse create ...)\". "
+        "Exit 5 on a service error.")
+    create.add_argument("--kind", default="job", help="the job's kind (default job)")
+    create.add_argument("--title", default="", help="what people see on the dashboard")
+    create.add_argument("--id", help="choose the id (letters, digits, _ . : -)")
+    create.add_argument("--stages", metavar="KEY,KEY", help="the stages, in order")
+    create.add_argument("--total", type=float, help="items in all")
+    create.add_argument("--heartbeat-timeout", type=_positive, metavar="SECONDS",
+                        help="silence before the running job is shown stalled")
+    create.add_argument("--json", action="store_true",
+                        help="print {id, worker_token, job} as JSON instead")
+    _service_args(create)
+    create.set_defaults(func=cmd_create)
+
+
+def _add_run(sub: argparse._SubParsersAction[Parser]) -> None:
+    run = sub.add_parser(
+        "run", help="run a command as a tracked job",
+        description="Run CMD as a job: its output lines become the job's log, its exit "
+        "status the outcome (0 succeeded, else failed with the last lines of stderr). "
+        "It sees $PROGRESS_SSE_JOB, $PROGRESS_SSE_WORKER_TOKEN and $PROGRESS_SSE_URL. "
+        "A cancel sends SIGTERM to it and its children, SIGKILL after --grace; a pause "
+        "stops them (SIGSTOP) until resumed. Exits with CMD's status; 125 when the job "
+        "could not be created (CMD did not run), 126/127 when CMD cannot be run.")
+    run.add_argument("--kind", default="command", help="the job's kind (default command)")
+    run.add_argument("--title", help="the job's title (default: the command line)")
+    run.add_argument("--grace", type=_positive, default=10.0, metavar="SECONDS",
+                     help="after a cancel's SIGTERM, wait this long before SIGKILL (default 10)")
+    run.add_argument("--log-rate", type=_positive, default=10.0, metavar="LINES",
+                     help="output lines posted per second at most, with bursts of 5 s worth; "
+                     "the rest are counted in the log (default 10)")
+    run.add_argument("--stderr-level", default="warning",
+                     choices=["debug", "info", "warning", "error"],
+                     help="log level of stderr lines (stdout lines are info; default warning)")
+    run.add_argument("--heartbeat-timeout", type=_positive, metavar="SECONDS",
+                     help="the job's silence before it is shown stalled (run heartbeats "
+                     "three times in it)")
+    run.add_argument("--no-pause", action="store_true",
+                     help="ignore pause requests instead of stopping the command (SIGSTOP)")
+    _service_args(run)
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                     help="the command and its arguments")
+    run.set_defaults(func=cmd_run)
+
+
 def _add_demo(sub: argparse._SubParsersAction[Parser]) -> None:
     demo = sub.add_parser("demo", help="simulated workers, to see jobs move",
                           description="Simulated workers run realistic multi-stage jobs "
@@ -356,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_watch(sub)
     _add_post(sub)
+    _add_create(sub)
+    _add_run(sub)
     _add_demo(sub)
     return parser
 
