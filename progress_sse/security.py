@@ -206,7 +206,9 @@ async def refuse(send: Send, status: int, code: str, message: str,
 class DashboardLogin:
     """Sign a browser in: `GET /?access_token=<JWT>` sets the dashboard's cookie and
     redirects to the same page without the token, so the address bar, the history and
-    bookmarks never keep it. The cookie is HttpOnly and SameSite=Strict."""
+    bookmarks never keep it. The cookie is HttpOnly and SameSite=Strict. A browser whose
+    token is refused goes to the page with `?signin=rejected` (or `=scope`), which says how
+    to sign in; other clients get the JSON error."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -219,27 +221,37 @@ class DashboardLogin:
                 or scope["path"].startswith("/api/"):
             await self.app(scope, receive, send)
             return
-        if not looks_like_jwt(token):
-            raise Unauthorized("this is not a viewer token")
-        who = decode_token(self.settings, token)
-        if not who.may(READ):
-            raise Forbidden(f"this token lacks the {READ!r} scope")
+        refused = None
+        try:
+            if not looks_like_jwt(token):
+                raise Unauthorized("this is not a viewer token")
+            who = decode_token(self.settings, token)
+            if not who.may(READ):
+                raise Forbidden(f"this token lacks the {READ!r} scope")
+        except (Unauthorized, Forbidden) as exc:
+            if b"text/html" not in headers(scope).get(b"accept", b""):
+                raise
+            refused = "scope" if isinstance(exc, Forbidden) else "rejected"
         # the path comes percent-decoded: a control character would go into Location, where
         # uvicorn refuses it (and drops the connection), or urlsplit would silently drop it
         path: str = scope["path"]
         if _CONTROL.search(path):
             raise InvalidInput("the path holds a control character", field="path")
-        query = URL(scope=scope).remove_query_params(QUERY_PARAM).query
+        url = URL(scope=scope).remove_query_params(QUERY_PARAM)
+        query = (url.include_query_params(signin=refused) if refused else url).query
         # one leading slash: "//host" would send the browser to another site; quoted, so
         # spaces and non-ASCII letters reach the browser as they came
         location = "/" + quote(path.lstrip("/"), safe=_PATH_SAFE) + (f"?{query}" if query
                                                                      else "")
-        lifetime = max(0, int((who.expires_at or 0) - time.time()))
-        cookie = (f"{COOKIE}={token}; Path=/; Max-Age={lifetime}; HttpOnly; SameSite=Strict"
-                  + ("; Secure" if scope["scheme"] == "https" else ""))
+        cookie = b""
+        if refused is None:
+            lifetime = max(0, int((who.expires_at or 0) - time.time()))
+            cookie = (f"{COOKIE}={token}; Path=/; Max-Age={lifetime}; HttpOnly; "
+                      "SameSite=Strict" + ("; Secure" if scope["scheme"] == "https" else "")
+                      ).encode("latin-1")
         await send({"type": "http.response.start", "status": 303, "headers": [
             (b"location", location.encode("ascii")),
-            (b"set-cookie", cookie.encode("latin-1")),
+            *([(b"set-cookie", cookie)] if cookie else []),
             (b"cache-control", b"no-store"),
             (b"content-length", b"0"),
         ]})

@@ -895,6 +895,7 @@ async def test_dashboard_signs_in_and_shows_own_jobs_under_the_real_csp(
         await expect(bar).to_have_attribute("aria-valuenow", "40", timeout=8000)
         assert await page.locator(f'article.job[data-job-id="{b_id}"]').count() == 0
         await page.locator(f'article.job[data-job-id="{a_id}"] .act-cancel').click()
+        await page.get_by_role("dialog").get_by_role("button", name="Cancel job").click()
         await expect(page.locator(f'article.job[data-job-id="{a_id}"] .status-badge')
                      ).to_have_text(re.compile("^Cancelling"), timeout=8000)
         assert await problems(page) == []

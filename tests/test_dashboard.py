@@ -18,9 +18,17 @@ import pytest
 
 from progress_sse.settings import Settings
 
-from .browser import OUTPUT, chromium, new_page, problems, require_browser
+from .browser import OUTPUT, WATCH_SCRIPT, chromium, new_page, problems, require_browser
 from .conftest import db_events
-from .helpers import ProcessService, Service, create_job, free_port, stored_log, wait_for
+from .helpers import (
+    ProcessService,
+    Service,
+    create_job,
+    free_port,
+    start_service,
+    stored_log,
+    wait_for,
+)
 
 require_browser()
 
@@ -237,8 +245,10 @@ async def test_cancel_reaches_the_worker(service: Service, client: httpx.AsyncCl
     await w.progress(progress=10, message="page 1 of 10")
     c = card(page, w.id)
     await expect(c).to_have_attribute("data-status", "running")
+    await c.get_by_role("button", name="Watch report.pdf").click()  # notify about this one
 
     await c.get_by_role("button", name="Cancel report.pdf").click()
+    await confirm(page, "Cancel job")
     await expect(c.locator(".status-badge")).to_have_text("Cancelling…")
     await expect(c.locator(".act-cancel")).to_have_attribute("aria-disabled", "true")
 
@@ -258,6 +268,14 @@ async def test_cancel_reaches_the_worker(service: Service, client: httpx.AsyncCl
     shown = await page.evaluate("window.__notifications")
     assert shown == [{"title": "report.pdf was cancelled", "tag": w.id}]
     assert await problems(page) == []
+
+
+async def confirm(page: Any, answer: str) -> None:
+    """Answer the page's confirmation dialog with the button named `answer`."""
+    dialog = page.get_by_role("dialog")
+    await expect(dialog).to_be_visible()
+    await dialog.get_by_role("button", name=answer).click()
+    await expect(dialog).to_be_hidden()
 
 
 # headless Chromium shows no notifications: record what the page asks for
@@ -465,7 +483,7 @@ async def test_screenshots_of_every_state(service: Service, client: httpx.AsyncC
 
     queued = page.locator('article.job[data-status="queued"]').first
     title = await queued.locator(".job-link").text_content()
-    for _ in range(60):
+    for _ in range(120):
         await page.keyboard.press("Tab")
         if await page.evaluate("document.activeElement.getAttribute('aria-label')") \
                 == f"Pause {title}":
@@ -523,3 +541,416 @@ async def make_jobs_in_every_state(client: httpx.AsyncClient) -> str:
 
     await wait_for(is_stalled, timeout=5, what="the silent job to be marked stalled")
     return video.id
+
+
+# ---------------------------------------------------------------- issue 16: a calm page
+
+DESKTOP: dict[str, Any] = {"viewport": {"width": 1280, "height": 900}}
+PHONE: dict[str, Any] = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2,
+                         "is_mobile": True, "has_touch": True}
+SIZES: list[tuple[str, dict[str, Any]]] = [("desktop", DESKTOP), ("phone", PHONE)]
+
+
+async def shot(page: Any, name: str, full_page: bool = True) -> None:
+    OUTPUT.mkdir(exist_ok=True)
+    await page.screenshot(path=str(OUTPUT / name), full_page=full_page)
+
+
+async def test_cancel_asks_first_and_is_apart_from_pause(
+        service: Service, client: httpx.AsyncClient, browser: Any) -> None:
+    """Cancel asks for confirmation (no, Escape: nothing happens), and Pause and Cancel are
+    not side by side, at desktop and phone sizes."""
+    w = await start_job(client, kind="pdf", title="handbook.pdf")
+    await w.progress(progress=30, message="page 30 of 100")
+    for size, options in SIZES:
+        page = await new_page(browser, service.url, reduced_motion="reduce", **options)
+        await page.goto(service.url + "/")
+        c = card(page, w.id)
+        await expect(c).to_have_attribute("data-status", "running")
+        pause = await c.locator(".act-pause").bounding_box()
+        cancel = await c.locator(".act-cancel").bounding_box()
+        same_row = abs(pause["y"] - cancel["y"]) < 4
+        gap = cancel["x"] - (pause["x"] + pause["width"])
+        assert not same_row or gap >= 60, f"{size}: Pause and Cancel {gap:.0f}px apart"
+        order = await c.locator(".actions button:visible").evaluate_all(
+            "els => els.map(e => e.textContent)")
+        assert order.index("Cancel") - order.index("Pause") > 1, order  # another between
+
+        await c.get_by_role("button", name="Cancel handbook.pdf").click()
+        dialog = page.get_by_role("dialog")
+        await expect(dialog).to_be_visible()
+        await expect(dialog).to_contain_text("Cancel “handbook.pdf”?")
+        await expect(dialog.get_by_role("button", name="Keep the job")).to_be_focused()
+        await shot(page, f"confirm-cancel-{size}.png", full_page=False)
+        await dialog.get_by_role("button", name="Keep the job").click()
+        await expect(dialog).to_be_hidden()
+        await c.get_by_role("button", name="Cancel handbook.pdf").click()
+        await expect(dialog).to_be_visible()
+        await page.keyboard.press("Escape")
+        await expect(dialog).to_be_hidden()
+        await page.wait_for_timeout(300)
+        job = (await client.get(f"/api/jobs/{w.id}")).json()["job"]
+        assert job["status"] == "running" and not job["cancel_requested"], job
+        await expect(c.locator(".status-badge")).to_have_text("Running")
+        assert await problems(page) == []
+        await page.context.close()
+
+    page = await new_page(browser, service.url)
+    await page.goto(service.url + "/")
+    c = card(page, w.id)
+    await c.get_by_role("button", name="Cancel handbook.pdf").click()
+    await confirm(page, "Cancel job")
+    await expect(c.locator(".status-badge")).to_have_text("Cancelling…")
+    job = (await client.get(f"/api/jobs/{w.id}")).json()["job"]
+    assert job["cancel_requested"], job
+
+
+async def test_close_anyway_forces_the_cancel_and_stalled_jobs_stand_apart(
+        service: Service, client: httpx.AsyncClient, browser: Any) -> None:
+    """A job stuck in `cancelling` and a stalled one offer "Close anyway" (after a
+    confirmation), which posts {"force": true} to /api/jobs/{id}/cancel. Stalled jobs are
+    in their own group, not among the active ones.
+
+    The force API is another branch's work: the request is intercepted, checked and
+    answered here with the job as that API answers it (status `cancelled`)."""
+    running = await start_job(client, kind="export", title="Healthy export")
+    await running.progress(progress=20, message="going well")
+    stuck = await start_job(client, kind="export", title="Worker gone")
+    await stuck.progress(progress=50)
+    r = await client.post(f"/api/jobs/{stuck.id}/cancel", json={})
+    assert r.status_code == 202, r.text
+    quiet = await start_job(client, kind="import", title="Silent import",
+                            heartbeat_timeout_s=1)
+    await quiet.progress(progress=62, message="row 6,200 of 10,000")
+
+    async def is_stalled() -> bool:
+        return bool((await client.get(f"/api/jobs/{quiet.id}")).json()["job"]["stalled"])
+
+    await wait_for(is_stalled, timeout=5, what="the silent job to be marked stalled")
+
+    forced: list[tuple[str, Any]] = []
+
+    async def force_api(route: Any) -> None:
+        request = route.request
+        job_id = request.url.split("/api/jobs/")[1].split("/")[0]
+        forced.append((job_id, request.post_data_json))
+        job = (await client.get(f"/api/jobs/{job_id}")).json()["job"]
+        now = job["updated_at"] + 1
+        job.update(status="cancelled", finished_at=now, updated_at=now, stalled=False,
+                   cancel_requested=False, eta_s=None,
+                   control_reason="closed by a viewer: the worker did not answer")
+        await route.fulfill(status=200, json={"job": job})
+
+    for size, options in SIZES:
+        page = await new_page(browser, service.url, reduced_motion="reduce", **options)
+        await page.route("**/api/jobs/*/cancel", force_api)
+        await page.goto(service.url + "/")
+        stalled_group = page.locator("#stalled")
+        await expect(stalled_group.locator(f'[data-job-id="{quiet.id}"]')).to_be_visible()
+        await expect(page.locator("#stalled-section h2")).to_have_text("Stalled (1)")
+        await expect(page.locator("#active").locator(f'[data-job-id="{quiet.id}"]')
+                     ).to_have_count(0)
+        await expect(page.locator("#active article.job")).to_have_count(2)
+        await expect(card(page, running.id).locator(".act-force")).to_be_hidden()
+        await expect(card(page, stuck.id).get_by_role(
+            "button", name="Close anyway Worker gone")).to_be_visible()
+        await expect(card(page, quiet.id).get_by_role(
+            "button", name="Close anyway Silent import")).to_be_visible()
+        await shot(page, f"stalled-group-{size}.png")
+
+        # asked first; "Keep waiting" posts nothing
+        await card(page, quiet.id).get_by_role("button", name="Close anyway Silent import"
+                                               ).click()
+        await expect(page.get_by_role("dialog")).to_contain_text("Close “Silent import” anyway?")
+        await shot(page, f"confirm-close-anyway-{size}.png", full_page=False)
+        await confirm(page, "Keep waiting")
+        await page.wait_for_timeout(200)
+        assert forced == []
+        await page.context.close()
+
+    page = await new_page(browser, service.url)
+    await page.route("**/api/jobs/*/cancel", force_api)
+    await page.goto(service.url + "/")
+    for job_id, title in ((stuck.id, "Worker gone"), (quiet.id, "Silent import")):
+        await card(page, job_id).get_by_role("button", name=f"Close anyway {title}").click()
+        await confirm(page, "Close anyway")
+        done = page.locator("#recent").locator(f'[data-job-id="{job_id}"]')
+        await expect(done.locator(".status-badge")).to_have_text("Cancelled")
+    assert forced == [(stuck.id, {"force": True}), (quiet.id, {"force": True})]
+    await expect(page.locator("#stalled-section")).to_be_hidden()
+    assert await problems(page) == []
+
+
+# records, every frame, where each card is on the page (document coordinates)
+POSITIONS = """
+(ids) => {
+  window.__positions = Object.fromEntries(ids.map(id => [id, []]));
+  const record = () => {
+    for (const id of ids) {
+      const el = document.querySelector(`article.job[data-job-id="${id}"]`);
+      const box = el.getBoundingClientRect();
+      const at = `${Math.round(box.left + scrollX)},${Math.round(box.top + scrollY)}`;
+      const seen = window.__positions[id];
+      if (seen[seen.length - 1] !== at) seen.push(at);
+    }
+    window.__recording = requestAnimationFrame(record);
+  };
+  record();
+}
+"""
+
+
+async def test_cards_keep_their_place_while_jobs_arrive(
+        service: Service, client: httpx.AsyncClient, browser: Any) -> None:
+    """While new jobs arrive and others start, pause, report and finish, no card of an
+    active job that came before moves, at desktop and phone sizes."""
+    for size, options in SIZES:
+        page = await new_page(browser, service.url, reduced_motion="reduce", **options)
+        await page.goto(service.url + "/")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        first = [await start_job(client, kind="demo", title=f"{size} job {i}")
+                 for i in range(4)]
+        await first[0].progress(progress=10, message="starting")
+        await first[2].progress(progress=5)
+        for w in first:
+            await expect(card(page, w.id)).to_be_visible()
+        ids = [w.id for w in first]
+        await page.evaluate(POSITIONS, ids)
+
+        late = []
+        for step in range(8):
+            late.append(await start_job(client, kind="demo", title=f"{size} late {step}"))
+            await first[0].progress(progress=10 + step * 10,
+                                    message=f"chunk {step} of 8, a longer message " * (step % 3))
+            if step == 1:
+                await first[1].progress(progress=1, message="started late")  # queued -> running
+            if step == 2:
+                r = await client.post(f"/api/jobs/{first[2].id}/pause", json={})
+                assert r.status_code == 202, r.text
+            if step == 3:
+                await first[2].progress(paused=True, message="paused")
+            if step == 4:
+                await late[0].progress(progress=50)
+            if step == 5:
+                await late[1].progress(progress=20)
+                await late[1].finish("succeeded")  # a later job leaves the active group
+            await asyncio.sleep(0.15)
+        await expect(card(page, late[-1].id)).to_be_visible()
+        await expect(card(page, first[2].id)).to_have_attribute("data-status", "paused")
+        await page.wait_for_timeout(400)
+        moves = await page.evaluate("cancelAnimationFrame(window.__recording), window.__positions")
+        moved = {i: len(places) - 1 for i, (_, places) in enumerate(moves.items())
+                 if len(places) > 1}
+        assert moved == {}, f"{size}: cards moved (card index: moves) {moved}: {moves}"
+        order = await page.locator("#active article.job").evaluate_all(
+            "els => els.map(e => e.dataset.jobId)")
+        assert order[:4] == ids, f"{size}: the first jobs keep the first places"
+        await shot(page, f"cards-stay-{size}.png")
+        assert await problems(page) == []
+        await page.context.close()
+        for w in first + late:
+            if w is not late[1]:
+                await w.finish("succeeded")
+
+
+async def test_recent_shows_the_newest_20_then_more(
+        service: Service, client: httpx.AsyncClient, browser: Any) -> None:
+    """Recent shows the newest 20 finished jobs, newest first, and 20 more per click."""
+    titles = []
+    for i in range(45):
+        w = await start_job(client, kind="batch", title=f"done {i:02d}")
+        if i % 7:
+            await w.finish("succeeded")
+        else:
+            await w.finish("failed", error="boom")
+        titles.append(f"done {i:02d}")
+    newest = titles[::-1]
+    for size, options in SIZES:
+        page = await new_page(browser, service.url, reduced_motion="reduce", **options)
+        await page.goto(service.url + "/")
+        recent = page.locator("#recent article.job")
+        await expect(recent).to_have_count(20)
+        await expect(recent.locator(".job-link")).to_have_text(newest[:20])
+        await expect(page.locator("#recent-count")).to_have_text("(45)")
+        more = page.get_by_role("button", name="Show 20 more (20 of 45 shown)")
+        await expect(more).to_be_visible()
+        height = await page.evaluate("document.documentElement.scrollHeight")
+        await shot(page, f"recent-20-{size}.png")
+        if size == "phone":
+            # 20 cards and a button: about 20 card heights, not 45 (or 200)
+            one = (await recent.first.bounding_box())["height"]
+            assert height < 24 * (one + 14) + 600, (height, one)
+        await more.click()
+        await expect(recent).to_have_count(40)
+        await page.get_by_role("button", name="Show 5 more (40 of 45 shown)").click()
+        await expect(recent).to_have_count(45)
+        await expect(page.locator("#recent-more")).to_be_hidden()
+        await expect(recent.locator(".job-link")).to_have_text(newest)
+        assert await problems(page) == []
+        await page.context.close()
+
+    # a job finishing now goes on top; the page still shows the newest 20
+    page = await new_page(browser, service.url)
+    await page.goto(service.url + "/")
+    recent = page.locator("#recent article.job")
+    await expect(recent).to_have_count(20)
+    w = await start_job(client, kind="batch", title="just now")
+    await w.finish("succeeded")
+    await expect(recent.first.locator(".job-link")).to_have_text("just now")
+    await expect(recent).to_have_count(20)
+    await expect(page.locator("#recent-count")).to_have_text("(46)")
+
+
+async def test_notifies_only_about_watched_jobs(
+        service: Service, client: httpx.AsyncClient, browser: Any) -> None:
+    """"Notify me" notifies about the jobs marked with Watch, and the job opened by link,
+    not about every job that finishes."""
+    marked = await start_job(client, kind="video", title="mine.mp4")
+    other = await start_job(client, kind="video", title="someone else's.mp4")
+    linked = await start_job(client, kind="video", title="linked.mp4")
+    for w in (marked, other, linked):
+        await w.progress(progress=50)
+
+    context = await browser.new_context(viewport=DESKTOP["viewport"])
+    page = await context.new_page()
+    await page.add_init_script(WATCH_SCRIPT)
+    await page.add_init_script(NOTIFICATION_STUB)
+    await page.goto(service.url + "/")
+    await page.locator("#notify").click()
+    await expect(page.locator("#notify")).to_have_text("Notifying")
+    watch = card(page, marked.id).get_by_role("button", name="Watch mine.mp4")
+    await watch.click()
+    await expect(card(page, marked.id).get_by_role("button", name="Watching mine.mp4")
+                 ).to_have_attribute("aria-pressed", "true")
+    await shot(page, "notify-watching.png")
+
+    one = await context.new_page()  # the same browser: one job opened by its link
+    await one.add_init_script(NOTIFICATION_STUB.replace("permission = 'default'",
+                                                        "permission = 'granted'"))
+    await one.goto(f"{service.url}/?job={linked.id}")
+    await expect(card(one, linked.id)).to_be_visible()
+
+    await other.finish("succeeded")
+    await marked.finish("succeeded")
+    await linked.finish("failed", error="disk full")
+    await expect(page.locator(f'#recent [data-job-id="{linked.id}"]')).to_be_visible()
+    await expect(card(one, linked.id)).to_have_attribute("data-status", "failed")
+    await page.wait_for_timeout(300)
+    assert await page.evaluate("window.__notifications") == [
+        {"title": "mine.mp4 finished", "tag": marked.id}]
+    assert await one.evaluate("window.__notifications") == [
+        {"title": "linked.mp4 failed", "tag": linked.id}]
+    # the mark is kept across a reload
+    await page.reload()
+    await expect(card(page, marked.id)).to_be_visible()
+    assert await page.evaluate("JSON.parse(localStorage.getItem('progress-sse.watched'))") \
+        == [marked.id]
+    assert await problems(page) == []
+    await context.close()
+
+
+async def test_signed_out_page_says_how_to_sign_in(db_path: str) -> None:
+    """With authentication on: no token shows how to sign in (not "Offline; retrying" for
+    ever); a bad token in the link gets that page with the reason, not raw JSON; a good
+    one signs in."""
+    from progress_sse.auth import mint_token
+
+    secret = "a-dashboard-test-secret-long-enough-0123456789"
+    svc = await start_service(Settings(db=db_path, keepalive_s=15.0, jwt_secret=secret))
+    alice = mint_token(secret, "alice", "read create", 600)
+    try:
+        async with chromium() as browser, httpx.AsyncClient(base_url=svc.url,
+                                                           timeout=10) as client:
+            r = await client.post("/api/jobs", json={"kind": "export",
+                                                     "title": "alice's export"},
+                                  headers={"Authorization": f"Bearer {alice}"})
+            assert r.status_code == 201, r.text
+            for size, options in SIZES:
+                context = await browser.new_context(reduced_motion="reduce", **options)
+                page = await context.new_page()
+                await page.add_init_script(WATCH_SCRIPT)
+                await page.goto(svc.url + "/")
+                signin = page.locator("#signin")
+                await expect(signin).to_be_visible()
+                await expect(signin).to_contain_text(f"{svc.url}/?access_token=TOKEN")
+                await expect(signin).to_contain_text("progress-sse token --sub")
+                conn = page.locator("#connection")
+                await expect(conn).to_have_attribute("data-state", "signed-out")
+                await expect(conn).to_have_text("Not signed in")
+                await page.wait_for_timeout(3500)  # past a poll: still not "offline"
+                await expect(conn).to_have_attribute("data-state", "signed-out")
+                await expect(page.locator("#signin-problem")).to_be_hidden()
+                await expect(page.locator("#empty")).to_be_hidden()
+                await shot(page, f"signed-out-{size}.png")
+
+                response = await page.goto(svc.url + "/?access_token=forged.to.ken")
+                assert response.headers["content-type"].startswith("text/html")
+                assert "access_token" not in page.url and "signin=rejected" in page.url
+                await expect(page.locator("#signin-problem")).to_contain_text(
+                    "was not accepted")
+                await expect(signin).to_be_visible()
+                await shot(page, f"signed-out-bad-token-{size}.png")
+                assert await problems(page) == []
+                await context.close()
+
+            context = await browser.new_context()
+            page = await context.new_page()
+            create_only = mint_token(secret, "carl", "create", 600)
+            await page.goto(f"{svc.url}/?access_token={create_only}")
+            assert "signin=scope" in page.url
+            await expect(page.locator("#signin-problem")).to_contain_text("lacks the read scope")
+            await page.goto(f"{svc.url}/?access_token={alice}")
+            assert "access_token" not in page.url
+            await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+            await expect(page.locator("article.job .job-link")).to_have_text(["alice's export"])
+            await expect(page.locator("#signin")).to_be_hidden()
+            await context.close()
+    finally:
+        await svc.stop()
+
+
+async def test_remaining_time_is_unknown_while_disconnected(tmp_path: Path) -> None:
+    """While the service is down, a running card's remaining time shows as unknown instead
+    of counting down to 00:00; it comes back with the connection."""
+    svc = ProcessService(db=str(tmp_path / "down.db"), port=free_port())
+    await asyncio.to_thread(svc.start)
+    try:
+        async with chromium() as browser, httpx.AsyncClient(base_url=svc.url, timeout=10) as client:
+            w = await start_job(client, kind="video", title="long encode")
+            eta = None
+            for i in range(1, 20):
+                eta = (await w.progress(progress=i, message=f"chunk {i}"))["job"]["eta_s"]
+                if eta is not None and i >= 3:
+                    break
+                await asyncio.sleep(0.2)
+            assert eta is not None, "no estimate to show"
+            for size, options in SIZES:
+                page = await new_page(browser, svc.url, reduced_motion="reduce", **options)
+                await page.goto(svc.url + "/")
+                remaining = card(page, w.id).locator(".f-remaining dd")
+                await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+                await expect(remaining).to_have_attribute("data-unknown", "false")
+                await expect(remaining).to_have_text(CLOCK)
+
+                svc.signal(signal.SIGTERM)
+                assert await asyncio.to_thread(svc.wait) in (0, -signal.SIGTERM)
+                await expect(page.locator("#connection")).to_have_attribute(
+                    "data-state", re.compile("reconnecting|offline"))
+                await expect(remaining).to_have_attribute("data-unknown", "true")
+                await expect(remaining).to_have_attribute("title", "unknown while disconnected")
+                await page.wait_for_timeout(2500)  # clocks run: the remaining time does not
+                await expect(remaining).to_have_attribute("data-unknown", "true")
+                await expect(remaining.locator('[aria-hidden="true"]')).to_have_text("—")
+                await expect(card(page, w.id).locator(".f-elapsed dd")).to_have_text(CLOCK)
+                await shot(page, f"eta-unknown-offline-{size}.png")
+
+                await asyncio.to_thread(svc.start)
+                await w.progress(progress=25, message="back")
+                await expect(page.locator("#connection")).to_have_attribute(
+                    "data-state", "live", timeout=15000)
+                await expect(remaining).to_have_attribute("data-unknown", "false")
+                await expect(remaining).to_have_text(CLOCK)
+                assert await problems(page) == []
+                await page.context.close()
+    finally:
+        await asyncio.to_thread(svc.stop)

@@ -30,6 +30,15 @@ export function control(jobId, action) {
   });
 }
 
+/** End a job `cancelled` at once, without its worker's answer ("Close anyway"). */
+export function forceCancel(jobId) {
+  return call(`/api/jobs/${encodeURIComponent(jobId)}/cancel`, {
+    method: "POST",
+    headers: { Accept: "application/json", "Content-Type": "application/json" },
+    body: JSON.stringify({ force: true }),
+  });
+}
+
 /** The newest jobs, for polling when the stream is unavailable. */
 export function listJobs(limit = 200) {
   return call(`/api/jobs?limit=${limit}`);

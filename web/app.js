@@ -2,10 +2,14 @@
 
 import * as api from "./api.js";
 import { JobCard } from "./card.js";
+import { confirmAction } from "./confirm.js";
 import { Connection, POLL_MS } from "./connection.js";
 import { TERMINAL, clock, percent } from "./format.js";
+import { RECENT_PAGE, arrange, layout } from "./layout.js";
 import { Notifier } from "./notify.js";
+import { drawSignIn } from "./signin.js";
 import { JobState } from "./state.js";
+import { Watched } from "./watched.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -15,10 +19,11 @@ const filters = { status: params.get("status") || "", kind: params.get("kind") |
 const state = new JobState();
 const cards = new Map();
 const template = $("card-template");
-const ACTIVE_ORDER = { running: 0, cancelling: 0, paused: 1, queued: 2 };
+const watched = new Watched();
+if (focusJob) watched.watchNow(focusJob); // opened by link: this is the job being watched
 
 let scheduled = false;
-let layoutDirty = true;
+let recentLimit = RECENT_PAGE;
 
 const notifier = new Notifier($("notify"), (job) => {
   const card = cards.get(job.id);
@@ -26,7 +31,7 @@ const notifier = new Notifier($("notify"), (job) => {
   if (!card.expanded) toggleDetails(card);
   card.el.scrollIntoView({ block: "center" });
   card.ref.detailsBtn.focus({ preventScroll: true });
-});
+}, watched);
 
 const conn = new Connection({
   streamUrl: focusJob ? `/api/events?job=${encodeURIComponent(focusJob)}` : "/api/events",
@@ -60,7 +65,7 @@ async function pollJobs() {
       afterChange();
       return;
     }
-    throw new Error(r.message);
+    throw Object.assign(new Error(r.message), { status: r.status });
   }
   state.merge(focusJob ? [r.body.job] : r.body.jobs);
   afterChange();
@@ -96,13 +101,11 @@ function render() {
     if (!card) {
       card = new JobCard(template, job, onAction);
       cards.set(id, card);
-      layoutDirty = true;
+      card.setWatched(watched.has(id));
+      card.setLive(conn.live, 0);
       if (focusJob === id) toggleDetails(card);
     }
-    const wasTerminal = card.terminal;
-    const wasStatus = card.job.status;
     card.update(job, state.age(id), positions.get(id));
-    if (card.terminal !== wasTerminal || job.status !== wasStatus) layoutDirty = true;
     if (card.expanded) card.renderLog(state.logOf(id));
   }
   // queue positions move when another job leaves the queue
@@ -110,7 +113,6 @@ function render() {
     const card = cards.get(id);
     if (card && card.queuePosition !== pos) card.update(card.job, state.age(id), pos);
   }
-  if (layoutDirty) place();
   drawFilters();
   drawPage();
   if (focusJob && state.jobs.get(focusJob) && TERMINAL.has(state.jobs.get(focusJob).status)
@@ -135,33 +137,17 @@ function queuePositions() {
   return out;
 }
 
+/** Put the cards in their groups (see layout.js); answers what is shown. */
 function place() {
-  layoutDirty = false;
-  const active = [];
-  const recent = [];
-  for (const card of cards.values()) (card.terminal ? recent : active).push(card);
-  active.sort((a, b) => (ACTIVE_ORDER[a.job.status] ?? 3) - (ACTIVE_ORDER[b.job.status] ?? 3)
-    || b.job.created_at - a.job.created_at);
-  recent.sort((a, b) => (b.job.finished_at || 0) - (a.job.finished_at || 0));
+  const groups = layout(cards.values(), matches, recentLimit);
   const focused = document.activeElement;
-  arrange($("active"), active);
-  arrange($("recent"), recent);
+  arrange($("active"), groups.active);
+  arrange($("stalled"), groups.stalled);
+  arrange($("recent"), groups.recent);
   if (focused && focused !== document.activeElement && document.contains(focused)) {
     focused.focus({ preventScroll: true }); // moving a card must not lose the keyboard's place
   }
-}
-
-function arrange(container, list) {
-  let node = container.firstElementChild;
-  for (const card of list) {
-    if (card.el === node) node = node.nextElementSibling;
-    else container.insertBefore(card.el, node);
-  }
-  while (node) {
-    const next = node.nextElementSibling;
-    node.remove();
-    node = next;
-  }
+  return groups;
 }
 
 function matches(job) {
@@ -192,16 +178,13 @@ function drawFilters() {
 }
 
 function drawPage() {
-  let shownActive = 0;
-  let shownRecent = 0;
-  for (const card of cards.values()) {
-    const show = matches(card.job);
-    card.el.hidden = !show;
-    if (show && card.terminal) shownRecent += 1;
-    else if (show) shownActive += 1;
-  }
+  const groups = place();
+  const shownActive = groups.active.length;
+  const shownStalled = groups.stalled.length;
+  const shownRecent = groups.recentTotal;
   const total = cards.size;
   const empty = state.loaded && total === 0 && !focusJob;
+  drawSignIn(conn, params);
   const missing = state.loaded && focusJob && !state.jobs.has(focusJob);
   $("empty").hidden = !empty;
   $("missing").hidden = !missing;
@@ -209,15 +192,25 @@ function drawPage() {
     $("missing").textContent = `No job with id “${focusJob}” (yet). `
       + "If it is created, it appears here.";
   }
-  $("filters").hidden = Boolean(focusJob) || empty;
+  const signedOut = conn.state === "signed-out";
+  $("filters").hidden = Boolean(focusJob) || empty || (signedOut && !state.loaded);
+  $("notify").hidden = signedOut;
   $("job-nav").hidden = !focusJob;
   const filtering = Boolean(filters.status || filters.kind);
+  const others = (n) => shownActive + shownStalled + shownRecent - n > 0;
   $("active-section").hidden = empty || !state.loaded || (focusJob && !shownActive)
-    || (filtering && !shownActive && shownRecent > 0);
+    || (filtering && !shownActive && others(shownActive));
+  $("stalled-section").hidden = empty || !state.loaded || !shownStalled;
   $("recent-section").hidden = empty || !state.loaded || (focusJob && !shownRecent)
-    || (filtering && !shownRecent && shownActive > 0);
+    || (filtering && !shownRecent && others(shownRecent));
   $("active-count").textContent = shownActive ? `(${shownActive})` : "";
+  $("stalled-count").textContent = shownStalled ? `(${shownStalled})` : "";
   $("recent-count").textContent = shownRecent ? `(${shownRecent})` : "";
+  const more = $("recent-more");
+  const hiddenRecent = shownRecent - groups.recent.length;
+  more.hidden = hiddenRecent <= 0;
+  more.textContent = `Show ${Math.min(RECENT_PAGE, hiddenRecent)} more`
+    + ` (${groups.recent.length} of ${shownRecent} shown)`;
   $("active-none").hidden = shownActive > 0;
   $("active-none").textContent = filtering ? "No active job matches these filters."
     : "Nothing running right now.";
@@ -225,7 +218,7 @@ function drawPage() {
   $("recent-none").textContent = filtering ? "No finished job matches these filters."
     : "No finished jobs yet.";
   $("filter-summary").textContent = filtering && total
-    ? `Showing ${shownActive + shownRecent} of ${total} jobs.` : "";
+    ? `Showing ${shownActive + shownStalled + shownRecent} of ${total} jobs.` : "";
 
   if (focusJob) {
     const job = state.jobs.get(focusJob);
@@ -245,6 +238,8 @@ const CONNECTION_TEXT = {
     : "Live stream unavailable"}; refreshing every ${POLL_MS / 1000} s`
     + `${c.lastPollAt ? ` · updated ${clock(c.lastPollAt)}` : ""}`,
   offline: (c) => `Offline; retrying${c.lastEventAt ? ` · last event ${clock(c.lastEventAt)}` : ""}`,
+  "signed-out": (c) => (c.authStatus === 403 ? "Signed in without the read scope"
+    : "Not signed in"),
   closed: () => "Job finished · no more updates",
 };
 
@@ -252,23 +247,56 @@ function drawConnection(c) {
   const box = $("connection");
   box.dataset.state = c.state;
   box.querySelector(".conn-text").textContent = CONNECTION_TEXT[c.state](c);
+  for (const card of cards.values()) card.setLive(c.live, state.age(card.id));
+  if (state.loaded || c.state === "signed-out") drawPage();
 }
 
 // ---------------------------------------------------------------- actions
+
+const QUESTIONS = {
+  cancel: (job, title) => ({
+    title: `Cancel “${title}”?`,
+    text: job.status === "queued" ? "It has not started; it will not run."
+      : "Its worker is asked to stop at its next check. Work it has not saved may be "
+        + "lost, and a cancelled job does not resume.",
+    yes: "Cancel job",
+    no: "Keep the job",
+  }),
+  force: (job, title) => ({
+    title: `Close “${title}” anyway?`,
+    text: (job.stalled ? "Its worker has gone quiet; it may have crashed. "
+      : "Its worker has not answered the cancel. ")
+      + "The job is recorded as cancelled now, without waiting for the worker.",
+    yes: "Close anyway",
+    no: "Keep waiting",
+  }),
+};
 
 async function onAction(card, action) {
   if (action === "details") {
     toggleDetails(card);
     return;
   }
+  if (action === "watch") {
+    const on = watched.toggle(card.id);
+    card.setWatched(on);
+    if (on) notifier.enable(); // inside the click: the browser may ask for permission
+    notifier.draw();
+    return;
+  }
+  if (QUESTIONS[action]) {
+    const ok = await confirmAction(QUESTIONS[action](card.job, card.job.title || card.id));
+    if (!ok) return;
+  }
   card.showError(null);
   card.setPending(action);
-  const r = await api.control(card.id, action);
+  const r = action === "force" ? await api.forceCancel(card.id)
+    : await api.control(card.id, action);
   card.setPending(null);
   if (r.ok && r.body?.job) {
     state.merge([r.body.job]);
   } else if (!r.ok) {
-    card.showError(`Could not ${action}: ${r.message}.`);
+    card.showError(`Could not ${action === "force" ? "close" : action}: ${r.message}.`);
   }
   state.changed.add(card.id);
   afterChange();
@@ -323,6 +351,10 @@ function tick() {
 $("filter-status").addEventListener("change", onFilter);
 $("filter-kind").addEventListener("change", onFilter);
 $("filters").addEventListener("submit", (e) => e.preventDefault());
+$("recent-more").addEventListener("click", () => {
+  recentLimit += RECENT_PAGE;
+  drawPage();
+});
 document.body.classList.toggle("job-view", Boolean(focusJob));
 setUpEmptyState();
 setInterval(tick, 1000);

@@ -7,10 +7,13 @@ import {
 
 let serial = 0;
 
-const PENDING_LABELS = { cancel: "Cancelling…", pause: "Pausing…", resume: "Resuming…" };
+const PENDING_LABELS = {
+  cancel: "Cancelling…", force: "Closing…", pause: "Pausing…", resume: "Resuming…",
+};
 
 export class JobCard {
-  /** template: the <template> element; onAction(card, action): cancel/pause/resume/details. */
+  /** template: the <template> element; onAction(card, action): cancel, force (close
+   * anyway), pause, resume, details or watch. */
   constructor(template, job, onAction) {
     serial += 1;
     this.id = job.id;
@@ -24,7 +27,8 @@ export class JobCard {
       percent: q(".f-percent dd"), items: q(".f-items"), queue: q(".f-queue"),
       elapsed: q(".f-elapsed"), remaining: q(".f-remaining"), finished: q(".f-finished"),
       error: q(".action-error"),
-      pause: q(".act-pause"), cancel: q(".act-cancel"), detailsBtn: q(".act-details"),
+      pause: q(".act-pause"), cancel: q(".act-cancel"), force: q(".act-force"),
+      detailsBtn: q(".act-details"), watch: q(".act-watch"),
       details: q(".details"), outcome: q(".outcome"), jobError: q(".job-error"),
       result: q(".result"),
       resultBody: q(".result-body"), logStatus: q(".log-status"), log: q(".log"),
@@ -37,6 +41,8 @@ export class JobCard {
     r.link.href = `/?job=${encodeURIComponent(job.id)}`;
     r.pause.addEventListener("click", () => this.request(onAction, this.pauseAction()));
     r.cancel.addEventListener("click", () => this.request(onAction, "cancel"));
+    r.force.addEventListener("click", () => this.request(onAction, "force"));
+    r.watch.addEventListener("click", () => onAction(this, "watch"));
     r.detailsBtn.addEventListener("click", () => onAction(this, "details"));
     this.job = job;
     this.shown = 0; // the bar's position: it never moves back within one attempt
@@ -47,6 +53,8 @@ export class JobCard {
     this.logIds = new Set();
     this.logMax = 0;
     this.queuePosition = null;
+    this.watched = false;
+    this.live = true; // false while the page has no connection: no countdown then
   }
 
   get terminal() {
@@ -60,6 +68,7 @@ export class JobCard {
   request(onAction, action) {
     if (this.pending || this.terminal) return;
     if (action === "cancel" && this.job.status === "cancelling") return;
+    if (action === "force" && this.ref.force.hidden) return;
     onAction(this, action);
   }
 
@@ -71,6 +80,21 @@ export class JobCard {
   showError(message) {
     this.ref.error.hidden = !message;
     this.ref.error.textContent = message || "";
+  }
+
+  setWatched(on) {
+    this.watched = on;
+    this.drawWatch();
+  }
+
+  drawWatch() {
+    const w = this.ref.watch;
+    w.hidden = this.terminal;
+    w.setAttribute("aria-pressed", String(this.watched));
+    w.title = this.watched ? "Watching: you are notified when this job finishes (with "
+      + "Notify me on); click to stop" : "Watch: notify me when this job finishes";
+    w.setAttribute("aria-label",
+      `${this.watched ? "Watching" : "Watch"} ${this.job.title || this.job.id}`);
   }
 
   update(job, age, queuePosition) {
@@ -121,7 +145,9 @@ export class JobCard {
       message = job.control_reason ? `Cancelled: ${job.control_reason}` : message;
     }
     r.message.textContent = message;
-    r.message.hidden = !message;
+    r.message.title = message;
+    // an active card keeps its one line of message even when empty, so it keeps its height
+    r.message.hidden = !message && terminal;
     r.message.classList.toggle("is-error", job.status === "failed" && Boolean(job.error));
     r.stalledNote.hidden = !job.stalled || terminal;
     if (job.stalled) {
@@ -155,6 +181,7 @@ export class JobCard {
     r.remaining.hidden = terminal || (job.status === "queued" && job.eta_s === null);
 
     this.drawActions();
+    this.drawWatch();
     this.drawOutcome();
   }
 
@@ -228,10 +255,11 @@ export class JobCard {
     const title = job.title || job.id;
     const terminal = this.terminal;
     const hadFocus = this.el.contains(document.activeElement)
-      && (document.activeElement === r.pause || document.activeElement === r.cancel);
+      && [r.pause, r.cancel, r.force].includes(document.activeElement);
 
     const cancelling = job.status === "cancelling" || this.pending === "cancel";
-    r.cancel.hidden = terminal;
+    // once the service has the cancel, "Close anyway" takes the Cancel button's place
+    r.cancel.hidden = terminal || (job.status === "cancelling" && !this.pending);
     r.cancel.textContent = cancelling ? "Cancelling…" : "Cancel";
     setDisabled(r.cancel, cancelling || Boolean(this.pending));
     r.cancel.setAttribute("aria-label", `${r.cancel.textContent} ${title}`);
@@ -242,6 +270,12 @@ export class JobCard {
       ? PENDING_LABELS[this.pending] : action === "resume" ? "Resume" : "Pause";
     setDisabled(r.pause, Boolean(this.pending) || cancelling);
     r.pause.setAttribute("aria-label", `${r.pause.textContent} ${title}`);
+
+    // the worker may be gone: a person can end the job without its answer
+    r.force.hidden = terminal || !(job.status === "cancelling" || job.stalled);
+    r.force.textContent = this.pending === "force" ? PENDING_LABELS.force : "Close anyway";
+    setDisabled(r.force, Boolean(this.pending));
+    r.force.setAttribute("aria-label", `${r.force.textContent} ${title}`);
 
     if (hadFocus && (r.pause.hidden || r.cancel.hidden) && !this.el.contains(document.activeElement)) {
       r.detailsBtn.focus({ preventScroll: true });
@@ -273,7 +307,20 @@ export class JobCard {
     setDuration(r.elapsed.querySelector("dd"), elapsed);
     let left = job.eta_s;
     if (left !== null && left !== undefined && moving && !job.stalled) left = Math.max(0, left - age);
-    setDuration(r.remaining.querySelector("dd"), left);
+    // without a connection the page cannot know how the job goes: no countdown to 00:00
+    if (!this.live && !this.terminal) {
+      setDuration(r.remaining.querySelector("dd"), null, "unknown while disconnected");
+    } else {
+      setDuration(r.remaining.querySelector("dd"), left);
+    }
+  }
+
+  /** The page's connection came or went. */
+  setLive(live, age) {
+    if (live === this.live) return;
+    this.live = live;
+    this.el.dataset.live = String(live);
+    this.tick(age);
   }
 
   setExpanded(open) {
@@ -324,9 +371,9 @@ export class JobCard {
   }
 }
 
-function setDuration(dd, seconds) {
+function setDuration(dd, seconds, why = "unknown") {
   const known = seconds !== null && seconds !== undefined && Number.isFinite(seconds);
-  if (!known && dd.dataset.unknown === "true") return;
+  if (!known && dd.dataset.unknown === "true" && dd.title === why) return;
   dd.dataset.unknown = String(!known);
   if (known) {
     dd.textContent = duration(seconds);
@@ -338,9 +385,9 @@ function setDuration(dd, seconds) {
   dash.textContent = "—";
   const said = document.createElement("span");
   said.className = "sr-only";
-  said.textContent = "unknown";
+  said.textContent = why;
   dd.replaceChildren(dash, said);
-  dd.title = "unknown";
+  dd.title = why;
 }
 
 function setDisabled(button, disabled) {

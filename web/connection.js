@@ -8,6 +8,7 @@
 const EVENT_TYPES = ["created", "progress", "log", "status", "finished"];
 const FALLBACK_AFTER = 3; // failed stream attempts in a row before polling as well
 export const POLL_MS = 3000;
+const SIGNED_OUT_POLL_MS = 10000; // asking again whether a sign-in happened (another tab)
 const REOPEN_MIN_MS = 3000;
 const REOPEN_MAX_MS = 60000;
 
@@ -19,8 +20,9 @@ export class Connection {
    */
   constructor({ streamUrl, poll, resumeId, onSnapshot, onEvent, onChange }) {
     Object.assign(this, { streamUrl, poll, resumeId, onSnapshot, onEvent, onChange });
-    this.state = "connecting"; // live | reconnecting | polling | offline | closed
+    this.state = "connecting"; // live | reconnecting | polling | offline | signed-out | closed
     this.reason = null; // why polling: "unsupported" | "stream-down"
+    this.authStatus = null; // 401 (no valid token) or 403 (a token without `read`)
     this.es = null;
     this.failures = 0;
     this.lastEventAt = null;
@@ -91,6 +93,11 @@ export class Connection {
     this.set("closed");
   }
 
+  /** False while the page hears nothing from the server: its clocks cannot be trusted. */
+  get live() {
+    return !["reconnecting", "offline", "signed-out"].includes(this.state);
+  }
+
   get readyState() {
     return this.es ? this.es.readyState : null;
   }
@@ -101,7 +108,7 @@ export class Connection {
       return;
     }
     this.pollTimer = 0; // running
-    if (this.state !== "polling" && this.state !== "offline") this.set("reconnecting");
+    if (!["polling", "offline", "signed-out"].includes(this.state)) this.set("reconnecting");
     this.pollOnce();
   }
 
@@ -119,12 +126,16 @@ export class Connection {
       if (!this.es && this.reason !== "unsupported" && Date.now() >= this.reopenAt) {
         this.open(this.resumeId() || null);
       }
-    } catch {
+    } catch (err) {
       if (this.pollTimer === null) return;
-      this.set("offline");
+      // the server answered, and it wants a token: retrying the same request cannot help
+      const auth = err?.status === 401 || err?.status === 403;
+      this.authStatus = auth ? err.status : null;
+      this.set(auth ? "signed-out" : "offline");
     }
     if (this.pollTimer !== null && !this.closed) {
-      this.pollTimer = setTimeout(() => this.pollOnce(), POLL_MS);
+      const wait = this.state === "signed-out" ? SIGNED_OUT_POLL_MS : POLL_MS;
+      this.pollTimer = setTimeout(() => this.pollOnce(), wait);
     }
   }
 

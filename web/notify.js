@@ -1,14 +1,16 @@
-// Opt-in: a browser notification and a short tone when a job finishes.
+// Opt-in: a browser notification and a short tone when a job the person watches finishes
+// (marked with its card's Watch button, or opened by link), never for every job.
 
 const KEY = "progress-sse.notify";
 
 const WORDS = { succeeded: "finished", failed: "failed", cancelled: "was cancelled" };
 
 export class Notifier {
-  /** onOpen(job): a person clicked the notification of this job. */
-  constructor(button, onOpen) {
+  /** onOpen(job): a person clicked the notification of this job; watched: a Watched. */
+  constructor(button, onOpen, watched) {
     this.button = button;
     this.onOpen = onOpen;
+    this.watched = watched;
     this.audio = null;
     this.enabled = localStorage.getItem(KEY) === "1";
     button.addEventListener("click", () => this.toggle());
@@ -17,6 +19,11 @@ export class Notifier {
 
   get permission() {
     return typeof Notification === "undefined" ? "unsupported" : Notification.permission;
+  }
+
+  /** Turn notifications on, from inside a click (a card's Watch button). */
+  async enable() {
+    if (!this.enabled) await this.toggle();
   }
 
   async toggle() {
@@ -39,12 +46,15 @@ export class Notifier {
   draw() {
     const b = this.button;
     b.setAttribute("aria-pressed", String(this.enabled));
+    const n = this.watched.size;
+    const which = n === 0 ? "a job you watch (mark one with its Watch button)"
+      : n === 1 ? "the job you watch" : `one of the ${n} jobs you watch`;
     if (!this.enabled) {
       b.textContent = "Notify me";
-      b.title = "A notification and a short sound when a job finishes";
+      b.title = `A notification and a short sound when ${which} finishes`;
     } else if (this.permission === "granted") {
       b.textContent = "Notifying";
-      b.title = "Click to stop notifications";
+      b.title = `Notifying when ${which} finishes; click to stop`;
     } else {
       b.textContent = "Sound only";
       b.title = this.permission === "denied"
@@ -78,7 +88,7 @@ export class Notifier {
   }
 
   finished(job) {
-    if (!this.enabled) return;
+    if (!this.enabled || !this.watched.has(job.id)) return;
     this.tone(job.status === "succeeded" ? 880 : 440);
     if (this.permission !== "granted") return;
     const title = `${job.title || job.id} ${WORDS[job.status] || job.status}`;
