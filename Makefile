@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 DB     ?= ./progress.db
@@ -14,18 +15,26 @@ SYSTEM_TOOLS := chromium:chromium node:nodejs npm:npm nginx:nginx openssl:openss
 .PHONY: install run test test-fast lint format bench bench-eta attack demo browser-deps \
 	system-deps node-deps clean
 
+# the service alone (its runtime dependencies), for `make run` and `make demo`: the test
+# and lint tools (playwright, schemathesis, mypy, ruff) come with `make test` or `make lint`
+$(RUN_STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUN_STAMP)
+
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP)
 
-run: $(STAMP)
-	$(BIN)/progress-sse serve --host $(HOST) --port $(PORT) --db $(DB)
+# `make run PORT=8001` for another port; the service prints its URL once it listens
+run: $(RUN_STAMP)
+	@$(BIN)/progress-sse serve --host $(HOST) --port $(PORT) --db $(DB)
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(BIN)/progress-sse demo --url http://$(HOST):$(PORT)
 
 test: $(STAMP) $(NODE_STAMP)

@@ -30,7 +30,8 @@ FINISH_FIELDS = frozenset({"status", "result", "error", "seq", "attempt"})
 
 
 def json_response(body: str, status: int = 200) -> Response:
-    return Response(body, status_code=status, media_type="application/json")
+    """A JSON answer ending in a newline, so a shell prompt after `curl` starts on its own line."""
+    return Response(body + "\n", status_code=status, media_type="application/json")
 
 
 def ctx_of(request: Request) -> Context:

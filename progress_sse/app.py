@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Mount
+from starlette.routing import BaseRoute, Match, Mount
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import api, control, openapi, tokens
 from .codec import dumps
@@ -72,6 +73,31 @@ class Service(Starlette):
             await stream.run(receive, send)
 
 
+class WebMount(Mount):
+    """The dashboard's files at "/", claiming only what could be one of them. A mount at
+    "/" matches every path, so without this a POST to a mistyped API path
+    (`/api/jobs/X/progres`) reached StaticFiles and was answered 405, and a GET to an
+    API path of another method (POST only) 404: the router's own answers are the
+    right ones (404 for no such path, 405 with `Allow` for another method's route)."""
+
+    def __init__(self, files: StaticFiles, app: ASGIApp) -> None:
+        super().__init__("/", app, name="web")
+        self.files = files
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        path: str = scope.get("path", "")
+        if path == "/api" or path.startswith("/api/"):
+            return Match.NONE, {}
+        if scope.get("method", "GET") not in ("GET", "HEAD") and not self._exists(path):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+    def _exists(self, path: str) -> bool:
+        """A file or folder of the dashboard (a stat; only for methods it does not serve)."""
+        relative = os.path.normpath(os.path.join(*path.split("/")))
+        return self.files.lookup_path(relative)[1] is not None
+
+
 def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = None
                ) -> Starlette:
     """Build one independent service instance (nothing shared between instances).
@@ -119,8 +145,8 @@ def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = 
     routes: list[BaseRoute] = [*api.routes(), *control.routes(), *tokens.routes(),
                                *openapi.routes()]
     if WEB_DIR.is_dir():
-        web = DashboardLogin(StaticFiles(directory=WEB_DIR, html=True), settings)
-        routes.append(Mount("/", web, name="web"))
+        files = StaticFiles(directory=WEB_DIR, html=True)
+        routes.append(WebMount(files, DashboardLogin(files, settings)))
     requests = RequestLog()
     policy = Policy(settings)
     app = Service(
@@ -135,6 +161,9 @@ def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = 
             Exception: _server_error,
         },
     )
+    # a path with a slash too many is no such path (404), as when the dashboard's mount
+    # answered every path; not a redirect to the route without it
+    app.router.redirect_slashes = False
     app.state.ctx = ctx
     # one user without authentication: a per-user cap would cap the whole service
     app.state.stream_quota = StreamQuota(settings.max_streams_per_user
@@ -147,7 +176,7 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     err: dict[str, str] = {"code": code, "message": message}
     if field is not None:
         err["field"] = field
-    return Response(dumps({"error": err}), status_code=status,
+    return Response(dumps({"error": err}) + "\n", status_code=status,
                     media_type="application/json", headers=headers)
 
 

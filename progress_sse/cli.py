@@ -65,17 +65,36 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
-    from .server import make_server, tune_collector
+    from .server import PortInUse, bind, make_server, tune_collector
     from .store.guard import prepare
 
     settings = _settings(args)
     configure_logging(settings.log_format, settings.log_level)
     settings.validate_security()  # before the database is touched (create_app checks too)
-    # here, not in the server's start-up, so a refusal is a message, not a traceback
-    with prepare(settings.db) as lock:
-        server = make_server(create_app(settings, lock=lock), settings)
-        tune_collector()
-        server.run()
+    try:
+        sockets = bind(settings.host, settings.port)  # before the database and the log
+    except PortInUse as exc:
+        print(f"progress-sse serve: {exc}. Stop what is using it, or choose another "
+              f"port: --port {settings.port + 1} (make run PORT={settings.port + 1})",
+              file=sys.stderr)
+        return 2
+    port = sockets[0].getsockname()[1]
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    try:
+        # here, not in the server's start-up, so a refusal is a message, not a traceback
+        with prepare(settings.db) as lock:
+            server = make_server(create_app(settings, lock=lock), settings)
+            server.announce = (f"progress-sse: serving http://{host}:{port} (dashboard and "
+                               f"API), database {settings.db}; Ctrl-C to stop")
+            tune_collector()
+            server.run(sockets=sockets)
+    except KeyboardInterrupt:
+        # uvicorn stops gracefully on Ctrl-C, then raises the signal again for the
+        # default action: that is the traceback `make run` ended with
+        return 0
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0 if server.started else 1
 
 
@@ -146,12 +165,20 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     if (args.job is None) == (not args.all):
         raise UsageError("name one JOB, or give --all")
+    stopped = 0 if args.all else EXIT_INTERRUPTED
     try:
         return run_async(watch(url=args.url, token=args.token, job_id=args.job,
                                kinds=args.kind or (), as_json=args.json,
                                give_up_s=args.give_up_after))
     except (KeyboardInterrupt, asyncio.CancelledError):
-        return 0 if args.all else EXIT_INTERRUPTED
+        return stopped
+    except BrokenPipeError:
+        # the reader left (`watch --all | head`): stop as on Ctrl-C; stdout now points
+        # nowhere, so the interpreter's own flush at exit cannot fail with a traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return stopped
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -7,9 +7,11 @@ streams must be ended before that wait, or SIGTERM would hang on them.
 
 from __future__ import annotations
 
+import errno
 import gc
 import math
 import socket
+import sys
 
 import structlog
 import uvicorn
@@ -26,6 +28,12 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, ctx: Context) -> None:
         super().__init__(config)
         self.ctx = ctx
+        self.announce: str | None = None  # printed to stderr once listening (the CLI's)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.announce is not None:
+            print(self.announce, file=sys.stderr, flush=True)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.ctx.hub.close()
@@ -54,6 +62,37 @@ def make_server(app: Starlette, settings: Settings, **config: object) -> Server:
         **config,  # type: ignore[arg-type]
     )
     return Server(cfg, app.state.ctx)
+
+
+class PortInUse(OSError):
+    """The address to listen on is taken (or not ours to take): a message, not a traceback."""
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of `host`, as uvicorn's own bind would be, made
+    before the service starts: a busy port is refused before the database is opened or
+    `service.started` is logged (uvicorn binds only after the lifespan start-up)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise PortInUse(f"cannot resolve the listen address {host!r}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.set_inheritable(True)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        reason = "it is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise PortInUse(f"cannot listen on {host}:{port}: {reason}") from None
+    return sockets
 
 
 def tune_collector() -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -90,15 +91,19 @@ def stage_text(job: dict[str, Any]) -> str:
     return key or ""
 
 
-def job_line(job: dict[str, Any], since_heard: float, width: int, fancy: bool) -> str:
-    """One job as one line: title, bar, percent, status, stage, elapsed, remaining, message."""
+def job_line(job: dict[str, Any], since_heard: float, width: int, fancy: bool,
+             paint: bool = False, with_id: bool = False) -> str:
+    """One job as one line: (id,) title, bar, percent, status, stage, elapsed, remaining,
+    message. `paint`: the bar and status in the state's colour, for a terminal."""
     finished = job["status"] in TERMINAL
     status = job["status"] + (" (stalled)" if job.get("stalled") else "")
     if job.get("pause_requested") and job["status"] == "running":
         status += " (pausing)"
-    parts = [f"{(job.get('title') or job['id'])[:28]:<28}",
-             f"[{bar(job.get('progress') or 0.0, 20, fancy)}]",
-             f"{job.get('progress') or 0.0:5.1f}%", f"{status:<9}"]
+    title = job.get("title") or job["id"]
+    head = [f"{job['id']}", f"{title[:28]:<28}"] if with_id else [f"{title[:28]:<28}"]
+    coloured = [f"[{bar(job.get('progress') or 0.0, 20, fancy)}]",
+                f"{job.get('progress') or 0.0:5.1f}%", f"{status:<9}"]
+    parts: list[str] = []
     if stage_text(job):
         parts.append(stage_text(job))
     if job.get("elapsed_s") is not None:
@@ -109,18 +114,54 @@ def job_line(job: dict[str, Any], since_heard: float, width: int, fancy: bool) -
     note = job.get("error") if job["status"] == "failed" else job.get("message")
     if note:
         parts.append(str(note).splitlines()[0])
-    line = "  ".join(parts)
-    return line if len(line) <= width else line[:max(1, width - 1)] + "…"
+    line = "  ".join(head + coloured + parts)
+    if len(line) > width:
+        line = line[:max(1, width - 1)] + "…"
+    if not paint:
+        return line
+    start = len("  ".join(head)) + 2  # the colour is added after the cut, on what is left
+    end = start + len("  ".join(coloured))
+    colour = state_colour(job)
+    return f"{line[:start]}{colour}{line[start:end]}{RESET}{line[end:]}" if start < len(line) \
+        else line
+
+
+# SGR colours by state (https://no-color.org: none when NO_COLOR is set and not empty)
+COLOURS = {"queued": "\x1b[2m", "running": "\x1b[36m", "paused": "\x1b[33m",
+           "cancelling": "\x1b[33m", "succeeded": "\x1b[32m", "failed": "\x1b[31m",
+           "cancelled": "\x1b[35m", "stalled": "\x1b[1;31m"}
+LEVEL_COLOURS = {"warning": "\x1b[33m", "error": "\x1b[31m", "debug": "\x1b[2m"}
+RESET = "\x1b[0m"
+
+
+def state_colour(job: dict[str, Any]) -> str:
+    if job.get("stalled") and job["status"] not in TERMINAL:
+        return COLOURS["stalled"]
+    return COLOURS.get(job["status"], "")
+
+
+def use_colour(out: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set to anything."""
+    env = os.environ if environ is None else environ
+    return not env.get("NO_COLOR") and env.get("TERM") != "dumb" and out.isatty()
 
 
 class View:
-    """Where events go: NDJSON, a redrawn live board, or one plain line per event."""
+    """Where events go: NDJSON, a redrawn live board, or one plain line per event.
 
-    def __init__(self, out: TextIO, mode: str) -> None:
+    On the live board, log lines and a failed job's whole error are written above the
+    bars, which are drawn again below them (as tqdm's `write` does): they stay in the
+    terminal's scrollback while the board keeps its place at the bottom."""
+
+    def __init__(self, out: TextIO, mode: str, *, with_id: bool = False,
+                 colour: bool = False) -> None:
         self.out = out
         self.mode = mode  # "json", "live" or "plain"
+        self.with_id = with_id  # --all: each line names its job
+        self.colour = colour and mode == "live"
         self.board = Board()
         self.fancy = (getattr(out, "encoding", "") or "").lower().replace("-", "") == "utf8"
+        self.errors_shown: set[str] = set()
         self._drawn = 0
         self._drawn_at = 0.0
 
@@ -129,10 +170,14 @@ class View:
         if self.mode == "json":  # one line each, even for readers that split on U+2028
             self.out.write(escape_separators(event.raw) + "\n")
         elif self.mode == "live":
+            for text in self._notes(event, data):
+                self.write_above(text)
             if time.monotonic() - self._drawn_at >= DRAW_GAP_S:
                 self.draw()
         else:
             self._plain(event, data)
+            for text in self._notes(event, data, logs=False):
+                self.out.write(f"{time.strftime('%H:%M:%S')} {text}\n")
         self.out.flush()
         return data
 
@@ -141,15 +186,42 @@ class View:
             self.draw()
             self.out.flush()
 
+    def write_above(self, text: str) -> None:
+        """A line (or lines) printed above the live board, which is drawn again below."""
+        up = f"\x1b[{self._drawn}F" if self._drawn else "\r"
+        self.out.write(up + "\x1b[J" + text.replace("\r", "") + "\n")
+        self._drawn = 0
+        self.draw()
+
     def draw(self) -> None:
         size = shutil.get_terminal_size((100, 24))
         now = time.monotonic()
         lines = [job_line(j, now - self.board.heard.get(j["id"], now), size.columns - 1,
-                          self.fancy) for j in self.board.shown(size.lines - 1)]
+                          self.fancy, self.colour, self.with_id)
+                 for j in self.board.shown(size.lines - 1)]
         up = f"\x1b[{self._drawn}F" if self._drawn else "\r"
         self.out.write(up + "".join(f"\x1b[2K{line}\n" for line in lines) + "\x1b[J")
         self._drawn = len(lines)
         self._drawn_at = time.monotonic()
+
+    def _notes(self, event: Event, data: dict[str, Any], logs: bool = True) -> list[str]:
+        """What is written once, not redrawn: a log line; the whole error of a job that
+        failed (the board's line has room for its first line only)."""
+        notes: list[str] = []
+        if logs and event.type == "log":
+            level = str(data.get("level") or "info")
+            colour = LEVEL_COLOURS.get(level, "") if self.colour else ""
+            notes.append(f"{data.get('job_id')} {colour}{level}{RESET if colour else ''}: "
+                         f"{data.get('message')}")
+        jobs = event.jobs if event.type == "snapshot" else [event.job] if event.job else []
+        for job in jobs:
+            if job["status"] == "failed" and job.get("error") \
+                    and job["id"] not in self.errors_shown:
+                self.errors_shown.add(job["id"])
+                colour = COLOURS["failed"] if self.colour else ""
+                notes.append(f"{job['id']} {colour}failed{RESET if colour else ''}: "
+                             f"{job['error']}")
+        return notes
 
     def _plain(self, event: Event, data: dict[str, Any]) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -198,7 +270,7 @@ async def watch(*, url: str | None, token: str | None, job_id: str | None,
                 out: TextIO = sys.stdout) -> int:
     """Follow a job to its end (exit code from its outcome), or every job until interrupted."""
     mode = "json" if as_json else ("live" if out.isatty() else "plain")
-    view = View(out, mode)
+    view = View(out, mode, with_id=job_id is None, colour=use_colour(out))
     async with AsyncProgressClient(url, token=token or None, max_rate=None) as pc:
         queue: asyncio.Queue[Item] = asyncio.Queue()
         reader = asyncio.create_task(_pump(pc, job_id, kinds, give_up_s, queue))

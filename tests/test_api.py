@@ -174,6 +174,74 @@ async def test_unknown_job_and_path_are_json_404(client: httpx.AsyncClient) -> N
     r = await client.delete("/api/jobs")
     assert r.status_code == 405
     assert r.json()["error"]["code"] == "method_not_allowed"
+    assert "allow" in r.headers  # (Starlette names the first matching route's methods)
+
+
+async def test_a_mistyped_path_is_404_for_every_method(client: httpx.AsyncClient) -> None:
+    """Issue 16: a POST to `/api/jobs/X/progres` answered 405 (the dashboard's mount at
+    "/" took every path, and static files answer only GET). A path that no route has is
+    404 whatever the method; a route of another method is 405 with `Allow`."""
+    job = await create_job(client)
+    for method, path in (("POST", f"/api/jobs/{job['id']}/progres"),
+                         ("POST", "/api/jobs/X/progres"), ("PUT", "/api/job"),
+                         ("POST", "/no-such-page"), ("DELETE", "/nope/deeper")):
+        r = await client.request(method, path, json={"progress": 10})
+        assert r.status_code == 404, (method, path, r.status_code)
+        assert r.json()["error"] == {"code": "not_found", "message": f"no such path: {path}"}
+    r = await client.get(f"/api/jobs/{job['id']}/progress")
+    assert (r.status_code, r.headers["allow"]) == (405, "POST")
+    assert (await client.get("/")).status_code == 200  # the dashboard is still served
+    assert (await client.post("/")).status_code == 405  # a page, not an API path
+
+
+async def test_json_sent_as_a_form_is_read_as_json(client: httpx.AsyncClient) -> None:
+    """Issue 16: `curl -d '{"progress": 10}'` labels JSON as a form (curl's default);
+    it answered "the form body is malformed". A body that is plainly a JSON object is
+    read as one; a broken one, or a broken form, says how to label the request."""
+    job = await create_job(client)
+    url = f"/api/jobs/{job['id']}/progress"
+    form = {"content-type": "application/x-www-form-urlencoded"}  # what curl -d sends
+    r = await client.post(url, content=b'{"progress": 10, "message": "from curl"}',
+                          headers=form)
+    assert r.status_code == 200, r.text
+    assert (r.json()["job"]["progress"], r.json()["job"]["message"]) == (10.0, "from curl")
+    r = await client.post(url, content=b' {"progress": 12, "data": {"n": [1]}}\n',
+                          headers=form)
+    assert r.status_code == 200, r.text
+    assert r.json()["job"]["data"] == {"n": [1]}
+    r = await client.post(url, content=b'{"progress": 10,}', headers=form)
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert "not valid JSON" in message and "Content-Type: application/json" in message
+    r = await client.post(url, content=b"progress=1&&=", headers=form)
+    assert r.status_code == 400
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
+    r = await client.post(url, content=b"progress=20", headers=form)  # a form is a form
+    assert r.json()["job"]["progress"] == 20.0
+
+
+async def test_json_answers_end_with_a_newline(client: httpx.AsyncClient,
+                                               service: Service) -> None:
+    """Issue 16: so the shell prompt after `curl` starts on its own line. Every JSON
+    answer (routed, hot, errors, refusals below the routing) ends with one, and its
+    content-length counts it."""
+    job = await create_job(client)
+    answers = [await client.post("/api/jobs", json={}),
+               await client.get("/api/jobs"),
+               await client.get(f"/api/jobs/{job['id']}"),
+               await client.get(f"/api/jobs/{job['id']}/events"),
+               await client.post(f"/api/jobs/{job['id']}/progress", json={"progress": 1}),
+               await client.post(f"/api/jobs/{job['id']}/progress", json={"progress": -1}),
+               await client.post("/api/jobs/X/progres", json={}),
+               await client.get("/api/jobs/nope"),
+               await client.get("/healthz"),
+               await client.post("/api/jobs", json={}, headers={"origin": "http://evil"})]
+    assert answers[-1].status_code == 403  # security.refuse, below the routing
+    for r in answers:
+        assert r.headers["content-type"] == "application/json", r.request.url
+        assert r.content.endswith(b"}\n"), (r.request.url, r.content[-20:])
+        assert int(r.headers["content-length"]) == len(r.content)
+        json.loads(r.content)
 
 
 async def test_healthz_and_metrics(client: httpx.AsyncClient) -> None:
@@ -204,9 +272,10 @@ async def test_hot_routes_answer_like_the_router(client: httpx.AsyncClient) -> N
     for r in hot:
         assert r.headers["x-request-id"] and r.headers["x-content-type-options"] == "nosniff"
     # the same paths with another method, a trailing slash or an empty id: the router's
-    for method, path, status in (("GET", f"/api/jobs/{job['id']}/progress", 404),
-                                 ("POST", f"/api/jobs/{job['id']}/progress/", 405),
-                                 ("POST", "/api/jobs//progress", 405),
+    # (405 for a route of another method, 404 for no such path: not the dashboard's)
+    for method, path, status in (("GET", f"/api/jobs/{job['id']}/progress", 405),
+                                 ("POST", f"/api/jobs/{job['id']}/progress/", 404),
+                                 ("POST", "/api/jobs//progress", 404),
                                  ("POST", "/api/events", 405)):
         r = await client.request(method, path, json={"progress": 1})
         assert r.status_code == status, (method, path, r.status_code)
