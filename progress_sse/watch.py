@@ -110,7 +110,11 @@ def job_line(job: dict[str, Any], since_heard: float, width: int, fancy: bool,
         extra = 0.0 if finished or job["status"] == "paused" else since_heard
         parts.append(f"{duration(job['elapsed_s'] + extra)} elapsed")
     if not finished and job.get("eta_s") is not None:
-        parts.append(f"~{duration(job['eta_s'] - since_heard)} left")
+        # a paused job's remaining time is frozen by the service: not counted down here
+        ticking = 0.0 if job["status"] == "paused" else since_heard
+        parts.append(f"~{duration(job['eta_s'] - ticking)} left")
+    elif not finished and job.get("stalled"):
+        parts.append("— left")  # a stalled job has no estimate
     note = job.get("error") if job["status"] == "failed" else job.get("message")
     if note:
         parts.append(str(note).splitlines()[0])

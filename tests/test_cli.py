@@ -337,3 +337,16 @@ async def test_demo_workers_obey_pause_cancel_and_sigterm(service: Service,
     assert all(j["status"] == "cancelled" for j in jobs), jobs
     assert (await client.get(f"/api/jobs/{second}")).json()["job"]["error"] == \
         "worker interrupted (CancelledError)"
+
+
+def test_watch_line_freezes_a_paused_estimate_and_shows_none_for_a_stalled_job() -> None:
+    """A paused job's remaining time is not counted down between events; a stalled job,
+    which has no estimate, shows a dash."""
+    from progress_sse.watch import job_line
+
+    paused = {"id": "j", "title": "t", "status": "paused", "progress": 50.0, "eta_s": 60.0}
+    assert "~1:00 left" in job_line(paused, 30.0, 200, False)
+    running = {**paused, "status": "running"}
+    assert "~30s left" in job_line(running, 30.0, 200, False)
+    stalled = {**running, "eta_s": None, "stalled": True}
+    assert "— left" in job_line(stalled, 30.0, 200, False)
