@@ -84,8 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # here, not in the server's start-up, so a refusal is a message, not a traceback
         with prepare(settings.db) as lock:
             server = make_server(create_app(settings, lock=lock), settings)
-            server.announce = (f"progress-sse: serving http://{host}:{port} (dashboard and "
-                               f"API), database {settings.db}; Ctrl-C to stop")
+            server.announce = (f"http://{host}:{port}", settings.db)
             tune_collector()
             server.run(sockets=sockets)
     except KeyboardInterrupt:

@@ -35,9 +35,14 @@ def _add_request_id(logger: Any, method: str, event: MutableMapping[str, Any]
 REDACTED_PARAMS = ("access_token", "token")
 
 
+def json_logs(fmt: str) -> bool:
+    """Whether the log is JSON lines: asked for, or stderr is not a terminal."""
+    return fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+
+
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     """Configure structlog; JSON when stderr is not a terminal, readable otherwise."""
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    use_json = json_logs(fmt)
     renderer: Any = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     )

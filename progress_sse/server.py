@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 
 from .context import Context
 from .limits import Limits, limited_protocol
+from .logs import json_logs
 from .settings import Settings
 
 log = structlog.get_logger("progress_sse.server")
@@ -28,12 +29,18 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, ctx: Context) -> None:
         super().__init__(config)
         self.ctx = ctx
-        self.announce: str | None = None  # printed to stderr once listening (the CLI's)
+        # (url, database) said once listening: a line on a terminal, else a log event
+        self.announce: tuple[str, str] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and self.announce is not None:
-            print(self.announce, file=sys.stderr, flush=True)
+            url, db = self.announce
+            if json_logs(self.ctx.settings.log_format):  # a log of JSON lines stays one
+                log.info("service.listening", url=url, db=db)
+            else:
+                print(f"progress-sse: serving {url} (dashboard and API), database {db};"
+                      " Ctrl-C to stop", file=sys.stderr, flush=True)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.ctx.hub.close()

@@ -4,6 +4,7 @@ without a traceback, and `make run` installing the service alone."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,15 +14,16 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from .helpers import ROOT, free_port
 from .test_cli import cli_env
 
 
-def serve(db: Path, port: int) -> subprocess.Popen[str]:
+def serve(db: Path, port: int, log_format: str = "json") -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "progress_sse", "serve", "--port", str(port), "--db", str(db)],
-        cwd=ROOT, env={**cli_env(), "PROGRESS_SSE_LOG_FORMAT": "json"},
+        cwd=ROOT, env={**cli_env(), "PROGRESS_SSE_LOG_FORMAT": log_format},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # Ctrl-C's default action, whatever the test runner's parent ignores
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -39,12 +41,15 @@ def healthy(port: int, within: float = 15) -> None:
     raise AssertionError("the service did not become healthy")
 
 
-def test_serve_prints_its_url_and_ends_on_ctrl_c_without_a_traceback(tmp_path: Path) -> None:
-    """The URL is printed once the service listens; Ctrl-C (SIGINT) stops it cleanly,
-    exit 0: uvicorn raised the signal again after its shutdown, a KeyboardInterrupt
-    traceback at the end of every `make run`."""
+@pytest.mark.parametrize("log_format", ["console", "json"])
+def test_serve_prints_its_url_and_ends_on_ctrl_c_without_a_traceback(
+        tmp_path: Path, log_format: str) -> None:
+    """The URL is said once the service listens (a line for a person, a log event in a
+    JSON log, which stays all JSON); Ctrl-C (SIGINT) stops it cleanly, exit 0: uvicorn
+    raised the signal again after its shutdown, a KeyboardInterrupt traceback at the end
+    of every `make run`."""
     port = free_port()
-    proc = serve(tmp_path / "p.db", port)
+    proc = serve(tmp_path / "p.db", port, log_format)
     try:
         healthy(port)
         proc.send_signal(signal.SIGINT)
@@ -53,10 +58,15 @@ def test_serve_prints_its_url_and_ends_on_ctrl_c_without_a_traceback(tmp_path: P
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert f"progress-sse: serving http://127.0.0.1:{port} " in err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert proc.returncode == 0
-    assert '"service.stopped"' in err
+    if log_format == "console":
+        assert f"progress-sse: serving http://127.0.0.1:{port} " in err
+        return
+    lines = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    assert {"event": "service.listening", "url": f"http://127.0.0.1:{port}"}.items() \
+        <= next(e for e in lines if e["event"] == "service.listening").items()
+    assert any(e["event"] == "service.stopped" for e in lines)
 
 
 def test_a_busy_port_is_refused_before_the_service_starts(tmp_path: Path) -> None:
