@@ -18,6 +18,7 @@ from .context import Context
 from .errors import Conflict, InvalidInput, Unavailable
 from .headers import header
 from .jobs import Job, Outcome
+from .metrics import CONTENT_TYPE
 from .store import Filter, Write, WriteResult
 
 NAME = inputs.ID_RE
@@ -291,54 +292,8 @@ async def healthz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    ctx = ctx_of(request)
-    lines = [
-        "# HELP progress_sse_head_event_id The newest committed event id.",
-        "# TYPE progress_sse_head_event_id gauge",
-        f"progress_sse_head_event_id {ctx.hub.head}",
-        "# HELP progress_sse_open_streams SSE streams open now.",
-        "# TYPE progress_sse_open_streams gauge",
-        f"progress_sse_open_streams {ctx.hub.streams}",
-        "# HELP progress_sse_live_streams Open streams caught up, pushed each event as it"
-        " is published.",
-        "# TYPE progress_sse_live_streams gauge",
-        f"progress_sse_live_streams {ctx.hub.live}",
-        "# HELP progress_sse_stream_catch_ups_total Times a stream read on from its cursor"
-        " (once when it opens, again each time its reader fell behind).",
-        "# TYPE progress_sse_stream_catch_ups_total counter",
-        f"progress_sse_stream_catch_ups_total {ctx.hub.catch_ups}",
-        "# HELP progress_sse_snapshot_reads_total Snapshots read for streams that start"
-        " fresh (shared by the streams of one filter that open meanwhile).",
-        "# TYPE progress_sse_snapshot_reads_total counter",
-        f"progress_sse_snapshot_reads_total {ctx.snapshots.reads}",
-        "# HELP progress_sse_watched_jobs Jobs with workers' long polls waiting on them.",
-        "# TYPE progress_sse_watched_jobs gauge",
-        f"progress_sse_watched_jobs {ctx.hub.watched}",
-        "# HELP progress_sse_write_batches_total Group commits by the store's writer.",
-        "# TYPE progress_sse_write_batches_total counter",
-        f"progress_sse_write_batches_total {ctx.store.batches}",
-        "# HELP progress_sse_writes_total Write requests handled by the store's writer.",
-        "# TYPE progress_sse_writes_total counter",
-        f"progress_sse_writes_total {ctx.store.writes}",
-        "# HELP progress_sse_writes_redone_total Writes done again one at a time because"
-        " their batch failed (one was refused, or the writer process died).",
-        "# TYPE progress_sse_writes_redone_total counter",
-        f"progress_sse_writes_redone_total {ctx.store.redone}",
-        "# HELP progress_sse_writer_restarts_total Writer processes started again after"
-        " one died.",
-        "# TYPE progress_sse_writer_restarts_total counter",
-        f"progress_sse_writer_restarts_total {ctx.store.restarts}",
-        "# HELP progress_sse_write_timeouts_total Writes answered 503 because the store"
-        " did not confirm them within the write timeout.",
-        "# TYPE progress_sse_write_timeouts_total counter",
-        f"progress_sse_write_timeouts_total {ctx.store.timeouts}",
-        "# HELP progress_sse_store_writable 1 unless the store knows that writes cannot"
-        " succeed now (writer gone or not answering, last commit failed); /healthz also"
-        " probes for a lock.",
-        "# TYPE progress_sse_store_writable gauge",
-        f"progress_sse_store_writable {int(ctx.store.trouble() is None)}",
-    ]
-    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    """Prometheus text, by prometheus_client from this app's registry (see metrics)."""
+    return Response(ctx_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
 HOT = (post_progress, post_log, post_finish, job_events, all_events)

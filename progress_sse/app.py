@@ -26,6 +26,7 @@ from .errors import ProgressError
 from .fastpath import HotRoutes
 from .hub import Hub
 from .logs import RequestLog, RequestLogMiddleware
+from .metrics import Metrics
 from .security import DashboardLogin, Policy, SecurityMiddleware, StreamQuota
 from .settings import Settings
 from .store import guard
@@ -108,12 +109,15 @@ def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = 
     if settings.auth == "none" and not settings.loopback:
         log.warning("auth.disabled_on_public_address", host=settings.host,
                     hint="anyone who can reach this address can read and control every job")
+    metrics = Metrics()  # this app's own registry
     store = SQLiteStore(settings.db, synchronous=settings.synchronous,
                         retention_events=settings.retention_events,
                         estimate_every_s=settings.estimate_every_s,
-                        write_timeout_s=settings.write_timeout_s)
+                        write_timeout_s=settings.write_timeout_s,
+                        on_commit=metrics.commit_landed)
     hub = Hub(settings.tail_size, settings.tail_bytes)
-    ctx = Context(settings=settings, store=store, hub=hub)
+    ctx = Context(settings=settings, store=store, hub=hub, metrics=metrics)
+    metrics.watch(ctx)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -147,7 +151,7 @@ def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = 
     if WEB_DIR.is_dir():
         files = StaticFiles(directory=WEB_DIR, html=True)
         routes.append(WebMount(files, DashboardLogin(files, settings)))
-    requests = RequestLog()
+    requests = RequestLog(metrics.request_done)
     policy = Policy(settings)
     app = Service(
         hot=HotRoutes(api.hot_routes(), requests, policy, error_answer),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .hub import Hub
+from .metrics import Metrics
 from .settings import Settings
 from .snapshots import Snapshots
 from .store import Store
@@ -15,6 +16,7 @@ class Context:
     settings: Settings
     store: Store
     hub: Hub
+    metrics: Metrics
     snapshots: Snapshots = field(init=False)
 
     def __post_init__(self) -> None:

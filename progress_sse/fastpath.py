@@ -26,6 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .errors import ProgressError
 from .logs import RequestLog
+from .metrics import HOT_ROUTE
 from .security import Policy, origin_of, refuse, with_headers
 from .streams import httptools_cycle
 
@@ -54,8 +55,10 @@ class HotRoutes:
                 return None
             path = f"{JOBS}{{job_id}}/{action}"
         endpoint = self.routes.get((scope["method"], path))
-        if endpoint is not None and job_id is not None:
-            scope["path_params"] = {"job_id": job_id}
+        if endpoint is not None:
+            scope[HOT_ROUTE] = path  # the template, for the request duration's label
+            if job_id is not None:
+                scope["path_params"] = {"job_id": job_id}
         return endpoint
 
     async def serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send

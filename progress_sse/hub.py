@@ -86,6 +86,7 @@ class Hub:
         self._live: dict[Subscriber, None] = {}  # live streams woken by any event
         self._live_by_job: dict[str, dict[Subscriber, None]] = {}  # ... by one job's
         self.catch_ups = 0  # times a stream read on from its cursor: at open, or fallen behind
+        self.published = 0  # events published since start (for /metrics)
 
     @property
     def streams(self) -> int:
@@ -143,6 +144,7 @@ class Hub:
         self._tail.extend(events)
         self._bytes += sum(len(e.frame) for e in events)
         self.head = events[-1].id
+        self.published += len(events)
         if len(self._tail) > self.tail_size * 1.25 or self._bytes > self.tail_bytes * 1.25:
             self._trim()
         if gap:

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -78,7 +78,9 @@ class RequestLog:
     """Request ids and the one line per request, for the middleware and the hot routes
     (see fastpath) alike; one per app, so ids stay unique across both."""
 
-    def __init__(self) -> None:
+    def __init__(self, observe: Callable[[Scope, int, float], None] = lambda *_: None
+                 ) -> None:
+        self._observe = observe  # each request's end: scope, status, seconds (metrics)
         self._prefix = os.urandom(4).hex()  # per process; a counter makes the rest unique
         self._counter = itertools.count(1)
         # the logger behind the module's lazy proxy, taken at the first request's end
@@ -93,10 +95,12 @@ class RequestLog:
         return request_id.encode()
 
     def end(self, scope: Scope, status: int, start: float) -> None:
+        seconds = time.perf_counter() - start
+        self._observe(scope, status, seconds)
         if self._log is None:
             self._log = log.bind()
         if self._log.is_enabled_for(logging.INFO):  # else skip building the line's fields
-            _log_request(self._log, scope, status, start)
+            _log_request(self._log, scope, status, seconds)
 
 
 class RequestLogMiddleware:
@@ -129,7 +133,7 @@ class RequestLogMiddleware:
             self.requests.end(scope, status, start)
 
 
-def _log_request(logger: Any, scope: Scope, status: int, start: float) -> None:
+def _log_request(logger: Any, scope: Scope, status: int, seconds: float) -> None:
     query = scope.get("query_string", b"").decode("latin-1")
     logger.info(
         "request",
@@ -137,7 +141,7 @@ def _log_request(logger: Any, scope: Scope, status: int, start: float) -> None:
         path=scope["path"],
         query=redact_query(query) or None,
         status=status,
-        duration_ms=round((time.perf_counter() - start) * 1000, 2),
+        duration_ms=round(seconds * 1000, 2),
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from progress_sse.app import create_app
@@ -209,6 +210,20 @@ async def aiter_sse_lines(response: httpx.Response) -> AsyncIterator[str]:
             yield line
     if rest:
         yield rest.rstrip("\r")
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a /metrics answer: (name, labels) -> value."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value in a /metrics answer (fails if it is missing)."""
+    found = samples(text)
+    key = (name, frozenset(labels.items()))
+    assert key in found, f"{key} not in /metrics:\n{text}"
+    return found[key]
 
 
 async def create_job(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from progress_sse.app import Service as App
 from progress_sse.settings import Settings
 
 from .conftest import db_events
-from .helpers import Service, create_job, start_service
+from .helpers import Service, create_job, metric, start_service
 
 STAGES = [{"key": "fetch", "label": "Fetch", "weight": 1},
           {"key": "encode", "label": "Encode", "weight": 3}]
@@ -250,9 +250,9 @@ async def test_healthz_and_metrics(client: httpx.AsyncClient) -> None:
     r = await client.get("/healthz")
     assert r.json()["status"] == "ok"
     m = await client.get("/metrics")
-    assert "progress_sse_head_event_id 1" in m.text
-    assert "progress_sse_writes_total 1\n" in m.text  # the create, in one group commit
-    assert "progress_sse_write_batches_total 1\n" in m.text
+    assert metric(m.text, "progress_sse_head_event_id") == 1
+    assert metric(m.text, "progress_sse_writes_total") == 1  # the create, in one commit
+    assert metric(m.text, "progress_sse_write_batches_total") == 1
     assert m.headers["content-type"].startswith("text/plain")
 
 

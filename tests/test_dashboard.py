@@ -25,6 +25,7 @@ from .helpers import (
     Service,
     create_job,
     free_port,
+    metric,
     start_service,
     stored_log,
     wait_for,
@@ -90,10 +91,7 @@ def card(page: Any, job_id: str) -> Any:
 
 
 async def open_stream_count(client: httpx.AsyncClient) -> int:
-    text = (await client.get("/metrics")).text
-    found = re.search(r"^progress_sse_open_streams (\d+)$", text, re.M)
-    assert found, text
-    return int(found.group(1))
+    return int(metric((await client.get("/metrics")).text, "progress_sse_open_streams"))
 
 
 # ---------------------------------------------------------------- live updates

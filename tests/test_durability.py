@@ -22,6 +22,7 @@ from .helpers import (
     aiter_sse_lines,
     create_job,
     free_port,
+    metric,
     sse_lines,
     wait_for,
 )
@@ -137,7 +138,7 @@ async def test_a_writer_process_killed_under_load_is_replaced_losing_nothing(
         workers = [asyncio.create_task(post(j["id"])) for j in jobs]
         async def restarted(times: int) -> bool:
             metrics = (await client.get("/metrics")).text
-            return f"\nprogress_sse_writer_restarts_total {times}\n" in metrics
+            return metric(metrics, "progress_sse_writer_restarts_total") == times
 
         for kills in (1, 2):
             count = len(acked)

@@ -21,7 +21,7 @@ import pytest
 from progress_sse.settings import Settings
 from progress_sse.store.sqlite import MAX_FLIGHTS, PROBE_EVERY_S, SQLiteStore
 
-from .helpers import Service, create_job, start_service, wait_for
+from .helpers import Service, create_job, metric, start_service, wait_for
 
 DEADLINE = 1.0  # the services' write_timeout_s here
 MARGIN = 1.0  # for two shared cores: an answer "within the deadline" takes at most this more
@@ -145,12 +145,12 @@ async def test_a_stopped_writer_bounds_posts_and_fails_health(
         assert r.status_code == 503 and "answered nothing" in r.json()["reason"]
         assert took < 0.5
         metrics = (await client.get("/metrics")).text
-        assert "\nprogress_sse_store_writable 0\n" in metrics
-        assert f"\nprogress_sse_write_timeouts_total {MAX_FLIGHTS + 2}\n" in metrics
+        assert metric(metrics, "progress_sse_store_writable") == 0
+        assert metric(metrics, "progress_sse_write_timeouts_total") == MAX_FLIGHTS + 2
     finally:
         os.kill(pid, signal.SIGCONT)
     await wait_for(lambda: health_ok(client), timeout=DEADLINE + 5, what="health 200")
-    assert "\nprogress_sse_store_writable 1\n" in (await client.get("/metrics")).text
+    assert metric((await client.get("/metrics")).text, "progress_sse_store_writable") == 1
     sent_seqs = list(range(2, MAX_FLIGHTS + 2))
     queued_seqs = [MAX_FLIGHTS + 2, MAX_FLIGHTS + 3]
     assert stored_seqs(db_path, job["id"]) == [1, *sent_seqs]  # the queued ones: none
@@ -235,7 +235,7 @@ async def test_a_full_disk(small_disk: Path) -> None:
         assert "database or disk is full" in r.json()["error"]["message"]
         body, _, _ = await health_503(client, within=MARGIN)
         assert "database or disk is full" in body["reason"], body
-        assert "\nprogress_sse_store_writable 0\n" in (await client.get("/metrics")).text
+        assert metric((await client.get("/metrics")).text, "progress_sse_store_writable") == 0
         filler.unlink()
         # no probe short of a real write can tell the disk has room: held until one is
         assert (await client.get("/healthz")).status_code == 503

@@ -33,7 +33,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from progress_sse.settings import Settings
 
-from .helpers import ProcessService, Service, create_job, free_port, start_service, wait_for
+from .helpers import (
+    ProcessService,
+    Service,
+    create_job,
+    free_port,
+    metric,
+    start_service,
+    wait_for,
+)
 
 SEPARATORS = "line\u2028sep\u2029para\x85nel end"
 
@@ -563,9 +571,7 @@ async def test_per_job_stream_ends_and_the_client_stops_on_204(
 async def live_streams(url: str) -> int:
     async with httpx.AsyncClient(timeout=5) as c:
         metrics = (await c.get(url + "/metrics")).text
-    m = re.search(r"^progress_sse_live_streams (\d+)$", metrics, re.M)
-    assert m is not None
-    return int(m[1])
+    return int(metric(metrics, "progress_sse_live_streams"))
 
 
 @pytest.fixture

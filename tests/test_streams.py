@@ -15,7 +15,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 from progress_sse.settings import Settings
 
-from .helpers import Service, create_job, relay_send, start_service, wait_for
+from .helpers import Service, create_job, metric, relay_send, start_service, wait_for
 
 SSE = {"Accept": "text/event-stream"}
 
@@ -243,7 +243,7 @@ async def _three_readers_of_twenty_posts(svc: Service,
             [snap] = await take(events, 1)
             assert snap.event == "snapshot"
         await wait_for(lambda: svc.ctx.hub.live == 3, what="3 live streams")
-        assert "progress_sse_live_streams 3\n" in (await c.get("/metrics")).text
+        assert metric((await c.get("/metrics")).text, "progress_sse_live_streams") == 3
         ids = [str((await post(c, job["id"], progress=i))["event_id"]) for i in range(1, 21)]
         for events in sources:
             assert [e.id for e in await take(events, 20)] == ids

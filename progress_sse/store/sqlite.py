@@ -76,14 +76,17 @@ class _Flight:
     answers: list[tuple[_Pending, WriteResult | BaseException]]
     events: list[Event]
     commit: asyncio.Future[Any] | None  # None: the batch stores nothing
+    sent: float  # loop time the commit was sent
 
 
 class SQLiteStore:
     def __init__(self, path: str, *, synchronous: str = "NORMAL", readers: int = 3,
                  retention_events: int = 0, estimate_every_s: float = 1.0,
                  clock: Callable[[], float] = time.time,
-                 write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
+                 write_timeout_s: float = WRITE_TIMEOUT_S,
+                 on_commit: Callable[[float, int], None] = lambda s, n: None) -> None:
         self.path = path
+        self._on_commit = on_commit  # each commit confirmed: seconds, writes (metrics)
         self.synchronous = synchronous.upper()
         self.retention_events = retention_events
         self.estimate_every_s = estimate_every_s
@@ -361,6 +364,7 @@ class SQLiteStore:
             if flight.commit is not None:
                 await flight.commit
                 self._confirmed_at = asyncio.get_running_loop().time()
+                self._on_commit(self._confirmed_at - flight.sent, len(flight.batch))
                 self._failed = None
         except WriterError as exc:
             later = [flight, *flights]
@@ -557,7 +561,7 @@ class SQLiteStore:
             cached = self._jobs.get(job_id)
             if cached is not None and cached.finished:
                 del self._jobs[job_id]  # finished jobs are read again if touched
-        return _Flight(batch, answers, b.events, commit)
+        return _Flight(batch, answers, b.events, commit, asyncio.get_running_loop().time())
 
     async def _prune(self, head: int) -> None:
         assert self._writer is not None
