@@ -11,7 +11,6 @@ import httpx
 from httpx_sse import EventSource
 
 from .aio_job import AsyncJob
-from .errors import ServiceUnavailable
 from .events import Event, _Reading
 from .protocol import (
     STREAM_READ_TIMEOUT_S,
@@ -19,16 +18,13 @@ from .protocol import (
     Control,
     CreatedJob,
     StageSpec,
+    _Attempts,
     _auth,
     _control_params,
     _decode,
     _fields,
     _job_spec,
     _Options,
-    _retry_after,
-    _retry_delays,
-    _retryable,
-    log,
     resolve_token,
     resolve_url,
 )
@@ -67,8 +63,9 @@ class AsyncProgressClient:
 
         `retries` overrides the client's count (0: one attempt).
         """
-        delays = _retry_delays(self.options.retries if retries is None else retries,
-                               self.options.backoff)
+        attempts = _Attempts(method, path,
+                             self.options.retries if retries is None else retries,
+                             self.options.backoff)
         headers = _auth(token or self.token)
         limit = (httpx.Timeout(request_timeout) if request_timeout is not None
                  else httpx.USE_CLIENT_DEFAULT)
@@ -77,20 +74,12 @@ class AsyncProgressClient:
                 response = await self._http.request(method, path, json=json, params=params,
                                                     headers=headers, timeout=limit)
             except httpx.TransportError as exc:
-                delay = next(delays, None)
-                if delay is None:
-                    raise ServiceUnavailable(f"{method} {path}: {exc!r}") from exc
-                log.info("retrying %s %s in %.2fs: %r", method, path, delay, exc)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(attempts.failed(exc))
                 continue
-            if _retryable(response.status_code):
-                delay = next(delays, None)
-                if delay is not None:
-                    await asyncio.sleep(max(delay, _retry_after(response)))
-                    continue
-                if response.status_code >= 500:
-                    raise ServiceUnavailable(f"{method} {path}: {response.status_code}")
-            return _decode(response)
+            delay = attempts.answered(response)
+            if delay is None:
+                return _decode(response)
+            await asyncio.sleep(delay)
 
     async def create(self, *, kind: str = "job", title: str = "", queue: str | None = None,
                      stages: Sequence[StageSpec] | None = None, total: float | None = None,

@@ -116,6 +116,34 @@ def _retry_delays(retries: int, backoff: float, cap: float = 8.0) -> Iterator[fl
         yield min(cap, backoff * 2**i) * random.uniform(0.5, 1.0)
 
 
+class _Attempts:
+    """One request's retry policy, for both drivers: after each failure or answer, how
+    long to wait before trying again, or what to raise; the driver sends and sleeps."""
+
+    def __init__(self, method: str, path: str, retries: int, backoff: float) -> None:
+        self.what = f"{method} {path}"
+        self._delays = _retry_delays(retries, backoff)
+
+    def failed(self, exc: httpx.TransportError) -> float:
+        """The wait after a connection error; raises once the retries are spent."""
+        delay = next(self._delays, None)
+        if delay is None:
+            raise ServiceUnavailable(f"{self.what}: {exc!r}") from exc
+        log.info("retrying %s in %.2fs: %r", self.what, delay, exc)
+        return delay
+
+    def answered(self, response: httpx.Response) -> float | None:
+        """The wait before trying again (5xx, 408, 429), or None: the answer stands."""
+        if not _retryable(response.status_code):
+            return None
+        delay = next(self._delays, None)
+        if delay is not None:
+            return max(delay, _retry_after(response))
+        if response.status_code >= 500:
+            raise ServiceUnavailable(f"{self.what}: {response.status_code}")
+        return None
+
+
 def _retryable(status: int) -> bool:
     return status >= 500 or status in (408, 429)
 
