@@ -18,12 +18,6 @@ class ProgressError(Exception):
         self.field = field
         self.headers = headers or {}
 
-    def body(self) -> dict[str, object]:
-        err: dict[str, object] = {"code": self.code, "message": self.message}
-        if self.field is not None:
-            err["field"] = self.field
-        return {"error": err}
-
 
 class InvalidInput(ProgressError):
     status_code = 400

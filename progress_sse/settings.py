@@ -48,7 +48,7 @@ class Settings:
     # longest wait for the store to confirm a write; then 503 (and /healthz 503 while
     # writes cannot be confirmed within it)
     write_timeout_s: float = 5.0
-    # authentication (see docs/security.md); auth "" means: "jwt" with a secret, else "none"
+    # authentication (README, "Security"); auth "" means: "jwt" with a secret, else "none"
     auth: str = ""
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_issuer: str | None = None
