@@ -11,16 +11,15 @@ answered only after it (see _land for a commit that fails, after which the ledge
 state is read back from the database).
 
 What this module owns: the queue of pending writes, group commit and the batches in
-flight, landing and recovery (a failed commit, a writer process that died), the write
-deadline (see _expire) and health(), the rows the ledger's batches are stored as, and
-loading the ledger's state from the database. Reads are in readers.py.
+flight, landing and recovery (a failed commit, a writer process that died), the rows
+the ledger's batches are stored as, and loading the ledger's state from the database.
+The write deadline and health() are in health.py, the reads in readers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import math
 import time
 from collections import deque
@@ -35,6 +34,8 @@ from ..errors import ProgressError, Unavailable
 from ..jobs import Job
 from ..ledger import HISTORY, Batch, Ledger
 from . import Event, Write, WriteResult
+from .health import FAILED_HOLD_S, WRITE_TIMEOUT_S, Pending, WriteHealth
+from .health import PROBE_EVERY_S as PROBE_EVERY_S  # re-exported: tests read it here
 from .readers import EVENT_COLS, Readers, SQLiteReads, job_from_doc, read_head
 from .writer import WriterConnection, WriterError
 
@@ -46,33 +47,19 @@ MAX_BATCH = 512
 # posts per second than one, four another 5-8% over two)
 MAX_FLIGHTS = 4
 RESTART_PAUSE_S = 1.0  # after a writer process failed to start, before the next try
-WRITE_TIMEOUT_S = 5.0  # longest wait for a write's answer, then 503 (settings.write_timeout_s)
-PROBE_EVERY_S = 0.25  # health probes the writer only when nothing was confirmed this recently
-# a failed commit keeps health at 503 until a commit succeeds or, with none tried, this
-# long: no probe short of a real write can tell that the disk has room again
-FAILED_HOLD_S = 30.0
-
-
-class _Pending:
-    __slots__ = ("future", "since", "write")
-
-    def __init__(self, write: Write, future: asyncio.Future[WriteResult], since: float) -> None:
-        self.write = write
-        self.future = future
-        self.since = since  # loop time of the submit: its deadline is this + write_timeout_s
 
 
 @dataclass(slots=True)
 class _Flight:
     """A batch whose commit has been sent; its callers wait until it is stored."""
 
-    batch: list[_Pending]
+    batch: list[Pending]
     answers: list[WriteResult | ProgressError]  # the batch's, in order
     events: list[Event]
     commit: asyncio.Future[Any] | None  # None: the batch stores nothing
 
 
-class SQLiteStore(SQLiteReads):
+class SQLiteStore(WriteHealth, SQLiteReads):
     def __init__(self, path: str, *, synchronous: str = "NORMAL", readers: int = 3,
                  retention_events: int = 0, estimate_every_s: float = 1.0,
                  clock: Callable[[], float] = time.time,
@@ -85,7 +72,7 @@ class SQLiteStore(SQLiteReads):
         self._readers = Readers(path, readers)
         # waiting writes; None asks the writer to stop. A deque and one wake-up future:
         # asyncio.Queue's bookkeeping (unfinished tasks, getters) cost every post
-        self._queue: deque[_Pending | None] = deque()
+        self._queue: deque[Pending | None] = deque()
         self._wake: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._publish: Callable[[Sequence[Event]], None] = lambda events: None
@@ -102,7 +89,7 @@ class SQLiteStore(SQLiteReads):
         self.write_timeout_s = write_timeout_s
         self.failed_hold_s = FAILED_HOLD_S
         self.timeouts = 0  # writes answered 503 at their deadline (for /metrics)
-        self._waiting: deque[_Pending] = deque()  # submitted, maybe unanswered, in order
+        self._waiting: deque[Pending] = deque()  # submitted, maybe unanswered, in order
         self._watch: asyncio.TimerHandle | None = None  # at the oldest one's deadline
         self._confirmed_at = -math.inf  # loop time of the last commit or probe confirmed
         self._failed: tuple[float, str] | None = None  # the last commit failed: when, why
@@ -162,7 +149,7 @@ class SQLiteStore(SQLiteReads):
             raise Unavailable("the service is shutting down")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[WriteResult] = loop.create_future()
-        pending = _Pending(write, fut, loop.time())
+        pending = Pending(write, fut, loop.time())
         # one timer for every write, at the oldest one's deadline: a timer per write
         # measured 2.5 us a post here
         self._waiting.append(pending)
@@ -171,104 +158,7 @@ class SQLiteStore(SQLiteReads):
         self._put(pending)
         return await fut
 
-    def _expire(self) -> None:
-        """The write deadline: answer 503 to each write older than write_timeout_s. One
-        still queued is taken out, so surely not stored; one already taken into a batch
-        goes on (its batch-mates' fate is bound to it), so it may still be stored, once:
-        a retry with the same seq then gets the stored event back."""
-        self._watch = None
-        loop = asyncio.get_running_loop()
-        timeout = self.write_timeout_s
-        limit = loop.time() - timeout + 0.001  # the timer may fire a hair early
-        queue, waiting = self._queue, self._waiting
-        dropped = late = 0
-        # the queue is in submit order (a batch taken back goes first, and it is older):
-        # the expired writes still in it are at its front
-        while queue and (p := queue[0]) is not None and p.since <= limit:
-            queue.popleft()
-            if not p.future.done():
-                dropped += 1
-                p.future.set_exception(Unavailable(
-                    f"the store did not take the write within {timeout:g} s (the writer is"
-                    " stopped, slow, or the database is locked); it was not stored",
-                    headers={"Retry-After": "1"}))
-        while waiting:
-            p = waiting[0]
-            if not p.future.done():
-                if p.since > limit:
-                    break
-                late += 1
-                p.future.set_exception(Unavailable(
-                    f"the store did not confirm the write within {timeout:g} s (the writer is"
-                    " stopped, slow, or the database is locked); it may still be stored, once:"
-                    " send it again with the same seq to get its outcome",
-                    headers={"Retry-After": "1"}))
-            waiting.popleft()
-        if dropped or late:
-            self.timeouts += dropped + late
-            log.warning("store.write_timeout", timeout_s=timeout, not_stored=dropped,
-                        unconfirmed=late)
-        if waiting:
-            self._arm(loop, waiting[0].since)
-
-    def _arm(self, loop: asyncio.AbstractEventLoop, since: float) -> None:
-        # a context of its own: not the request's that happened to arm it (its log lines
-        # would carry that request's id)
-        self._watch = loop.call_at(since + self.write_timeout_s, self._expire,
-                                   context=contextvars.Context())
-
-    def trouble(self) -> str | None:
-        """Why writes cannot succeed now, from what the store knows without asking (for
-        /metrics; health() also asks the writer)."""
-        writer = self._writer
-        if writer is None or writer.gone is not None:
-            why = writer.gone if writer is not None else "not started"
-            return f"the writer process is not running ({why})"
-        now = asyncio.get_running_loop().time()
-        waited = writer.waited(now)
-        if waited > self.write_timeout_s:
-            return (f"the writer has answered nothing for {waited:.1f} s (it is stopped, the"
-                    " disk stalls, or another process holds the database locked)")
-        if self._failed is not None and now - self._failed[0] < self.failed_hold_s:
-            return f"the last commit failed and none has succeeded since: {self._failed[1]}"
-        return None
-
-    async def health(self) -> str | None:
-        """None when a write can succeed now, or why not. With no write confirmed in the
-        last PROBE_EVERY_S, ask the writer process to take the write lock and let it go
-        (another process may hold the database locked); answers within write_timeout_s."""
-        trouble = self.trouble()
-        if trouble is not None:
-            return trouble
-        loop = asyncio.get_running_loop()
-        if loop.time() - self._confirmed_at < PROBE_EVERY_S:
-            return None
-        assert self._writer is not None
-        timeout = self.write_timeout_s
-        probe = self._probe
-        if probe is None:  # one at a time: health checks meanwhile wait for this one
-            try:
-                probe = self._probe = self._writer.probe(int(min(timeout / 2, 1.0) * 1000))
-            except WriterError as exc:
-                return f"the writer process is not running ({exc})"
-            probe.add_done_callback(self._probed)
-        # the oldest request's age is the probe's, or more (trouble() said it is young)
-        remaining = timeout - self._writer.waited(loop.time())
-        await asyncio.wait((probe,), timeout=max(remaining, 0.0))
-        if not probe.done():
-            return (f"the writer did not answer within {timeout:g} s (it is stopped, the disk"
-                    " stalls, or another process holds the database locked)")
-        refused = probe.exception()
-        if refused is not None:
-            return f"the database cannot be locked for writing: {refused}"
-        return None
-
-    def _probed(self, probe: asyncio.Future[Any]) -> None:
-        self._probe = None
-        if not probe.cancelled() and probe.exception() is None:
-            self._confirmed_at = probe.get_loop().time()
-
-    def _put(self, item: _Pending | None) -> None:
+    def _put(self, item: Pending | None) -> None:
         self._queue.append(item)
         self._wake_up()
 
@@ -311,7 +201,7 @@ class SQLiteStore(SQLiteReads):
             if not wake.done():
                 wake.set_result(None)
 
-    async def _launch(self, batch: list[_Pending], flights: deque[_Flight]) -> None:
+    async def _launch(self, batch: list[Pending], flights: deque[_Flight]) -> None:
         """Apply the rules to a batch and send its commit; a batch that breaks the rules'
         code (a bug) is sent again one write at a time, so that write fails alone."""
         assert self._writer is not None
@@ -389,7 +279,7 @@ class SQLiteStore(SQLiteReads):
         except Exception:  # stored and answered; the writer must go on
             log.exception("store.publish_failed", first=flight.events[0].id)
 
-    def _split(self, writes: list[_Pending], exc: Exception) -> bool:
+    def _split(self, writes: list[Pending], exc: Exception) -> bool:
         """After a failure: one write fails alone (False); more are to be done again one
         at a time (True)."""
         if len(writes) == 1:
@@ -399,7 +289,7 @@ class SQLiteStore(SQLiteReads):
         self.redone += len(writes)
         return True
 
-    async def _recover(self, flights: list[_Flight]) -> tuple[list[_Pending], bool]:
+    async def _recover(self, flights: list[_Flight]) -> tuple[list[Pending], bool]:
         """After a failed commit, the writer's memory goes on from what is committed.
         Return the writes of `flights` that are not stored, to be done again, and
         whether the writer process was replaced.
@@ -457,14 +347,14 @@ class SQLiteStore(SQLiteReads):
         log.info("store.writer_restarted", head=head, restarts=self.restarts)
         return True
 
-    def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+    def _fail(self, batch: list[Pending], exc: Exception) -> None:
         log.error("store.write_failed", size=len(batch), job_id=batch[0].write.job_id,
                   error=str(exc))
         for p in batch:
             if not p.future.done():
                 p.future.set_exception(Unavailable(f"store write failed: {exc}"))
 
-    async def _prepare(self, batch: list[_Pending]) -> _Flight:
+    async def _prepare(self, batch: list[Pending]) -> _Flight:
         """Apply the job rules (the ledger), send the commit, and take its changes as
         done: the next batch is built on them while this one is written (see _land for
         a failure)."""
