@@ -17,6 +17,7 @@ each read is one function, run whole in its connection's own thread inside
   run: the waiter is cancelled before it takes one.
 
 One thread hop per read, where aiosqlite took one per statement and per fetch.
+The store's read queries are here too (SQLiteReads), next to what they rely on.
 """
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ import asyncio
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from ..codec import loads
+from ..jobs import Job
+from . import Event, Filter, Page, Snapshot
 
 T = TypeVar("T")
+EVENT_COLS = "id, job_id, owner, kind, type, body"
 Read = Callable[[sqlite3.Connection], T]
 
 
@@ -90,3 +96,123 @@ def _in_transaction(conn: sqlite3.Connection, fn: Read[T]) -> T:
         return fn(conn)
     finally:
         conn.execute("COMMIT")  # a read transaction: ends the snapshot, writes nothing
+
+
+class SQLiteReads:
+    """The SQLite store's reads (SQLiteStore has them from here): each is one function
+    run whole in one read transaction, on a connection no other read holds meanwhile
+    (see Readers). Every commit is published to the hub
+    only after it is durable, so a read asked for after the hub's head reached H sees
+    every event up to H; and each read says how far it is complete (Page.upto), so a
+    stream's cursor never moves past an event it did not read or its snapshot saw.
+    """
+
+    _readers: Readers
+
+    async def get_job(self, job_id: str) -> Job | None:
+        def read(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute("SELECT doc FROM jobs WHERE id=?", (job_id,)).fetchone()
+            return job_from_doc(row[0]) if row else None
+
+        return await self._readers.read(read)
+
+    async def list_jobs(self, flt: Filter, limit: int, before: int | None
+                        ) -> tuple[list[Job], int, int | None]:
+        """A page of jobs, newest first, with the head id and the cursor of the next page."""
+        where, args = _where(flt)
+        if before is not None:
+            where.append("rowid < ?")
+            args.append(before)
+        sql = f"SELECT doc, rowid FROM jobs{_and(where)} ORDER BY rowid DESC LIMIT ?"
+
+        def read(conn: sqlite3.Connection) -> tuple[list[Job], int, int | None]:
+            head = read_head(conn)
+            rows = conn.execute(sql, [*args, limit]).fetchall()
+            jobs = [job_from_doc(r[0]) for r in rows]
+            return jobs, head, (rows[-1][1] if len(rows) == limit else None)
+
+        return await self._readers.read(read)
+
+    async def snapshot(self, flt: Filter, limit: int) -> Snapshot:
+        """Jobs, the head id and the oldest kept id from one read, so they agree."""
+        where, args = _where(flt)
+        sql = (f"SELECT doc FROM jobs{_and(where)}"
+               " ORDER BY finished_at IS NOT NULL, updated_at DESC LIMIT ?")
+
+        def read(conn: sqlite3.Connection) -> Snapshot:
+            oldest, head = conn.execute(
+                "SELECT MIN(id), COALESCE(MAX(id), 0) FROM events").fetchone()
+            docs = conn.execute(sql, [*args, limit]).fetchall()
+            return Snapshot([job_from_doc(d) for (d,) in docs], head, oldest)
+
+        return await self._readers.read(read)
+
+    async def events_after(self, after: int, upto: int, flt: Filter, limit: int,
+                           max_bytes: int = 0) -> Page:
+        """Events with after < id <= upto that `flt` matches, in id order: at most
+        `limit`, and no more once `max_bytes` of bodies are read (0: no byte bound)."""
+        where, args = _where(flt, job_column="job_id")
+        where += ["id > ?", "id <= ?"]
+        args += [after, upto]
+        sql = f"SELECT {EVENT_COLS} FROM events{_and(where)} ORDER BY id LIMIT ?"
+        build = Event.build
+
+        def read(conn: sqlite3.Connection) -> Page:
+            seen = read_head(conn)  # what this snapshot holds: the read is complete up to it
+            events: list[Event] = []
+            size = 0
+            for row in conn.execute(sql, [*args, limit]):
+                events.append(build(*row))
+                size += len(row[5])
+                if max_bytes and size >= max_bytes:
+                    return Page(events, row[0])  # cut short: complete up to this one
+            if len(events) == limit:
+                return Page(events, events[-1].id)
+            return Page(events, max(after, min(upto, seen)))
+
+        return await self._readers.read(read)
+
+    async def bounds(self) -> tuple[int | None, int]:
+        """The oldest event still kept (None: none) and the newest, from one read."""
+        def read(conn: sqlite3.Connection) -> tuple[int | None, int]:
+            oldest, head = conn.execute(
+                "SELECT MIN(id), COALESCE(MAX(id), 0) FROM events").fetchone()
+            return oldest, head
+
+        return await self._readers.read(read)
+
+    async def stale_jobs(self, now: float) -> list[str]:
+        def read(conn: sqlite3.Connection) -> list[str]:
+            return [r[0] for r in conn.execute(
+                "SELECT id FROM jobs WHERE status='running' AND stalled=0"
+                " AND last_post_at + heartbeat_timeout_s < ?", (now,))]
+
+        return await self._readers.read(read)
+
+
+def read_head(conn: sqlite3.Connection) -> int:
+    """The newest event's id (0: none), in the read's snapshot."""
+    return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+
+
+def job_from_doc(doc: str) -> Job:
+    """A job from its stored document (see sqlite._job_row)."""
+    d = loads(doc)
+    return Job.from_record(d["job"], d["private"])
+
+
+def _where(flt: Filter, job_column: str = "id") -> tuple[list[str], list[Any]]:
+    """SQL conditions for a filter, on the jobs table or (job_column="job_id") the events."""
+    where: list[str] = []
+    args: list[Any] = []
+    for column, values in (("owner", None if flt.owner is None else {flt.owner}),
+                           (job_column, flt.job_ids), ("kind", flt.kinds),
+                           ("status", flt.statuses or None)):
+        if values is not None:
+            where.append(f"{column} IN ({','.join('?' * len(values))})")
+            args.extend(sorted(values))
+    return where, args
+
+
+def _and(where: list[str]) -> str:
+    return (" WHERE " + " AND ".join(where)) if where else ""

@@ -1,39 +1,42 @@
 """SQLite store: one writer task with group commit, separate read connections.
 
-Every write goes through one queue. The writer takes whatever is waiting, applies
-the job rules to each request against the jobs' current state, inserts the events
-and updates the job rows in one transaction, commits, and only then answers the
-callers and hands the events to the hub. Ids are assigned by the writer, so they
-are contiguous and in commit order. A request the rules refuse stores nothing and
-does not disturb the rest of its batch. The transactions run in the writer process
-(writer.py), in the order sent; the next batches are built while one is written,
-on its changes, and answered only after it (see _land for a commit that fails).
-A write not answered within the write deadline is answered 503 (see _expire), and
-health() says when writes cannot succeed.
+Every write goes through one queue. The writer takes whatever is waiting, has the
+ledger (ledger.py, shared with other stores) apply the job rules to each request
+against the jobs' committed state, inserts the events and updates the job rows it
+produced in one transaction, commits, and only then answers the callers and hands the
+events to the hub. A request the rules refuse stores nothing and does not disturb the
+rest of its batch. The transactions run in the writer process (writer.py), in the
+order sent; the next batches are built while one is written, on its changes, and
+answered only after it (see _land for a commit that fails, after which the ledger's
+state is read back from the database).
+
+What this module owns: the queue of pending writes, group commit and the batches in
+flight, landing and recovery (a failed commit, a writer process that died), the rows
+the ledger's batches are stored as, and loading the ledger's state from the database.
+The write deadline and health() are in health.py, the reads in readers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import math
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from ..codec import dumps, loads
-from ..errors import Conflict, ProgressError, Unavailable
-from ..eta import FinishedRun, estimate_wait
-from ..jobs import Draft, Job, check_seq, finished_run, with_estimate, with_queue_position
-from . import Event, Filter, Page, Snapshot, Write, WriteResult
-from .readers import Readers
+from ..codec import dumps
+from ..errors import ProgressError, Unavailable
+from ..jobs import Job
+from ..ledger import HISTORY, Batch, Ledger
+from . import Event, Write, WriteResult
+from .health import FAILED_HOLD_S, WRITE_TIMEOUT_S, Pending, WriteHealth
+from .health import PROBE_EVERY_S as PROBE_EVERY_S  # re-exported: tests read it here
+from .readers import EVENT_COLS, Readers, SQLiteReads, job_from_doc, read_head
 from .writer import WriterConnection, WriterError
 
 log = structlog.get_logger("progress_sse.store")
@@ -44,42 +47,20 @@ MAX_BATCH = 512
 # posts per second than one, four another 5-8% over two)
 MAX_FLIGHTS = 4
 RESTART_PAUSE_S = 1.0  # after a writer process failed to start, before the next try
-HISTORY = 50  # finished runs per kind that the estimator learns from
-WRITE_TIMEOUT_S = 5.0  # longest wait for a write's answer, then 503 (settings.write_timeout_s)
-PROBE_EVERY_S = 0.25  # health probes the writer only when nothing was confirmed this recently
-# a failed commit keeps health at 503 until a commit succeeds or, with none tried, this
-# long: no probe short of a real write can tell that the disk has room again
-FAILED_HOLD_S = 30.0
-_EVENT_COLS = "id, job_id, owner, kind, type, body"
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
-
-
-class _Pending:
-    __slots__ = ("future", "since", "write")
-
-    def __init__(self, write: Write, future: asyncio.Future[WriteResult], since: float) -> None:
-        self.write = write
-        self.future = future
-        self.since = since  # loop time of the submit: its deadline is this + write_timeout_s
 
 
 @dataclass(slots=True)
 class _Flight:
     """A batch whose commit has been sent; its callers wait until it is stored."""
 
-    batch: list[_Pending]
-    answers: list[tuple[_Pending, WriteResult | BaseException]]
+    batch: list[Pending]
+    answers: list[WriteResult | ProgressError]  # the batch's, in order
     events: list[Event]
     commit: asyncio.Future[Any] | None  # None: the batch stores nothing
     sent: float  # loop time the commit was sent
 
 
-class SQLiteStore:
+class SQLiteStore(WriteHealth, SQLiteReads):
     def __init__(self, path: str, *, synchronous: str = "NORMAL", readers: int = 3,
                  retention_events: int = 0, estimate_every_s: float = 1.0,
                  clock: Callable[[], float] = time.time,
@@ -89,20 +70,17 @@ class SQLiteStore:
         self._on_commit = on_commit  # each commit confirmed: seconds, writes (metrics)
         self.synchronous = synchronous.upper()
         self.retention_events = retention_events
-        self.estimate_every_s = estimate_every_s
         self._clock = clock
         self._writer: WriterConnection | None = None
         self._readers = Readers(path, readers)
         # waiting writes; None asks the writer to stop. A deque and one wake-up future:
         # asyncio.Queue's bookkeeping (unfinished tasks, getters) cost every post
-        self._queue: deque[_Pending | None] = deque()
+        self._queue: deque[Pending | None] = deque()
         self._wake: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._publish: Callable[[Sequence[Event]], None] = lambda events: None
-        self._jobs: dict[str, Job] = {}  # active jobs' committed state; the writer owns it
-        self._queues: dict[str, list[str]] = {}  # queued job ids per queue, in order
-        self._history: dict[str, list[FinishedRun]] = {}  # succeeded runs per kind
-        self._next_id = 1
+        # the job rules and the writer's memory of what is committed (see ledger.py)
+        self._ledger = Ledger(estimate_every_s)
         self._oldest: int | None = None
         self._closing = False
         self.batches = 0  # group commits so far, and the writes they carried (for /metrics)
@@ -114,7 +92,7 @@ class SQLiteStore:
         self.write_timeout_s = write_timeout_s
         self.failed_hold_s = FAILED_HOLD_S
         self.timeouts = 0  # writes answered 503 at their deadline (for /metrics)
-        self._waiting: deque[_Pending] = deque()  # submitted, maybe unanswered, in order
+        self._waiting: deque[Pending] = deque()  # submitted, maybe unanswered, in order
         self._watch: asyncio.TimerHandle | None = None  # at the oldest one's deadline
         self._confirmed_at = -math.inf  # loop time of the last commit or probe confirmed
         self._failed: tuple[float, str] | None = None  # the last commit failed: when, why
@@ -138,18 +116,10 @@ class SQLiteStore:
         assert self._writer is not None
         [(oldest, head)] = await self._writer.fetchall("SELECT MIN(id), MAX(id) FROM events")
         self._oldest = oldest
-        self._next_id = (head or 0) + 1
-        self._jobs.clear()
-        self._queues.clear()
-        self._history.clear()
-        for (doc,) in await self._writer.fetchall(
+        docs = await self._writer.fetchall(
             "SELECT doc FROM jobs WHERE status IN ('queued', 'running', 'paused', 'cancelling')"
-            " ORDER BY rowid"
-        ):
-            job = job_from_doc(doc)
-            self._jobs[job.id] = job
-            if job.status == "queued":
-                self._queues.setdefault(job.queue, []).append(job.id)
+            " ORDER BY rowid")
+        self._ledger.reset(int(head or 0), (job_from_doc(doc) for (doc,) in docs))
         return int(head or 0)
 
     def _new_writer(self) -> WriterConnection:
@@ -172,7 +142,7 @@ class SQLiteStore:
         """Healthy: a read answers, and the writer process is there to take writes."""
         if self._writer is None or self._writer.gone is not None:
             raise Unavailable(f"the store cannot write: {self._writer and self._writer.gone}")
-        await self._readers.read(_head)
+        await self._readers.read(read_head)
 
     # ------------------------------------------------------------ writes
 
@@ -182,7 +152,7 @@ class SQLiteStore:
             raise Unavailable("the service is shutting down")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[WriteResult] = loop.create_future()
-        pending = _Pending(write, fut, loop.time())
+        pending = Pending(write, fut, loop.time())
         # one timer for every write, at the oldest one's deadline: a timer per write
         # measured 2.5 us a post here
         self._waiting.append(pending)
@@ -191,104 +161,7 @@ class SQLiteStore:
         self._put(pending)
         return await fut
 
-    def _expire(self) -> None:
-        """The write deadline: answer 503 to each write older than write_timeout_s. One
-        still queued is taken out, so surely not stored; one already taken into a batch
-        goes on (its batch-mates' fate is bound to it), so it may still be stored, once:
-        a retry with the same seq then gets the stored event back."""
-        self._watch = None
-        loop = asyncio.get_running_loop()
-        timeout = self.write_timeout_s
-        limit = loop.time() - timeout + 0.001  # the timer may fire a hair early
-        queue, waiting = self._queue, self._waiting
-        dropped = late = 0
-        # the queue is in submit order (a batch taken back goes first, and it is older):
-        # the expired writes still in it are at its front
-        while queue and (p := queue[0]) is not None and p.since <= limit:
-            queue.popleft()
-            if not p.future.done():
-                dropped += 1
-                p.future.set_exception(Unavailable(
-                    f"the store did not take the write within {timeout:g} s (the writer is"
-                    " stopped, slow, or the database is locked); it was not stored",
-                    headers={"Retry-After": "1"}))
-        while waiting:
-            p = waiting[0]
-            if not p.future.done():
-                if p.since > limit:
-                    break
-                late += 1
-                p.future.set_exception(Unavailable(
-                    f"the store did not confirm the write within {timeout:g} s (the writer is"
-                    " stopped, slow, or the database is locked); it may still be stored, once:"
-                    " send it again with the same seq to get its outcome",
-                    headers={"Retry-After": "1"}))
-            waiting.popleft()
-        if dropped or late:
-            self.timeouts += dropped + late
-            log.warning("store.write_timeout", timeout_s=timeout, not_stored=dropped,
-                        unconfirmed=late)
-        if waiting:
-            self._arm(loop, waiting[0].since)
-
-    def _arm(self, loop: asyncio.AbstractEventLoop, since: float) -> None:
-        # a context of its own: not the request's that happened to arm it (its log lines
-        # would carry that request's id)
-        self._watch = loop.call_at(since + self.write_timeout_s, self._expire,
-                                   context=contextvars.Context())
-
-    def trouble(self) -> str | None:
-        """Why writes cannot succeed now, from what the store knows without asking (for
-        /metrics; health() also asks the writer)."""
-        writer = self._writer
-        if writer is None or writer.gone is not None:
-            why = writer.gone if writer is not None else "not started"
-            return f"the writer process is not running ({why})"
-        now = asyncio.get_running_loop().time()
-        waited = writer.waited(now)
-        if waited > self.write_timeout_s:
-            return (f"the writer has answered nothing for {waited:.1f} s (it is stopped, the"
-                    " disk stalls, or another process holds the database locked)")
-        if self._failed is not None and now - self._failed[0] < self.failed_hold_s:
-            return f"the last commit failed and none has succeeded since: {self._failed[1]}"
-        return None
-
-    async def health(self) -> str | None:
-        """None when a write can succeed now, or why not. With no write confirmed in the
-        last PROBE_EVERY_S, ask the writer process to take the write lock and let it go
-        (another process may hold the database locked); answers within write_timeout_s."""
-        trouble = self.trouble()
-        if trouble is not None:
-            return trouble
-        loop = asyncio.get_running_loop()
-        if loop.time() - self._confirmed_at < PROBE_EVERY_S:
-            return None
-        assert self._writer is not None
-        timeout = self.write_timeout_s
-        probe = self._probe
-        if probe is None:  # one at a time: health checks meanwhile wait for this one
-            try:
-                probe = self._probe = self._writer.probe(int(min(timeout / 2, 1.0) * 1000))
-            except WriterError as exc:
-                return f"the writer process is not running ({exc})"
-            probe.add_done_callback(self._probed)
-        # the oldest request's age is the probe's, or more (trouble() said it is young)
-        remaining = timeout - self._writer.waited(loop.time())
-        await asyncio.wait((probe,), timeout=max(remaining, 0.0))
-        if not probe.done():
-            return (f"the writer did not answer within {timeout:g} s (it is stopped, the disk"
-                    " stalls, or another process holds the database locked)")
-        refused = probe.exception()
-        if refused is not None:
-            return f"the database cannot be locked for writing: {refused}"
-        return None
-
-    def _probed(self, probe: asyncio.Future[Any]) -> None:
-        self._probe = None
-        if not probe.cancelled() and probe.exception() is None:
-            self._confirmed_at = probe.get_loop().time()
-
-    def _put(self, item: _Pending | None) -> None:
+    def _put(self, item: Pending | None) -> None:
         self._queue.append(item)
         self._wake_up()
 
@@ -331,7 +204,7 @@ class SQLiteStore:
             if not wake.done():
                 wake.set_result(None)
 
-    async def _launch(self, batch: list[_Pending], flights: deque[_Flight]) -> None:
+    async def _launch(self, batch: list[Pending], flights: deque[_Flight]) -> None:
         """Apply the rules to a batch and send its commit; a batch that breaks the rules'
         code (a bug) is sent again one write at a time, so that write fails alone."""
         assert self._writer is not None
@@ -389,7 +262,7 @@ class SQLiteStore:
 
     async def _answer(self, flight: _Flight) -> None:
         """A stored batch: answer its callers, then publish its events."""
-        for p, answer in flight.answers:
+        for p, answer in zip(flight.batch, flight.answers, strict=True):
             if p.future.done():
                 continue
             if isinstance(answer, BaseException):
@@ -410,7 +283,7 @@ class SQLiteStore:
         except Exception:  # stored and answered; the writer must go on
             log.exception("store.publish_failed", first=flight.events[0].id)
 
-    def _split(self, writes: list[_Pending], exc: Exception) -> bool:
+    def _split(self, writes: list[Pending], exc: Exception) -> bool:
         """After a failure: one write fails alone (False); more are to be done again one
         at a time (True)."""
         if len(writes) == 1:
@@ -420,7 +293,7 @@ class SQLiteStore:
         self.redone += len(writes)
         return True
 
-    async def _recover(self, flights: list[_Flight]) -> tuple[list[_Pending], bool]:
+    async def _recover(self, flights: list[_Flight]) -> tuple[list[Pending], bool]:
         """After a failed commit, the writer's memory goes on from what is committed.
         Return the writes of `flights` that are not stored, to be done again, and
         whether the writer process was replaced.
@@ -441,7 +314,7 @@ class SQLiteStore:
                 pass  # it died meanwhile
         if not await self._replace_writer():
             return every, False  # they fail: 503
-        head = self._next_id - 1
+        head = self._ledger.next_id - 1
         stored = 0
         for i, f in enumerate(flights):
             if f.events and f.events[-1].id <= head:
@@ -478,90 +351,49 @@ class SQLiteStore:
         log.info("store.writer_restarted", head=head, restarts=self.restarts)
         return True
 
-    def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+    def _fail(self, batch: list[Pending], exc: Exception) -> None:
         log.error("store.write_failed", size=len(batch), job_id=batch[0].write.job_id,
                   error=str(exc))
         for p in batch:
             if not p.future.done():
                 p.future.set_exception(Unavailable(f"store write failed: {exc}"))
 
-    async def _prepare(self, batch: list[_Pending]) -> _Flight:
-        """Apply the job rules, send the commit, and take its changes as done: the next
-        batch is built on them while this one is written (see _land for a failure)."""
+    async def _prepare(self, batch: list[Pending]) -> _Flight:
+        """Apply the job rules (the ledger), send the commit, and take its changes as
+        done: the next batch is built on them while this one is written (see _land for
+        a failure)."""
         assert self._writer is not None
         conn = self._writer
+        ledger = self._ledger
         await self._load_missing({p.write.job_id for p in batch})
-        now = self._clock()
-        b = _Batch(self, now)
-        answers: list[tuple[_Pending, WriteResult | BaseException]] = []
-        for p in batch:
-            w = p.write
-            job = b.working.get(w.job_id) or self._jobs.get(w.job_id)
-            try:
-                if w.check is not None:
-                    w.check(job)
-                if job is not None and w.create:
-                    answers.append((p, WriteResult(job, (), dumps(job.public(now)))))
-                    continue
-                if job is not None and (w.attempt is None or w.attempt == job.attempt) \
-                        and check_seq(job, w.seq):
-                    assert w.seq is not None
-                    key = (job.id, job.attempt, w.seq)
-                    dup = b.seqs.get(key) or await self._event_by_seq(*key)
-                    if dup is None:
-                        raise Conflict(f"seq {w.seq} is not after the last seq "
-                                       f"({job.last_seq})", field="seq")
-                    answers.append((p, WriteResult(job, (dup,), dumps(job.public(now)),
-                                                   duplicate=True)))
-                    continue
-                new_job, drafts = w.apply(job, now)
-            except ProgressError as exc:
-                answers.append((p, exc))
-                continue
-            if new_job is job:  # nothing changed: nothing to store
-                assert job is not None and not drafts
-                answers.append((p, WriteResult(job, (), dumps(job.public(now)))))
-                continue
-            new_job = b.place_in_queue(job, new_job)
-            if new_job.status == "running":
-                new_job = with_estimate(new_job, now, self._history.get(new_job.kind, []),
-                                        self.estimate_every_s)
-            events, job_json = b.emit(new_job, drafts)
-            answers.append((p, WriteResult(b.working[new_job.id], events, job_json,
-                                           created=job is None)))
-        b.move_queues_on()
-        working = b.working
+        b = await ledger.build([p.write for p in batch], self._clock(), self._event_by_seq)
         commit = None
-        if b.event_rows or b.job_rows:
-            upserts, updates = [], []
-            for job_id, row in b.job_rows.items():
-                before = self._jobs.get(job_id)
-                job = working[job_id]
-                if before is not None and before.status == job.status \
-                        and before.finished_at == job.finished_at:
-                    updates.append((job.updated_at, job.last_post_at, int(job.stalled),
-                                    job.token_hash, row[-1], job_id))
-                else:
-                    upserts.append(row)
-            runs = [(job.kind, run) for job in working.values()
-                    if job.finished and (run := finished_run(job)) is not None]
+        if b.changed:
+            commit = conn.commit(b.event_rows, *self._job_rows(b))
             # sent, or nothing is (the request cannot be encoded, the writer has gone);
             # from here on the batch's changes are the writer's memory
-            commit = conn.commit(b.event_rows, upserts, updates)
-            self._next_id = b.next_id
             if self._oldest is None and b.events:
                 self._oldest = b.events[0].id
-            self._jobs.update(working)
-            self._queues.update(b.queues)
-            for kind, run in runs:
-                history = self._history.setdefault(kind, [])
-                history.append(run)
-                del history[:-HISTORY]
-        for job_id in {p.write.job_id for p in batch}:
-            cached = self._jobs.get(job_id)
-            if cached is not None and cached.finished:
-                del self._jobs[job_id]  # finished jobs are read again if touched
-        return _Flight(batch, answers, b.events, commit, asyncio.get_running_loop().time())
+        ledger.adopt(b)
+        return _Flight(batch, b.answers, b.events, commit, asyncio.get_running_loop().time())
+
+    def _job_rows(self, b: Batch) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """The batch's changed jobs as rows: whole, or (status and finish unchanged) only
+        the columns a post changes."""
+        upserts, updates = [], []
+        committed = self._ledger.jobs
+        working = b.working
+        for job_id, job_json in b.changed.items():
+            before = committed.get(job_id)
+            job = working[job_id]
+            row = _job_row(job, job_json)
+            if before is not None and before.status == job.status \
+                    and before.finished_at == job.finished_at:
+                updates.append((job.updated_at, job.last_post_at, int(job.stalled),
+                                job.token_hash, row[-1], job_id))
+            else:
+                upserts.append(row)
+        return upserts, updates
 
     async def _prune(self, head: int) -> None:
         assert self._writer is not None
@@ -571,210 +403,35 @@ class SQLiteStore:
         log.info("store.pruned", oldest=keep_from)
 
     async def _load_missing(self, job_ids: set[str]) -> None:
+        """Feed the ledger the jobs a batch touches that it does not hold (finished ones)
+        and the history of their kinds."""
         assert self._writer is not None
-        await self._load_history({j.kind for j in map(self._jobs.get, job_ids) if j})
-        missing = [j for j in job_ids if j and j not in self._jobs]
+        ledger = self._ledger
+        await self._load_history({j.kind for j in map(ledger.jobs.get, job_ids) if j})
+        missing = ledger.unknown(job_ids)
         if not missing:
             return
         marks = ",".join("?" * len(missing))
         rows = await self._writer.fetchall(f"SELECT doc FROM jobs WHERE id IN ({marks})", missing)
-        for (doc,) in rows:
-            job = job_from_doc(doc)
-            self._jobs[job.id] = job
-        await self._load_history({job_from_doc(d).kind for (d,) in rows})
+        found = [job_from_doc(doc) for (doc,) in rows]
+        for job in found:
+            ledger.learn(job)
+        await self._load_history({job.kind for job in found})
 
     async def _load_history(self, kinds: set[str]) -> None:
         assert self._writer is not None
-        for kind in kinds - set(self._history):
+        for kind in self._ledger.kinds_to_learn(kinds):
             docs = await self._writer.fetchall(
                 "SELECT doc FROM jobs WHERE kind=? AND status='succeeded'"
                 " ORDER BY finished_at DESC LIMIT ?", (kind, HISTORY))
-            runs = [finished_run(job_from_doc(d)) for (d,) in reversed(list(docs))]
-            self._history[kind] = [r for r in runs if r is not None]
+            self._ledger.learn_history(kind, [job_from_doc(d) for (d,) in reversed(list(docs))])
 
     async def _event_by_seq(self, job_id: str, attempt: int, seq: int) -> Event | None:
         assert self._writer is not None
         rows = await self._writer.fetchall(
-            f"SELECT {_EVENT_COLS} FROM events WHERE job_id=? AND attempt=? AND seq=?",
+            f"SELECT {EVENT_COLS} FROM events WHERE job_id=? AND attempt=? AND seq=?",
             (job_id, attempt, seq))
         return Event.build(*rows[0]) if rows else None
-
-    # ------------------------------------------------------------ reads
-    # Each read is one function run whole in one read transaction, on a connection no
-    # other read holds meanwhile (see readers.py). Every commit is published to the hub
-    # only after it is durable, so a read asked for after the hub's head reached H sees
-    # every event up to H; and each read says how far it is complete (Page.upto), so a
-    # stream's cursor never moves past an event it did not read or its snapshot saw.
-
-    async def get_job(self, job_id: str) -> Job | None:
-        def read(conn: sqlite3.Connection) -> Job | None:
-            row = conn.execute("SELECT doc FROM jobs WHERE id=?", (job_id,)).fetchone()
-            return job_from_doc(row[0]) if row else None
-
-        return await self._readers.read(read)
-
-    async def list_jobs(self, flt: Filter, limit: int, before: int | None
-                        ) -> tuple[list[Job], int, int | None]:
-        """A page of jobs, newest first, with the head id and the cursor of the next page."""
-        where, args = _where(flt)
-        if before is not None:
-            where.append("rowid < ?")
-            args.append(before)
-        sql = f"SELECT doc, rowid FROM jobs{_and(where)} ORDER BY rowid DESC LIMIT ?"
-
-        def read(conn: sqlite3.Connection) -> tuple[list[Job], int, int | None]:
-            head = _head(conn)
-            rows = conn.execute(sql, [*args, limit]).fetchall()
-            jobs = [job_from_doc(r[0]) for r in rows]
-            return jobs, head, (rows[-1][1] if len(rows) == limit else None)
-
-        return await self._readers.read(read)
-
-    async def snapshot(self, flt: Filter, limit: int) -> Snapshot:
-        """Jobs, the head id and the oldest kept id from one read, so they agree."""
-        where, args = _where(flt)
-        sql = (f"SELECT doc FROM jobs{_and(where)}"
-               " ORDER BY finished_at IS NOT NULL, updated_at DESC LIMIT ?")
-
-        def read(conn: sqlite3.Connection) -> Snapshot:
-            oldest, head = conn.execute(
-                "SELECT MIN(id), COALESCE(MAX(id), 0) FROM events").fetchone()
-            docs = conn.execute(sql, [*args, limit]).fetchall()
-            return Snapshot([job_from_doc(d) for (d,) in docs], head, oldest)
-
-        return await self._readers.read(read)
-
-    async def events_after(self, after: int, upto: int, flt: Filter, limit: int,
-                           max_bytes: int = 0) -> Page:
-        """Events with after < id <= upto that `flt` matches, in id order: at most
-        `limit`, and no more once `max_bytes` of bodies are read (0: no byte bound)."""
-        where, args = _where(flt, job_column="job_id")
-        where += ["id > ?", "id <= ?"]
-        args += [after, upto]
-        sql = f"SELECT {_EVENT_COLS} FROM events{_and(where)} ORDER BY id LIMIT ?"
-        build = Event.build
-
-        def read(conn: sqlite3.Connection) -> Page:
-            seen = _head(conn)  # what this snapshot holds: the read is complete up to it
-            events: list[Event] = []
-            size = 0
-            for row in conn.execute(sql, [*args, limit]):
-                events.append(build(*row))
-                size += len(row[5])
-                if max_bytes and size >= max_bytes:
-                    return Page(events, row[0])  # cut short: complete up to this one
-            if len(events) == limit:
-                return Page(events, events[-1].id)
-            return Page(events, max(after, min(upto, seen)))
-
-        return await self._readers.read(read)
-
-    async def bounds(self) -> tuple[int | None, int]:
-        """The oldest event still kept (None: none) and the newest, from one read."""
-        def read(conn: sqlite3.Connection) -> tuple[int | None, int]:
-            oldest, head = conn.execute(
-                "SELECT MIN(id), COALESCE(MAX(id), 0) FROM events").fetchone()
-            return oldest, head
-
-        return await self._readers.read(read)
-
-    async def stale_jobs(self, now: float) -> list[str]:
-        def read(conn: sqlite3.Connection) -> list[str]:
-            return [r[0] for r in conn.execute(
-                "SELECT id FROM jobs WHERE status='running' AND stalled=0"
-                " AND last_post_at + heartbeat_timeout_s < ?", (now,))]
-
-        return await self._readers.read(read)
-
-
-def _head(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
-
-
-class _Batch:
-    """One group commit being built: jobs as changed so far, rows and events to write."""
-
-    def __init__(self, store: SQLiteStore, now: float) -> None:
-        self.store = store
-        self.now = now
-        self.ts = iso(now)
-        self.next_id = store._next_id
-        self.working: dict[str, Job] = {}
-        self.event_rows: list[tuple[Any, ...]] = []
-        self.job_rows: dict[str, tuple[Any, ...]] = {}
-        self.events: list[Event] = []
-        self.seqs: dict[tuple[str, int, int], Event] = {}
-        self.queues: dict[str, list[str]] = {}  # copies of the queues this batch changes
-        self.moved: set[str] = set()  # queues where someone left: places behind change
-        self.running: dict[str, int] = {}  # jobs running per queue, counted once a batch
-
-    def emit(self, job: Job, drafts: list[Draft]) -> tuple[list[Event], str]:
-        """Give the drafts ids, serialise them with the job after them, queue the rows."""
-        heads = []
-        for d in drafts:
-            if d.type == "finished":
-                job = job.evolve(final_event_id=self.next_id)
-            heads.append((self.next_id, d))
-            self.next_id += 1
-        job_json = dumps(job.public(self.now))
-        events = []
-        for eid, d in heads:
-            head = dumps({"id": eid, "job_id": job.id, "type": d.type, "ts": self.ts,
-                          **d.fields})
-            body = f'{head[:-1]},"job":{job_json}}}'
-            ev = Event.build(eid, job.id, job.owner, job.kind, d.type, body)
-            events.append(ev)
-            self.event_rows.append((eid, job.id, job.owner, job.kind, d.type, job.attempt,
-                                    d.seq, body))
-            if d.seq is not None:
-                self.seqs[(job.id, job.attempt, d.seq)] = ev
-        self.working[job.id] = job
-        self.job_rows[job.id] = _job_row(job, job_json)
-        self.events.extend(events)
-        return events, job_json
-
-    def _queue(self, name: str) -> list[str]:
-        if name not in self.queues:
-            self.queues[name] = list(self.store._queues.get(name, ()))
-        return self.queues[name]
-
-    def place_in_queue(self, old: Job | None, job: Job) -> Job:
-        """Join the queue's end on entering `queued`; leave it on any other status."""
-        was = old is not None and old.status == "queued"
-        if job.status == "queued" and not was:
-            q = self._queue(job.queue)
-            q.append(job.id)
-            job = job.evolve(announced_position=None)
-            wait = self._wait(job, len(q))
-            return with_queue_position(job, len(q), wait, self.now)[0]
-        if was and job.status != "queued":
-            self._queue(job.queue).remove(job.id)
-            self.moved.add(job.queue)
-            return job.evolve(queue_position=None, wait_s=None, announced_position=None)
-        return job
-
-    def move_queues_on(self) -> None:
-        """Give the jobs behind a departure their new places (events only when worth it)."""
-        jobs = self.store._jobs
-        for name in self.moved:
-            for i, job_id in enumerate(self.queues[name]):
-                job = self.working.get(job_id) or jobs[job_id]
-                if job.queue_position == i + 1:
-                    continue
-                moved, drafts = with_queue_position(job, i + 1, self._wait(job, i + 1),
-                                                    self.now)
-                self.emit(moved, drafts)
-
-    def _wait(self, job: Job, position: int) -> float | None:
-        """Expected wait from the kind's history and how many of the queue run at once."""
-        history = self.store._history.get(job.kind, [])
-        if not history:
-            return None
-        if job.queue not in self.running:
-            self.running[job.queue] = sum(1 for j in self.store._jobs.values()
-                                          if j.queue == job.queue and j.status == "running")
-        wait = estimate_wait(position, history, max(1, self.running[job.queue]))
-        return None if wait is None else round(wait, 1)
 
 
 def _job_row(job: Job, job_json: str) -> tuple[Any, ...]:
@@ -782,25 +439,3 @@ def _job_row(job: Job, job_json: str) -> tuple[Any, ...]:
     return (job.id, job.owner, job.kind, job.queue, job.status, job.created_at, job.updated_at,
             job.finished_at, job.last_post_at, job.heartbeat_timeout_s, int(job.stalled),
             job.token_hash, doc)
-
-
-def job_from_doc(doc: str) -> Job:
-    d = loads(doc)
-    return Job.from_record(d["job"], d["private"])
-
-
-def _where(flt: Filter, job_column: str = "id") -> tuple[list[str], list[Any]]:
-    """SQL conditions for a filter, on the jobs table or (job_column="job_id") the events."""
-    where: list[str] = []
-    args: list[Any] = []
-    for column, values in (("owner", None if flt.owner is None else {flt.owner}),
-                           (job_column, flt.job_ids), ("kind", flt.kinds),
-                           ("status", flt.statuses or None)):
-        if values is not None:
-            where.append(f"{column} IN ({','.join('?' * len(values))})")
-            args.extend(sorted(values))
-    return where, args
-
-
-def _and(where: list[str]) -> str:
-    return (" WHERE " + " AND ".join(where)) if where else ""
