@@ -381,7 +381,7 @@ def spec(settings: Settings) -> Schema:
 
 async def openapi_json(request: Request) -> Response:
     settings: Settings = request.app.state.ctx.settings
-    return Response(dumps(spec(settings)), media_type="application/json")
+    return Response(dumps(spec(settings)) + "\n", media_type="application/json")
 
 
 def routes() -> list[Route]:

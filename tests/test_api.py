@@ -235,6 +235,7 @@ async def test_json_answers_end_with_a_newline(client: httpx.AsyncClient,
                await client.post("/api/jobs/X/progres", json={}),
                await client.get("/api/jobs/nope"),
                await client.get("/healthz"),
+               await client.get("/openapi.json"),
                await client.post("/api/jobs", json={}, headers={"origin": "http://evil"})]
     assert answers[-1].status_code == 403  # security.refuse, below the routing
     for r in answers:
