@@ -401,7 +401,7 @@ def test_events_stored_with_raw_line_separators_are_sent_escaped() -> None:
     """A body stored before separators were escaped is framed with them escaped: the
     same JSON document, on one line for every reader."""
     body = '{"id":7,"type":"log","message":"a\u2028b\u2029c\x85d"}'
-    ev = Event.build(7, "j", "o", "k", "log", body)
+    ev = Event.stored(7, "j", "o", "k", "log", body)
     assert json.loads(ev.body) == json.loads(body)
     data = ev.frame.decode().split("data: ", 1)[1].rstrip("\n")
     assert data.splitlines() == [data]

@@ -26,9 +26,16 @@ class Event(NamedTuple):
 
     @classmethod
     def build(cls, id: int, job_id: str, owner: str, kind: str, type: str, body: str) -> Event:
-        body = escape_separators(body)  # stored raw before they were escaped when written
+        """An event whose body codec.dumps wrote (line separators already escaped)."""
         frame = f"id: {id}\nevent: {type}\ndata: {body}\n\n".encode()
         return cls(id, job_id, owner, kind, type, body, frame)
+
+    @classmethod
+    def stored(cls, id: int, job_id: str, owner: str, kind: str, type: str,
+               body: str) -> Event:
+        """An event read back from a store: its body may be from before line separators
+        were escaped when written, so they are escaped here."""
+        return cls.build(id, job_id, owner, kind, type, escape_separators(body))
 
 
 Apply = Callable[[Job | None, float], Outcome]

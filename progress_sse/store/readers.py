@@ -155,7 +155,7 @@ class SQLiteReads:
         where += ["id > ?", "id <= ?"]
         args += [after, upto]
         sql = f"SELECT {EVENT_COLS} FROM events{_and(where)} ORDER BY id LIMIT ?"
-        build = Event.build
+        build = Event.stored
 
         def read(conn: sqlite3.Connection) -> Page:
             seen = read_head(conn)  # what this snapshot holds: the read is complete up to it

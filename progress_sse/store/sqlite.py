@@ -431,7 +431,7 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         rows = await self._writer.fetchall(
             f"SELECT {EVENT_COLS} FROM events WHERE job_id=? AND attempt=? AND seq=?",
             (job_id, attempt, seq))
-        return Event.build(*rows[0]) if rows else None
+        return Event.stored(*rows[0]) if rows else None
 
 
 def _job_row(job: Job, job_json: str) -> tuple[Any, ...]:
