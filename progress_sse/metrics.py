@@ -31,6 +31,9 @@ HOT_ROUTE = "progress_sse.route"
 # refused by the security layer): one value, so raw paths never become labels
 UNMATCHED = "unmatched"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# a method label is one of these or "other": a client names the method, and each name
+# would otherwise be a series kept for the process's life
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # seconds: a worker post answers in well under a millisecond to a few (group commit)
 REQUEST_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
@@ -75,7 +78,8 @@ class Metrics:
 
     def request_done(self, scope: Scope, status: int, seconds: float) -> None:
         """Called by the request log at each request's end (logs.RequestLog.end)."""
-        key = (route_of(scope), scope["method"], status)
+        method = scope["method"]
+        key = (route_of(scope), method if method in METHODS else "other", status)
         child = self._requests.get(key)
         if child is None:
             child = self._requests[key] = self.request_seconds.labels(

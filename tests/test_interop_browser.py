@@ -478,6 +478,7 @@ async def test_restarts_resume_exactly(proc: ProcessService, open_reader: Opener
         reader = await open_reader(f"{proc.url}/api/events?job={job['id']}"
                                    f"&last_event_id={first}")
         notes = await through_restarts(reader, proc, client, job["id"], first, down=0.0)
+    assert len(notes) == 2, notes  # both restarts resumed exactly (checked in the loop)
     print("\n" + "\n".join(notes))
 
 

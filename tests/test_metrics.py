@@ -111,3 +111,21 @@ async def test_two_apps_in_one_process_count_apart(settings: Settings, tmp_path:
     assert metric(text2, "progress_sse_events_published_total") == 1
     assert metric(text1, "progress_sse_commit_batch_size_sum") == 4
     assert metric(text2, "progress_sse_commit_batch_size_sum") == 1
+
+
+async def test_methods_a_client_makes_up_are_one_label(settings: Settings) -> None:
+    """A method no HTTP client uses counts as "other": a client names the method (h11
+    takes any token), and each name kept as a label would be a series held for the
+    process's life."""
+    svc = await start_service(settings, http="h11")
+    try:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=10) as client:
+            for i in range(20):
+                await client.request(f"X{i}", "/api/jobs")
+            text = (await client.get("/metrics")).text
+    finally:
+        await svc.stop()
+    methods = {dict(labels).get("method") for name, labels in samples(text)
+               if name == "progress_sse_request_duration_seconds_count"}
+    assert not any(m.startswith("X") for m in methods if m), methods
+    assert requests(text, "/api/jobs", "other", "405") == 20
