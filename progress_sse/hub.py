@@ -209,8 +209,8 @@ class Hub:
 
     @property
     def watched(self) -> int:
-        """Jobs with long polls waiting, and wake-ups held for them."""
-        return max(len(self._watched), len(self._by_job))
+        """Jobs with long polls waiting (a wake-up is held only for these)."""
+        return len(self._watched)
 
     def after(self, cursor: int, limit: int) -> list[Event] | None:
         """Events with id > cursor from the tail, or None when the tail no longer reaches back."""
