@@ -15,7 +15,15 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 from progress_sse.settings import Settings
 
-from .helpers import Service, create_job, metric, relay_send, start_service, wait_for
+from .helpers import (
+    SEPARATORS,
+    Service,
+    create_job,
+    metric,
+    relay_send,
+    start_service,
+    wait_for,
+)
 
 SSE = {"Accept": "text/event-stream"}
 
@@ -323,9 +331,6 @@ async def test_idle_streams_hold_no_snapshot_or_replayed_events(settings: Settin
             assert events_now - before[1] < 100, (before, events_now)
     finally:
         await svc.stop()
-
-
-SEPARATORS = "one\u2028two\u2029three\x85four"
 
 
 async def test_line_separators_are_escaped_wherever_json_is_written(
