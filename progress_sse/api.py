@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -294,15 +294,6 @@ async def healthz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus text, by prometheus_client from this app's registry (see metrics)."""
     return Response(ctx_of(request).metrics.render(), media_type=CONTENT_TYPE)
-
-
-HOT = (post_progress, post_log, post_finish, job_events, all_events)
-
-
-def hot_routes() -> dict[tuple[str, str], Callable[[Request], Awaitable[Response]]]:
-    """Worker posts and streams, served past the router (see fastpath): their routes()."""
-    return {(method, route.path): route.endpoint for route in routes() if route.endpoint in HOT
-            for method in route.methods or () if method != "HEAD"}
 
 
 def routes() -> list[Route]:

@@ -7,12 +7,14 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.httpsredirect import HTTPSRedirectMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Mount
@@ -20,19 +22,26 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import api, control, openapi, tokens
-from .codec import dumps
 from .context import Context
-from .errors import ProgressError
-from .fastpath import HotRoutes
+from .errors import BugAnswer, ProgressError, Refused, error_response
 from .hub import Hub
-from .logs import RequestLog, RequestLogMiddleware
+from .logs import RequestLogMiddleware
 from .metrics import Metrics
-from .security import DashboardLogin, Policy, SecurityMiddleware, StreamQuota
+from .security import (
+    CORS_EXPOSE,
+    CORS_HEADERS,
+    CORS_METHODS,
+    DashboardLogin,
+    Policy,
+    SecurityMiddleware,
+    StreamQuota,
+)
 from .settings import Settings
 from .store import guard
 from .store.lock import DatabaseLock
 from .store.sqlite import SQLiteStore
 from .streams import STREAM_HOST, StreamHost
+from .uvicorn_direct import check as check_direct_writes
 
 log = structlog.get_logger("progress_sse.app")
 
@@ -41,27 +50,57 @@ _HERE = Path(__file__).resolve().parent
 WEB_DIR = _HERE / "_web" if (_HERE / "_web").is_dir() else _HERE.parent / "web"
 
 
-class Service(Starlette):
-    """The application. Its outermost layer serves the hot routes itself (see fastpath),
-    and runs streams once the layers that started them have returned (see
-    streams.StreamHost)."""
+# middleware that only add headers to a response's start (or answer before the app):
+# a stream may write its body past them (see Service). Any other middleware could
+# transform bodies (gzip, tracing), so with one in the stack streams run through it.
+START_ONLY_MIDDLEWARE: frozenset[object] = frozenset({
+    RequestLogMiddleware, SecurityMiddleware, CORSMiddleware, BugAnswer,
+    TrustedHostMiddleware, HTTPSRedirectMiddleware})
 
-    def __init__(self, *, hot: HotRoutes, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.hot = hot
+
+def leaves_bodies(middleware: Middleware) -> bool:
+    """Whether this middleware leaves response bodies alone: one of ours or Starlette's
+    known to (START_ONLY_MIDDLEWARE), or a class that says so with `leaves_bodies = True`."""
+    cls: object = middleware.cls
+    return cls in START_ONLY_MIDDLEWARE or getattr(cls, "leaves_bodies", False) is True
+
+
+class Service(Starlette):
+    """The application: one request pipeline for every route, streams included.
+
+    A stream starts like any answer, through every layer (their headers, the request's
+    log line), and then, when every middleware in the stack leaves bodies alone, runs
+    once they have all returned, with the server's own `send` (streams.StreamHost): an
+    idle stream keeps six suspended frames instead of eleven, and its live chunks can
+    be written straight to uvicorn's connection (uvicorn_direct). With a middleware
+    that may transform bodies in the stack, streams run inside it like any response,
+    every chunk through its `send`, so it works; the start-up log says so."""
+
+    streams_after_layers = True
+
+    def build_middleware_stack(self) -> ASGIApp:
+        transforming = [m.cls.__name__ for m in self.user_middleware  # type: ignore[attr-defined]
+                        if not leaves_bodies(m)]
+        self.streams_after_layers = not transforming
+        if transforming:
+            log.warning("streams.through_middleware", middleware=transforming,
+                        why="it may transform bodies: each stream chunk goes through its "
+                            "send (slower); set leaves_bodies = True on a middleware "
+                            "that only adds headers")
+        return super().build_middleware_stack()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        if not self.streams_after_layers:
+            await super().__call__(scope, receive, send)
+            return
         host = scope[STREAM_HOST] = StreamHost(send)
         try:
-            endpoint = self.hot.match(scope)
-            if endpoint is None:
-                await super().__call__(scope, receive, send)
-            else:
-                scope["app"] = self
-                await self.hot.serve(endpoint, scope, receive, send)
+            await super().__call__(scope, receive, send)
         except BaseException:
             if host.stream is not None:
                 host.stream.release()
@@ -116,7 +155,11 @@ def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = 
                         write_timeout_s=settings.write_timeout_s,
                         on_commit=metrics.commit_landed)
     hub = Hub(settings.tail_size, settings.tail_bytes)
-    ctx = Context(settings=settings, store=store, hub=hub, metrics=metrics)
+    why_not = check_direct_writes()
+    if why_not is not None:  # streams use uvicorn's public send alone: slower, as lossless
+        log.warning("streams.direct_writes_off", why=why_not)
+    ctx = Context(settings=settings, store=store, hub=hub, metrics=metrics,
+                  direct_writes=why_not is None)
     metrics.watch(ctx)
 
     @contextlib.asynccontextmanager
@@ -151,18 +194,21 @@ def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = 
     if WEB_DIR.is_dir():
         files = StaticFiles(directory=WEB_DIR, html=True)
         routes.append(WebMount(files, DashboardLogin(files, settings)))
-    requests = RequestLog(metrics.request_done)
-    policy = Policy(settings)
+    middleware = [Middleware(RequestLogMiddleware, observe=metrics.request_done),
+                  Middleware(SecurityMiddleware, policy=Policy(settings)),
+                  Middleware(BugAnswer)]
+    if settings.cors_origin_list:  # else no layer: nothing to add to any answer
+        middleware.insert(2, Middleware(
+            CORSMiddleware, allow_origins=[o.lower() for o in settings.cors_origin_list],
+            allow_credentials=True, allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS,
+            expose_headers=CORS_EXPOSE, max_age=600))
     app = Service(
-        hot=HotRoutes(api.hot_routes(), requests, policy, error_answer),
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(RequestLogMiddleware, requests=requests),
-                    Middleware(SecurityMiddleware, policy=policy)],
+        middleware=middleware,
         exception_handlers={
             ProgressError: _progress_error,
             HTTPException: _http_error,
-            Exception: _server_error,
         },
     )
     # a path with a slash too many is no such path (404), as when the dashboard's mount
@@ -175,42 +221,18 @@ def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = 
     return app
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
-    err: dict[str, str] = {"code": code, "message": message}
-    if field is not None:
-        err["field"] = field
-    return Response(dumps({"error": err}) + "\n", status_code=status,
-                    media_type="application/json", headers=headers)
-
-
-def progress_error_response(exc: ProgressError) -> Response:
-    return error_response(exc.status_code, exc.code, exc.message, exc.field, exc.headers)
-
-
 async def _progress_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProgressError)
-    return progress_error_response(exc)
+    return error_response(exc)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such path, another method) in our error shape."""
     assert isinstance(exc, HTTPException)
-    code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if exc.status_code != 404 else f"no such path: {request.url.path}"
-    return error_response(exc.status_code, code, str(message),
-                          headers=dict(exc.headers) if exc.headers else None)
-
-
-async def _server_error(request: Request, exc: Exception) -> Response:
-    log.exception("request.failed", path=request.url.path)
-    return error_answer(exc)
-
-
-def error_answer(exc: Exception) -> Response:
-    """Our errors as they are; anything else is a bug, answered with a 500."""
-    if isinstance(exc, ProgressError):
-        return progress_error_response(exc)
-    return error_response(500, "internal", "internal error; see the server log")
+    return error_response(Refused(exc.status_code, _HTTP_CODES.get(exc.status_code,
+                                                                   "http_error"),
+                                  str(message), dict(exc.headers or {})))

@@ -17,6 +17,7 @@ class Context:
     store: Store
     hub: Hub
     metrics: Metrics
+    direct_writes: bool = False  # streams may write live chunks to uvicorn (uvicorn_direct)
     snapshots: Snapshots = field(init=False)
 
     def __post_init__(self) -> None:

@@ -37,7 +37,7 @@ import structlog
 from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 
-from .codec import dumps
+from .errors import error_body
 
 log = structlog.get_logger("progress_sse.limits")
 
@@ -59,7 +59,7 @@ class Limits:
 def answer(status: int, code: str, message: str) -> bytes:
     """A whole HTTP answer in the service's error shape, closing the connection."""
     phrases = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
-    body = dumps({"error": {"code": code, "message": message}}).encode() + b"\n"
+    body = error_body(code, message)
     return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             b"x-content-type-options: nosniff\r\nconnection: close\r\n\r\n%s"
             % (status, phrases[status], len(body), body))

@@ -74,13 +74,14 @@ def redact_query(query: str) -> str:
     return "&".join(parts)
 
 
-class RequestLog:
-    """Request ids and the one line per request, for the middleware and the hot routes
-    (see fastpath) alike; one per app, so ids stay unique across both."""
+class RequestLogMiddleware:
+    """Bind a request id, answer with it (`X-Request-Id`), and log one line per request
+    (a stream's when it opens); each request's end is also `observe`d (metrics)."""
 
-    def __init__(self, observe: Callable[[Scope, int, float], None] = lambda *_: None
-                 ) -> None:
-        self._observe = observe  # each request's end: scope, status, seconds (metrics)
+    def __init__(self, app: ASGIApp,
+                 observe: Callable[[Scope, int, float], None] = lambda *_: None) -> None:
+        self.app = app
+        self._observe = observe  # each request's end: scope, status, seconds
         self._prefix = os.urandom(4).hex()  # per process; a counter makes the rest unique
         self._counter = itertools.count(1)
         # the logger behind the module's lazy proxy, taken at the first request's end
@@ -88,49 +89,36 @@ class RequestLog:
         # proxy every call built a bound logger first, 1.7% of a post's CPU
         self._log: Any = None
 
-    def begin(self, scope: Scope) -> bytes:
-        """The request's id (the caller's, if it sent a usable one), bound for log lines."""
-        request_id = _incoming_request_id(scope) or f"{self._prefix}{next(self._counter):08x}"
-        _REQUEST_ID.set(request_id)
-        return request_id.encode()
-
-    def end(self, scope: Scope, status: int, start: float) -> None:
-        seconds = time.perf_counter() - start
-        self._observe(scope, status, seconds)
-        if self._log is None:
-            self._log = log.bind()
-        if self._log.is_enabled_for(logging.INFO):  # else skip building the line's fields
-            _log_request(self._log, scope, status, seconds)
-
-
-class RequestLogMiddleware:
-    """Bind a request id and log one line per request (a stream's when it opens)."""
-
-    def __init__(self, app: ASGIApp, requests: RequestLog) -> None:
-        self.app = app
-        self.requests = requests
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = self.requests.begin(scope)
+        request_id = _incoming_request_id(scope) or f"{self._prefix}{next(self._counter):08x}"
+        _REQUEST_ID.set(request_id)
+        answered_id = request_id.encode()
         status = 500
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id))
-                message = {**message, "headers": headers}
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", answered_id)]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.requests.end(scope, status, start)
+            self._end(scope, status, start)
+
+    def _end(self, scope: Scope, status: int, start: float) -> None:
+        seconds = time.perf_counter() - start
+        self._observe(scope, status, seconds)
+        if self._log is None:
+            self._log = log.bind()
+        if self._log.is_enabled_for(logging.INFO):  # else skip building the line's fields
+            _log_request(self._log, scope, status, seconds)
 
 
 def _log_request(logger: Any, scope: Scope, status: int, seconds: float) -> None:

@@ -4,9 +4,8 @@ A registry of its own, not prometheus_client's global one: two apps in one proce
 (tests, an embedding program) keep separate counts, and nothing here is module state.
 
 Two kinds of series:
-- observed as things happen: request durations (the request log's end, for the hot
-  routes and the middleware alike), commit latency and batch size (the store, where
-  a batch's commit lands);
+- observed as things happen: request durations (the request log's end), commit
+  latency and batch size (the store, where a batch's commit lands);
 - read at scrape time from the hub and the store (`_Scraped`): counts they keep as
   plain ints, so the hot paths pay nothing for them.
 """
@@ -24,9 +23,6 @@ from starlette.types import Scope
 if TYPE_CHECKING:
     from .context import Context
 
-# the scope key where the hot routes (fastpath) put their route's path template;
-# requests through the router have Starlette's `scope["route"]` instead
-HOT_ROUTE = "progress_sse.route"
 # the route label of a request answered before any route matched it (no such path, or
 # refused by the security layer): one value, so raw paths never become labels
 UNMATCHED = "unmatched"
@@ -45,9 +41,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 def route_of(scope: Scope) -> str:
     """The request's route as a path template (`/api/jobs/{job_id}/progress`), never
     the raw path: labels stay as few as the routes."""
-    template = scope.get(HOT_ROUTE)
-    if template is not None:
-        return str(template)
     route = scope.get("route")  # set by Starlette's router (a Route's or a Mount's)
     template = getattr(route, "path_format", None)
     return template if isinstance(template, str) and template else UNMATCHED
@@ -77,7 +70,7 @@ class Metrics:
         self._requests: dict[tuple[str, str, int], Any] = {}
 
     def request_done(self, scope: Scope, status: int, seconds: float) -> None:
-        """Called by the request log at each request's end (logs.RequestLog.end)."""
+        """Called by the request log at each request's end (logs.RequestLogMiddleware)."""
         method = scope["method"]
         key = (route_of(scope), method if method in METHODS else "other", status)
         child = self._requests.get(key)

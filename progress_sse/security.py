@@ -1,7 +1,8 @@
 """HTTP hardening, all pure ASGI (BaseHTTPMiddleware would buffer streams and lose
-contextvars): security headers, CORS for an allow-list of dashboard origins, refusal
-of cross-origin writes and of foreign Host names, the dashboard's sign-in cookie, and
-the per-user stream quota.
+contextvars): security headers, refusal of cross-origin writes and of foreign Host
+names, the dashboard's sign-in cookie, and the per-user stream quota. CORS for the
+allow-list of dashboard origins is Starlette's CORSMiddleware (see create_app), inside
+this layer: a preflight from an origin not listed is refused here, in our error shape.
 
 Cross-origin writes: a browser adds `Origin` to every POST. One from a page that is
 neither this service nor an allowed origin is refused, so another site cannot make a
@@ -19,12 +20,10 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import json
 import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from urllib.parse import quote
 
 from starlette.datastructures import URL
@@ -32,7 +31,16 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import COOKIE, QUERY_PARAM, READ, decode_token, looks_like_jwt, query_token
-from .errors import Forbidden, InvalidInput, TooManyStreams, Unauthorized
+from .errors import (
+    CrossOrigin,
+    Forbidden,
+    InvalidInput,
+    ProgressError,
+    Refused,
+    TooManyStreams,
+    Unauthorized,
+    error_response,
+)
 from .headers import headers
 from .settings import Settings
 
@@ -45,77 +53,60 @@ SECURITY_HEADERS = [
 ]
 _SECURITY_NAMES = frozenset(name for name, _ in SECURITY_HEADERS)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-CORS_METHODS = "GET, POST"
-CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Worker-Token, X-Request-Id"
-CORS_EXPOSE = "X-Request-Id, Retry-After, WWW-Authenticate"
+# what CORSMiddleware lets a listed origin's page do and read
+CORS_METHODS = ("GET", "POST")
+CORS_HEADERS = ("Authorization", "Content-Type", "Last-Event-ID", "X-Worker-Token",
+                "X-Request-Id")
+CORS_EXPOSE = ("X-Request-Id", "Retry-After", "WWW-Authenticate")
 RETRY_STREAMS_S = 5
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # what no header value may hold (h11, httptools)
 _PATH_SAFE = "/:@!$&'()*+,;=~"  # RFC 3986 pchar and "/", besides the unreserved letters
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    status: int
-    code: str
-    message: str
-
-
 class Policy:
-    """The checks every request passes and the headers every answer carries: shared by
-    the middleware (every route) and the hot routes served before it (see fastpath)."""
+    """The checks every request passes before any route: the Host rule and the
+    refusal of cross-origin writes (and of preflights from origins not listed)."""
 
     def __init__(self, settings: Settings) -> None:
         self.origins = frozenset(o.lower() for o in settings.cors_origin_list)
         self.check_host = settings.auth == "none" and not settings.insecure
         self.own_host = settings.host.lower()
 
-    def screen(self, scope: Scope, origin: str | None) -> Refusal | None:
+    def screen(self, scope: Scope) -> ProgressError | None:
         """Why this request is refused (a foreign Host, a cross-origin write), or None."""
+        given = headers(scope)
         if self.check_host:
-            host = headers(scope).get(b"host", b"").decode("latin-1")
+            host = given.get(b"host", b"").decode("latin-1")
             if not _local_host(host, self.own_host):
-                return Refusal(400, "host_not_allowed",
+                return Refused(400, "host_not_allowed",
                                "this service answers only to localhost or an IP address "
                                "without authentication; configure a JWT secret to serve "
                                "other names")
-        if scope["method"] not in SAFE_METHODS and origin is not None \
-                and not self.allowed(origin) and not same_origin(scope, origin):
-            return Refusal(403, "cross_origin",
-                           f"requests from {origin[:100]!r} are not allowed; add the origin "
-                           "to cors_origins to let a dashboard there call this service")
+        raw = given.get(b"origin")
+        if raw is None:
+            return None
+        origin = raw.decode("latin-1")
+        if origin.lower() in self.origins:
+            return None
+        if scope["method"] == "OPTIONS" and b"access-control-request-method" in given:
+            return CrossOrigin(f"origin {origin[:100]!r} is not in cors_origins")
+        if scope["method"] not in SAFE_METHODS and not same_origin(scope, origin):
+            return CrossOrigin(f"requests from {origin[:100]!r} are not allowed; add the "
+                               "origin to cors_origins to let a dashboard there call this "
+                               "service")
         return None
 
-    def allowed(self, origin: str) -> bool:
-        return origin.lower() in self.origins
 
-    def answer_headers(self, origin: str | None) -> list[tuple[bytes, bytes]]:
-        """CORS headers for an allowed origin; `Vary` whenever CORS is configured."""
-        cors: list[tuple[bytes, bytes]] = []
-        if origin is not None and self.allowed(origin):
-            cors = [(b"access-control-allow-origin", origin.encode("latin-1")),
-                    (b"access-control-allow-credentials", b"true"),
-                    (b"access-control-expose-headers", CORS_EXPOSE.encode())]
-        if self.origins:
-            cors.append((b"vary", b"Origin"))
-        return cors
-
-
-def origin_of(scope: Scope) -> str | None:
-    raw = headers(scope).get(b"origin")
-    return None if raw is None else raw.decode("latin-1")
-
-
-def with_headers(own: list[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]]
-                 ) -> list[tuple[bytes, bytes]]:
-    """An answer's own headers, the security headers it does not set itself, and `extra`."""
+def with_headers(own: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An answer's own headers and the security headers it does not set itself."""
     if not any(name.lower() in _SECURITY_NAMES for name, _ in own):  # the usual answer
-        return [*own, *SECURITY_HEADERS, *extra]
+        return [*own, *SECURITY_HEADERS]
     present = {name.lower() for name, _ in own}
-    return [*own, *(h for h in SECURITY_HEADERS if h[0] not in present), *extra]
+    return [*own, *(h for h in SECURITY_HEADERS if h[0] not in present)]
 
 
 class SecurityMiddleware:
-    """Security headers on every answer; CORS; cross-origin writes and foreign hosts refused."""
+    """Security headers on every answer; cross-origin writes and foreign hosts refused."""
 
     def __init__(self, app: ASGIApp, policy: Policy) -> None:
         self.app = app
@@ -125,40 +116,17 @@ class SecurityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        origin = origin_of(scope)
-        refusal = self.policy.screen(scope, origin)
-        if refusal is not None:
-            await refuse(send, refusal.status, refusal.code, refusal.message)
-            return
-        if scope["method"] == "OPTIONS" and origin is not None \
-                and b"access-control-request-method" in headers(scope):
-            await self._preflight(send, origin, self.policy.allowed(origin))
-            return
-        extra = self.policy.answer_headers(origin)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": with_headers(message.get("headers", []),
-                                                              extra)}
+                message = {**message, "headers": with_headers(message.get("headers", []))}
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
-
-    async def _preflight(self, send: Send, origin: str, allowed: bool) -> None:
-        if not allowed:
-            await refuse(send, 403, "cross_origin",
-                         f"origin {origin[:100]!r} is not in cors_origins")
+        refusal = self.policy.screen(scope)
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send_with_headers)
             return
-        await send({"type": "http.response.start", "status": 204, "headers": [
-            (b"access-control-allow-origin", origin.encode("latin-1")),
-            (b"access-control-allow-credentials", b"true"),
-            (b"access-control-allow-methods", CORS_METHODS.encode()),
-            (b"access-control-allow-headers", CORS_HEADERS.encode()),
-            (b"access-control-max-age", b"600"),
-            (b"vary", b"Origin"),
-            *SECURITY_HEADERS,
-        ]})
-        await send({"type": "http.response.body", "body": b""})
+        await self.app(scope, receive, send_with_headers)
 
 
 @functools.lru_cache(maxsize=256)
@@ -188,19 +156,6 @@ def same_origin(scope: Scope, origin: str) -> bool:
     host = given.get(b"host")
     return host is not None and \
         origin.lower() == f"{scope['scheme']}://{host.decode('latin-1')}".lower()
-
-
-async def refuse(send: Send, status: int, code: str, message: str,
-                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    """Answer with the JSON error shape, from below the routing."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode() + b"\n"
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *(headers or []),
-        *SECURITY_HEADERS,
-    ]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class DashboardLogin:

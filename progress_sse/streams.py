@@ -13,21 +13,22 @@ leave, catches up in a task only while it is behind, and is pushed live events b
 the hub (see EventStream); keep-alives come from the hub's periodic tick, so an
 idle stream owns no timer and no task but its request's.
 
-A stream outlives the layers that started it: `EventStream.__call__` sends the
+A stream may outlive the layers that started it: `EventStream.__call__` sends the
 response start through all of them (security headers, request id, the request's
-log line), then leaves the stream in the scope's `StreamHost`, and `app.Service`
-runs it once they have all returned, with the server's own `send`. So an idle
-stream keeps six suspended coroutine frames instead of eleven, and its chunks pass
-no wrapper that only ever acted on the start.
+log line), then, when the app lends a `StreamHost` (every middleware leaves bodies
+alone: see app.Service), leaves the stream there to run once they have all
+returned, with the server's own `send`. So an idle stream keeps six suspended
+coroutine frames instead of eleven, and its live chunks can go straight to
+uvicorn's connection (uvicorn_direct).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import structlog
 from starlette.requests import Request
@@ -41,6 +42,7 @@ from .headers import header
 from .jobs import Job
 from .security import stream_quota
 from .store import Event, Filter
+from .uvicorn_direct import ChunkWriter, chunk_writer
 
 log = structlog.get_logger("progress_sse.streams")
 
@@ -74,9 +76,9 @@ STREAM_HOST = "progress_sse.stream_host"
 
 @dataclass(slots=True)
 class StreamHost:
-    """What the app's outermost layer (`app.Service`) lends a stream: the server's own
-    send, and a slot to leave a started stream in, to run once every layer inside it
-    (Starlette's, ours, the route's) has returned."""
+    """What the app's outermost layer (`app.Service`) lends a stream when every layer
+    leaves bodies alone: the server's own send, and a slot to leave a started stream
+    in, to run once every layer inside it (Starlette's, ours, the route's) has returned."""
 
     send: Send
     stream: EventStream | None = None
@@ -111,11 +113,11 @@ class EventStream(Response):
     up (snapshot, replay from the tail or the store) runs in a task of its own until
     the cursor reaches the head; then the stream subscribes to the hub, which pushes
     each new event to it as it is published, and no task of this stream is left
-    running. A push is written at once: straight to the transport under uvicorn's
-    httptools protocol (see `_chunked_cycle`), else by running the server's `send`
-    when it can finish without waiting (see `_drivable`). When the connection cannot
-    take it now, the stream unsubscribes and catches up again in a task from its
-    cursor, so a slow reader waits alone and loses nothing.
+    running. A push is written at once, straight to the connection, where
+    `uvicorn_direct` can (uvicorn's httptools protocol, no middleware wrapping the
+    send). When it cannot, or the connection cannot take it now, the stream
+    unsubscribes and catches up again in a task from its cursor, which sends through
+    the public `send`: a slow reader waits alone and loses nothing.
     """
 
     media_type = "text/event-stream"
@@ -143,8 +145,7 @@ class EventStream(Response):
         self._started = False  # the first catch-up (cursor check, snapshot) has run
         self._ping = False  # a keep-alive is due and could not be written at once
         self._listening = False  # the request's task waits for the client to leave
-        self._direct = False
-        self._cycle: Any = None  # uvicorn's httptools request cycle, when chunks may skip send
+        self._writer: ChunkWriter | None = None  # live chunks straight to the connection
         self._send: Send = _not_started
         self._task: asyncio.Task[Any] | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -173,8 +174,7 @@ class EventStream(Response):
         hub = self.ctx.hub
         try:
             self._send = send
-            self._direct = _drivable(send)
-            self._cycle = _chunked_cycle(send)
+            self._writer = chunk_writer(send, self.ctx.direct_writes)
             self._task = task = asyncio.current_task()
             assert task is not None
             started = time.monotonic()
@@ -198,13 +198,13 @@ class EventStream(Response):
                 log.info("stream.closed", job_id=self.spec.job_id, events=self.sent,
                          seconds=round(time.monotonic() - started, 3), shutdown=hub.closed,
                          ended=self.ending or "client left")
-            if self.ending is not None:  # else the client left: nobody to tell
-                end: Message = {"type": "http.response.body", "body": b"", "more_body": False}
-                if not self._direct:
-                    await self._send(end)
-                # at shutdown, a reader that is not reading is not waited for
-                elif not self._try_send(end) and self.ending != "shutdown":
-                    await self._send(end)
+            # else the client left: nobody to tell; at shutdown, a reader that is not
+            # reading is not waited for
+            if self.ending is not None and not (self.ending == "shutdown"
+                                                and self._writer is not None
+                                                and self._writer.paused):
+                await self._send({"type": "http.response.body", "body": b"",
+                                  "more_body": False})
         finally:
             self.release()
 
@@ -237,22 +237,18 @@ class EventStream(Response):
         hit = shared.get(self.share_key)
         if hit is None:
             matched = self._matching(events)
-            if matched:
-                body = b"".join([e.frame for e in matched])
-                hit = (_body(body), b"%x\r\n%b\r\n" % (len(body), body), matched)
-            else:
-                hit = (None, b"", matched)
+            hit = (_chunk(b"".join([e.frame for e in matched])) if matched else b"", matched)
             shared[self.share_key] = hit
-        message, chunk, matched = hit
-        if message is None:
+        chunk, matched = hit
+        if not matched:
             return
-        if len(chunk) > self.ctx.settings.stream_buffer_bytes:
-            self.fall_behind(events[0].id - 1)  # a big publish: sent in pieces instead
+        writer = self._writer
+        if writer is None or len(chunk) > self.ctx.settings.stream_buffer_bytes:
+            # through the public send (a task), or a big publish: sent in pieces instead
+            self.fall_behind(events[0].id - 1)
             return
         try:
-            cycle = self._cycle
-            written = _write_chunk(cycle, chunk) if cycle is not None \
-                else self._try_send(message)
+            written = writer.write(chunk)
         except Exception:
             log.exception("stream.failed", job_id=self.spec.job_id)
             self.stop("error")
@@ -269,7 +265,7 @@ class EventStream(Response):
         if now - self.last_write < self.quiet:
             return
         try:
-            written = self._try_send(_KEEP_ALIVE)
+            written = self._writer is not None and self._writer.write(_KEEP_ALIVE_CHUNK)
         except Exception:
             log.exception("stream.failed", job_id=self.spec.job_id)
             self.stop("error")
@@ -285,18 +281,6 @@ class EventStream(Response):
         # never back: a stream that subscribed ahead of the hub has sent up to its cursor
         self.cursor = max(self.cursor, cursor)
         self._resume()
-
-    def _try_send(self, message: Message) -> bool:
-        """Send now if the server's send finishes without waiting; else send nothing."""
-        if not self._direct:
-            return False
-        coro = cast(Coroutine[Any, Any, None], self._send(message))
-        try:
-            coro.send(None)
-        except StopIteration:
-            return True
-        coro.close()  # it waits for a paused transport before writing anything: unsent
-        return False
 
     def _matching(self, events: Sequence[Event]) -> Sequence[Event]:
         if self.everything:
@@ -409,62 +393,9 @@ async def _not_started(message: Message) -> None:
     raise RuntimeError("the stream has not started")
 
 
-_HTTPTOOLS_CYCLE = ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle")
-_UVICORN_CYCLES = frozenset({_HTTPTOOLS_CYCLE,
-                             ("uvicorn.protocols.http.h11_impl", "RequestResponseCycle")})
-
-
-def _cycle_kind(send: Send) -> tuple[str, str]:
-    owner = getattr(send, "__self__", None)
-    return type(owner).__module__, type(owner).__name__
-
-
-def httptools_cycle(send: Send) -> Any:
-    """uvicorn's httptools request cycle whose `send` this is, or None."""
-    if _cycle_kind(send) != _HTTPTOOLS_CYCLE:
-        return None
-    return send.__self__  # type: ignore[attr-defined]
-
-
-def _drivable(send: Send) -> bool:
-    """Whether `send` is uvicorn's own, which can be run to its end without a task.
-
-    Its one wait, for a paused transport to drain, comes before it writes anything,
-    so a send that does not finish at once has sent nothing and can be dropped.
-    Under any other server every push goes through a catch-up task instead."""
-    return _cycle_kind(send) in _UVICORN_CYCLES
-
-
-def _chunked_cycle(send: Send) -> Any:
-    """uvicorn's httptools request cycle behind `send`, if its response is chunked; else None.
-
-    For a pushed chunk of a chunked response, that send checks the cycle's state and
-    writes the chunk's framing and bytes to its transport, nothing more; a thousand
-    streams spent a quarter of their delivery CPU in those checks and framing, one
-    coroutine each. `_write_chunk` does the same with the frame shared by all of
-    them. Checked here, once per stream: the class, its state, chunked framing."""
-    cycle = httptools_cycle(send)
-    if cycle is None:
-        return None
-    try:
-        usable = (cycle.chunked_encoding is True and cycle.response_started is True
-                  and isinstance(cycle.flow.write_paused, bool)
-                  and isinstance(cycle.disconnected, bool)
-                  and isinstance(cycle.response_complete, bool)
-                  and callable(cycle.transport.write))
-    except AttributeError:
-        return None
-    return cycle if usable else None
-
-
-def _write_chunk(cycle: Any, chunk: bytes) -> bool:
-    """What uvicorn's send does with a chunk, without waiting; False if it would wait."""
-    if cycle.disconnected or cycle.response_complete:
-        return True  # as its send: nothing to write to; the stream's receive sees it end
-    if cycle.flow.write_paused:
-        return False
-    cycle.transport.write(chunk)
-    return True
+def _chunk(body: bytes) -> bytes:
+    """`body` framed as one chunk of a chunked response, as uvicorn writes it."""
+    return b"%x\r\n%b\r\n" % (len(body), body)
 
 
 def _body(chunk: bytes) -> Message:
@@ -475,6 +406,7 @@ def _body(chunk: bytes) -> Message:
 # comes out of httpx-sse and sseclient as an event without data. The next event's
 # block simply starts with the comment, which every client skips.
 _KEEP_ALIVE = _body(b": keep-alive\n")
+_KEEP_ALIVE_CHUNK = _chunk(b": keep-alive\n")
 
 
 def _finished(events: Sequence[Event], job_id: str) -> bool:

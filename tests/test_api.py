@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from progress_sse.app import Service as App
@@ -283,7 +284,7 @@ async def test_hot_routes_answer_like_the_router(client: httpx.AsyncClient) -> N
         assert r.json()["error"]["code"] in ("not_found", "method_not_allowed")
 
 
-async def test_a_crash_on_a_hot_route_is_a_json_500_and_the_service_carries_on(
+async def test_a_crash_in_a_worker_route_is_a_json_500_and_the_service_carries_on(
         db_path: str) -> None:
     """An exception that is not one of ours (a bug) answers like the router would: a 500
     in the error shape, with the request id, logged; the next request is served."""
@@ -292,7 +293,10 @@ async def test_a_crash_on_a_hot_route_is_a_json_500_and_the_service_carries_on(
 
     def break_progress(app: ASGIApp) -> ASGIApp:
         assert isinstance(app, App)
-        app.hot.routes[("POST", "/api/jobs/{job_id}/progress")] = broken
+        routes = app.router.routes
+        [at] = [i for i, r in enumerate(routes) if isinstance(r, Route)
+                and r.path == "/api/jobs/{job_id}/progress" and "POST" in (r.methods or ())]
+        routes[at] = Route("/api/jobs/{job_id}/progress", broken, methods=["POST"])
         return app
 
     svc = await start_service(Settings(db=db_path), wrap=break_progress)
