@@ -12,7 +12,7 @@ NODE_STAMP := $(NODE)/node_modules/.installed
 # the programs the browser and interop tests run, and the Debian packages that have them
 SYSTEM_TOOLS := chromium:chromium node:nodejs npm:npm nginx:nginx openssl:openssl
 
-.PHONY: install run test test-fast lint format bench bench-eta attack demo browser-deps \
+.PHONY: install run test test-lowest-uvicorn test-fast lint format bench bench-eta attack demo browser-deps \
 	system-deps node-deps clean
 
 # the service alone (its runtime dependencies), for `make run` and `make demo`: the test
@@ -39,6 +39,17 @@ demo: $(RUN_STAMP)
 
 test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -q
+
+# the whole suite again on the lowest uvicorn setup.cfg admits (`make test` has the
+# highest): uvicorn_direct relies on its internals within that range (see its docstring)
+UVICORN_LOWEST := $(shell sed -n 's/.*uvicorn\[standard\]>=\([0-9.]*\),.*/\1/p' setup.cfg)
+VENV_LOWEST := .venv-uvicorn-$(UVICORN_LOWEST)
+test-lowest-uvicorn: $(NODE_STAMP)
+	test -x $(VENV_LOWEST)/bin/python || $(PYTHON) -m venv $(VENV_LOWEST)
+	$(VENV_LOWEST)/bin/python -m pip install --quiet -e '.[test]' \
+	    'uvicorn[standard]==$(UVICORN_LOWEST)'
+	$(VENV_LOWEST)/bin/python -c 'import uvicorn; print("uvicorn", uvicorn.__version__)'
+	$(VENV_LOWEST)/bin/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow and not browser'
@@ -84,5 +95,5 @@ $(NODE_STAMP): $(NODE)/package.json $(NODE)/package-lock.json
 node-deps: $(NODE_STAMP)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache test-output \
+	rm -rf $(VENV) .venv-uvicorn-* *.egg-info .pytest_cache .mypy_cache .ruff_cache test-output \
 	    $(NODE)/node_modules

@@ -58,6 +58,7 @@ def make_server(app: Starlette, settings: Settings, **config: object) -> Server:
         log.warning("server.limits_off", http=str(http),
                     why="request limits are built for uvicorn's HTTP/1.1 protocols")
     config.setdefault("h11_max_incomplete_event_size", settings.max_header_bytes)
+    config.setdefault("ws", "none")  # no WebSocket routes: nothing of websockets is loaded
     cfg = uvicorn.Config(
         app,
         host=settings.host,

@@ -44,12 +44,14 @@ def _version(text: str) -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-def check() -> str | None:
-    """None when direct writes can be used with the installed uvicorn; else why not."""
-    try:
-        version = importlib.metadata.version("uvicorn")
-    except importlib.metadata.PackageNotFoundError:
-        return "uvicorn is not installed"
+def check(version: str | None = None) -> str | None:
+    """None when direct writes can be used with the installed uvicorn (or, for a test
+    of the range, one said to be `version`); else why not."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("uvicorn")
+        except importlib.metadata.PackageNotFoundError:
+            return "uvicorn is not installed"
     low, high = SUPPORTED
     if not low <= _version(version) < high:
         return (f"uvicorn {version} is outside the range checked for direct writes "
