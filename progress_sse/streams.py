@@ -310,7 +310,7 @@ class EventStream(Response):
         What it holds at once is bounded: each step reads at most `stream_buffer_bytes`
         of events (or one, if larger) and sends them as one chunk, and the server's send
         waits for the connection to drain before it takes the next; so a client that
-        does not read holds a chunk and the transport's buffer, not a replay."""
+        does not read holds a chunk and the connection's buffer, not a replay."""
         ctx, spec, send = self.ctx, self.spec, self._send
         hub, store, flt = ctx.hub, ctx.store, spec.flt
         batch = ctx.settings.replay_batch

@@ -98,7 +98,7 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         self._failed: tuple[float, str] | None = None  # the last commit failed: when, why
         self._probe: asyncio.Future[Any] | None = None
 
-    # ------------------------------------------------------------ life cycle
+    # ------------------------------------------------------------ start and close
 
     async def start(self, publish: Callable[[Sequence[Event]], None]) -> int:
         """Open connections, start the writer; return the head id."""
