@@ -147,10 +147,10 @@ def _problem(err: ErrorDetails) -> str:
 
 _PHRASES = {
     "missing": "is required",
-    "greater_than_equal": "must be at least {ge}",
-    "greater_than": "must be greater than {gt}",
-    "less_than_equal": "must be at most {le}",
-    "less_than": "must be less than {lt}",
+    "greater_than_equal": "must be at least {ge:g}",
+    "greater_than": "must be greater than {gt:g}",
+    "less_than_equal": "must be at most {le:g}",
+    "less_than": "must be less than {lt:g}",
     "string_too_long": "is longer than {max_length} characters",
     "too_long": "has more than {max_length} items",
     "string_type": "must be a string",
