@@ -87,7 +87,7 @@ def form_schema(json_schema: Schema) -> Schema:
 
 
 _AS_TEXT = {"number": "A number, as text.", "integer": "An integer, as text.",
-            "boolean": "true, 1, yes or on; false, 0, no or off."}
+            "boolean": "true, 1, yes, on, t or y; false, 0, no, off, f or n (any case)."}
 
 
 def components() -> Schema:
