@@ -4,7 +4,7 @@ orjson encodes a job's document about ten times faster than the standard library
 (measured here: 1.6 us against 17.6 us for a 600-byte job), and every write encodes
 one. It refuses integers beyond 64 bits, which a client's free `data` may hold; those
 documents go through the standard encoder. It writes NaN and infinities as null
-instead of refusing them, so `inputs` refuses non-finite numbers before they get here.
+instead of refusing them, so `schema` refuses non-finite numbers before they get here.
 
 U+2028, U+2029 and U+0085 are escaped in everything written: JSON allows them raw,
 but readers that split lines as Python's `str.splitlines` does (httpx's own line

@@ -12,9 +12,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import inputs, jobs
-from .api import control_json, ctx_of, json_response, worker_answer, worker_write
+from . import inputs, jobs, schema
+from .api import control, ctx_of, json_response, worker_answer, worker_write
 from .auth import CREATE, require, worker_pass
+from .codec import dumps
 from .context import Context
 from .errors import JobNotFound
 from .jobs import Job, Outcome
@@ -22,9 +23,6 @@ from .store import Filter, Write
 
 log = structlog.get_logger("progress_sse.control")
 
-REQUEST_FIELDS = frozenset({"reason"})
-# cancel only: `force` closes the job at once, without the worker ("Close anyway")
-CANCEL_FIELDS = REQUEST_FIELDS | {"force"}
 # how many cancelling jobs the stall watcher reads at a time
 _CANCELLING_PAGE = 500
 
@@ -32,17 +30,17 @@ Rule = Callable[[Job, str | None, float], Outcome]
 
 
 def _viewer_request(rule: Rule, forced: Rule | None = None) -> Callable[[Request], Any]:
-    """A viewer's control request; with `forced`, `{"force": true}` applies that instead."""
-    fields = CANCEL_FIELDS if forced is not None else REQUEST_FIELDS
+    """A viewer's control request; with `forced`, `{"force": true}` applies that instead
+    (cancel only: it closes the job at once, without the worker, "Close anyway")."""
+    model = schema.CancelRequest if forced is not None else schema.ControlRequest
 
     async def endpoint(request: Request) -> Response:
         ctx = ctx_of(request)
         job_id = request.path_params["job_id"]
         owner = require(request, CREATE).owner_filter
-        body = await inputs.read_body(request, ctx.settings.max_body_bytes)
-        inputs.unknown_fields(body, fields)
-        reason = inputs.text(body, "reason", max_len=500)
-        chosen = forced if forced is not None and inputs.boolean(body, "force") else rule
+        body = await inputs.parse(request, model, ctx.settings.max_body_bytes)
+        reason = body.reason
+        chosen = forced if forced is not None and getattr(body, "force", None) else rule
 
         def apply(job: Job | None, now: float) -> Outcome:
             if job is None or (owner is not None and job.owner != owner):
@@ -61,12 +59,10 @@ def _viewer_request(rule: Rule, forced: Rule | None = None) -> Callable[[Request
 
 
 async def heartbeat(request: Request) -> Response:
-    def rule(body: dict[str, Any]) -> tuple[Callable[[Job, float], Outcome], None, int | None]:
-        attempt = inputs.number(body, "attempt", low=1, high=2**31, integer=True)
-        att = None if attempt is None else int(attempt)
-        return (lambda job, now: jobs.heartbeat(job, att, now)), None, att
+    def rule(body: schema.Heartbeat) -> Callable[[Job, float], Outcome]:
+        return lambda job, now: jobs.heartbeat(job, body.attempt, now)
 
-    return await worker_write(request, frozenset({"attempt"}), rule)
+    return await worker_write(request, schema.Heartbeat, rule)
 
 
 async def control_state(request: Request) -> Response:
@@ -91,7 +87,7 @@ async def control_state(request: Request) -> Response:
             left = deadline - time.monotonic()
             if (job.cancel_requested, job.pause_requested) != known or job.finished \
                     or left <= 0 or ctx.hub.closed:
-                return json_response(f'{{"control":{control_json(job)}}}')
+                return json_response(dumps({"control": control(job)}))
             try:
                 await asyncio.wait_for(waiter.wait(), left)
             except TimeoutError:

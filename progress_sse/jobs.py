@@ -15,8 +15,6 @@ from .errors import Conflict, InvalidInput, JobFinished, StaleAttempt
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"queued", "running", "paused", "cancelling"})
-FINISH_STATUSES = TERMINAL
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from orjson import Fragment
+
 from .codec import dumps
 from .errors import Conflict, ProgressError
 from .eta import FinishedRun, estimate_wait
@@ -175,11 +177,11 @@ class Batch:
             heads.append((self.next_id, d))
             self.next_id += 1
         job_json = dumps(job.public(self.now))
+        job_fragment = Fragment(job_json)
         events = []
         for eid, d in heads:
-            head = dumps({"id": eid, "job_id": job.id, "type": d.type, "ts": self.ts,
-                          **d.fields})
-            body = f'{head[:-1]},"job":{job_json}}}'
+            body = dumps({"id": eid, "job_id": job.id, "type": d.type, "ts": self.ts,
+                          **d.fields, "job": job_fragment})
             ev = Event.build(eid, job.id, job.owner, job.kind, d.type, body)
             events.append(ev)
             self.event_rows.append((eid, job.id, job.owner, job.kind, d.type, job.attempt,

@@ -1,29 +1,29 @@
-"""The OpenAPI 3 description of the HTTP API, written by hand and served at /openapi.json.
+"""The OpenAPI 3 description of the HTTP API, served at /openapi.json.
 
-tests/test_openapi.py keeps it in step with the routes, and tests/test_fuzz.py runs
-schemathesis against a live server from it, so a route, a parameter or an answer
-that changes without this file changing fails the tests.
+Bodies and answers are the models of `schema` (their JSON Schemas, shared under
+components); the paths, parameters and answers are assembled around them here.
+tests/test_openapi.py keeps it in step with the routes, tests/test_schema_bounds.py
+sends values just inside and just outside every bound it states, and
+tests/test_fuzz.py runs schemathesis against a live server from it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from . import schema
 from .auth import COOKIE, QUERY_PARAM
 from .codec import dumps
-from .inputs import MAX_STAGES
+from .schema import MAX_CURSOR, MAX_NAME, NAME_PATTERN, STATUSES
 from .settings import Settings
 
 Schema = dict[str, Any]
-
-NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
-STATUSES = ["queued", "running", "paused", "cancelling", "succeeded", "failed", "cancelled"]
-FINISH_STATUSES = ["succeeded", "failed", "cancelled"]
-LOG_LEVELS = ["debug", "info", "warning", "error"]
+COMPONENTS = "#/components/schemas/"
 
 ERROR_TEXT = {
     400: "Bad input: the error names the field and why.",
@@ -38,46 +38,78 @@ ERROR_TEXT = {
 }
 
 
-def ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
+def ref(model: type[Any] | str) -> Schema:
+    return {"$ref": COMPONENTS + (model if isinstance(model, str) else model.__name__)}
 
 
 def errors(*codes: int) -> dict[str, Schema]:
     return {str(c): {"description": ERROR_TEXT[c],
-                     "content": {"application/json": {"schema": ref("Error")}}}
+                     "content": {"application/json": {"schema": ref(schema.Error)}}}
             for c in codes}
 
 
-def ok(schema: Schema, description: str = "OK", status: int = 200) -> dict[str, Schema]:
+def ok(model: type[Any] | Schema, description: str = "OK", status: int = 200
+       ) -> dict[str, Schema]:
+    body = model if isinstance(model, dict) else ref(model)
     return {str(status): {"description": description,
-                          "content": {"application/json": {"schema": schema}}}}
+                          "content": {"application/json": {"schema": body}}}}
 
 
-def body(properties: dict[str, Schema], required: tuple[str, ...] = (),
-         form: bool = True) -> Schema:
-    """A JSON object body (also accepted form-encoded, where every value is text)."""
-    schema: Schema = {"type": "object", "properties": properties, "additionalProperties": False}
-    if required:
-        schema["required"] = list(required)
-    content: Schema = {"application/json": {"schema": schema}}
-    if form:
-        flat = {k: {"type": "string", "maxLength": 8000} for k in properties}
-        form_schema: Schema = {"type": "object", "properties": flat,
-                               "additionalProperties": False}
-        if required:
-            form_schema["required"] = list(required)
-        content["application/x-www-form-urlencoded"] = {"schema": form_schema}
-    return {"required": False, "content": content}
+def body(model: type[schema.Body]) -> Schema:
+    """A request body: JSON, or form-encoded (see form_schema)."""
+    return {"required": False, "content": {
+        "application/json": {"schema": ref(model)},
+        "application/x-www-form-urlencoded": {"schema": ref(model.__name__ + "Form")}}}
 
 
-def query(name: str, schema: Schema, description: str = "") -> Schema:
-    return {"name": name, "in": "query", "required": False, "schema": schema,
+def form_schema(json_schema: Schema) -> Schema:
+    """The form version of a body: its scalar fields, each sent as text. Text keeps its
+    bounds (they apply alike); numbers and flags are read from the text and checked as
+    in JSON; lists and objects cannot be sent as a form."""
+    properties: Schema = {}
+    for name, prop in json_schema["properties"].items():
+        branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
+        if len(branches) != 1:
+            continue
+        kind = branches[0].get("type")
+        if kind in ("array", "object"):
+            continue
+        if kind == "string" or "enum" in branches[0] or "const" in branches[0]:
+            properties[name] = {k: v for k, v in branches[0].items() if k != "title"}
+        else:
+            properties[name] = {"type": "string", "description": _AS_TEXT.get(
+                kind, "Any text: a form sends a document as a string.")}
+    out: Schema = {"type": "object", "properties": properties,
+                   "additionalProperties": False}
+    if json_schema.get("required"):
+        out["required"] = json_schema["required"]
+    return out
+
+
+_AS_TEXT = {"number": "A number, as text.", "integer": "An integer, as text.",
+            "boolean": "true, 1, yes, on, t or y; false, 0, no, off, f or n (any case)."}
+
+
+def components() -> Schema:
+    """Every body and answer model's JSON Schema, plus each body's form version."""
+    _, defs = models_json_schema([(m, "validation") for m in (*schema.REQUESTS,
+                                                              *schema.ANSWERS)],
+                                 ref_template=COMPONENTS + "{model}")
+    schemas: Schema = defs["$defs"]
+    for model in schema.REQUESTS:
+        schemas[model.__name__ + "Form"] = form_schema(schemas[model.__name__])
+    return schemas
+
+
+def query(name: str, kind: Schema, description: str = "") -> Schema:
+    return {"name": name, "in": "query", "required": False, "schema": kind,
             "description": description}
 
 
+NAME: Schema = {"type": "string", "maxLength": MAX_NAME, "pattern": NAME_PATTERN}
 JOB_ID: Schema = {"name": "job_id", "in": "path", "required": True,
-                  "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-                  "description": f"A job id ({NAME_PATTERN})."}
+                  "schema": {**NAME, "minLength": 1},
+                  "description": "A job id; no job has another, so any other answers 404."}
 LAST_EVENT_ID = [
     {"name": "Last-Event-ID", "in": "header", "required": False,
      "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
@@ -85,86 +117,24 @@ LAST_EVENT_ID = [
     query("last_event_id", {"type": "string", "pattern": "^[0-9]{1,18}$"},
           "Resume after this event id, for clients that cannot set headers."),
 ]
-IDEMPOTENCY: dict[str, Schema] = {
-    "seq": {"type": "integer", "minimum": 0, "maximum": 10**15,
-            "description": "Increasing per job; a repeat answers the stored event."},
-    "attempt": {"type": "integer", "minimum": 1, "maximum": 2**31,
-                "description": "The worker's attempt; an older one is refused (409)."},
-}
-DOCUMENT: Schema = {"description": "Any JSON value: at most 16 KiB serialised, 8 levels deep."}
 SSE: Schema = {"text/event-stream": {"schema": {"type": "string"}}}
 
 VIEWER: list[Schema] = [{"bearer": []}, {"cookie": []}, {"query": []}]
 WORKER: list[Schema] = [{"worker": []}, {"bearer": []}, {"query": []}]
 ANYONE: list[Schema] = [{}]  # no credential needed
 
-
-def _components() -> Schema:
-    job: Schema = {
-        "type": "object",
-        "required": ["id", "kind", "title", "queue", "status", "progress"],
-        "properties": {
-            "id": {"type": "string"}, "kind": {"type": "string"},
-            "title": {"type": "string"}, "queue": {"type": "string"},
-            "status": {"type": "string", "enum": STATUSES},
-            "progress": {"type": "number", "minimum": 0, "maximum": 100},
-            "current": {"type": ["number", "null"]}, "total": {"type": ["number", "null"]},
-            "stage": {"type": ["string", "null"]},
-            "stages": {"type": "array", "items": {
-                "type": "object", "required": ["key", "label", "weight"],
-                "properties": {"key": {"type": "string"}, "label": {"type": "string"},
-                               "weight": {"type": "number"}}}},
-            "message": {"type": ["string", "null"]},
-            "error": {"type": ["string", "null"]},
-            "attempt": {"type": "integer"},
-            "stalled": {"type": "boolean"},
-            "final_event_id": {"type": ["integer", "null"]},
-            "eta_s": {"type": ["number", "null"]},
-        },
-    }
-    control: Schema = {
-        "type": "object",
-        "required": ["cancel_requested", "pause_requested", "status", "attempt"],
-        "properties": {"cancel_requested": {"type": "boolean"},
-                       "pause_requested": {"type": "boolean"},
-                       "reason": {"type": ["string", "null"]},
-                       "status": {"type": "string", "enum": STATUSES},
-                       "attempt": {"type": "integer"}},
-    }
-    return {
-        "schemas": {
-            "Error": {
-                "type": "object", "required": ["error"],
-                "properties": {"error": {
-                    "type": "object", "required": ["code", "message"],
-                    "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                                   "field": {"type": "string"}}}},
-            },
-            "Job": job,
-            "Control": control,
-            "Event": {"type": "object", "required": ["id", "job_id", "type", "ts", "job"],
-                      "properties": {"id": {"type": "integer"}, "job_id": {"type": "string"},
-                                     "type": {"type": "string"}, "ts": {"type": "string"},
-                                     "job": ref("Job")}},
-            "WorkerAnswer": {
-                "type": "object", "required": ["event_id", "duplicate", "job", "control"],
-                "properties": {"event_id": {"type": ["integer", "null"]},
-                               "duplicate": {"type": "boolean"},
-                               "job": ref("Job"), "control": ref("Control")}},
-        },
-        "securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                       "description": "A signed token (HS256): `sub` owns jobs, `scope` "
-                                      "grants read, create or admin. Or, on worker "
-                                      "endpoints, the job's worker token."},
-            "cookie": {"type": "apiKey", "in": "cookie", "name": COOKIE,
-                       "description": "The same JWT, for the dashboard."},
-            "query": {"type": "apiKey", "in": "query", "name": QUERY_PARAM,
-                      "description": "The same JWT, for EventSource and curl."},
-            "worker": {"type": "apiKey", "in": "header", "name": "X-Worker-Token",
-                       "description": "The job's worker token (returned once on create)."},
-        },
-    }
+SECURITY_SCHEMES: Schema = {
+    "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+               "description": "A signed token (HS256): `sub` owns jobs, `scope` "
+                              "grants read, create or admin. Or, on worker "
+                              "endpoints, the job's worker token."},
+    "cookie": {"type": "apiKey", "in": "cookie", "name": COOKIE,
+               "description": "The same JWT, for the dashboard."},
+    "query": {"type": "apiKey", "in": "query", "name": QUERY_PARAM,
+              "description": "The same JWT, for EventSource and curl."},
+    "worker": {"type": "apiKey", "in": "header", "name": "X-Worker-Token",
+               "description": "The job's worker token (returned once on create)."},
+}
 
 
 def spec(settings: Settings) -> Schema:
@@ -174,63 +144,22 @@ def spec(settings: Settings) -> Schema:
     worker = WORKER if jwt else [*ANYONE, *WORKER]  # the worker token is optional
     worker_errors = errors(400, 401, 403, 404, 409, 413, 415, 503)
     viewer_write_errors = errors(400, 401, 403, 404, 409, 413, 415, 503)
-    stage: Schema = {"oneOf": [
-        {"type": "string", "pattern": NAME_PATTERN},
-        {"type": "object", "required": ["key"], "additionalProperties": False,
-         "properties": {"key": {"type": "string", "pattern": NAME_PATTERN},
-                        "label": {"type": "string", "maxLength": 100},
-                        "weight": {"type": "number", "exclusiveMinimum": 0,
-                                   "maximum": 1e6}}}]}
-    create = body({
-        "id": {"type": "string", "pattern": NAME_PATTERN,
-               "description": "Client id for an idempotent create."},
-        "kind": {"type": "string", "pattern": NAME_PATTERN},
-        "title": {"type": "string", "maxLength": 200},
-        "queue": {"type": "string", "pattern": NAME_PATTERN},
-        "stages": {"type": "array", "maxItems": MAX_STAGES, "items": stage},
-        "total": {"type": "number", "minimum": 0, "maximum": 1e15},
-        "meta": {"type": "object", **DOCUMENT},
-        "heartbeat_timeout_s": {"type": "number", "minimum": 1, "maximum": 86400},
-    })
-    progress = body({
-        "progress": {"type": "number", "minimum": 0, "maximum": 100},
-        "current": {"type": "number", "minimum": 0, "maximum": 1e15},
-        "total": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e15},
-        "stage": {"type": "string", "pattern": NAME_PATTERN},
-        "message": {"type": "string", "maxLength": 2000},
-        "data": DOCUMENT,
-        "paused": {"type": "boolean",
-                   "description": "A worker acknowledging a pause (true) or resume (false)."},
-        **IDEMPOTENCY,
-    })
-    log = body({"level": {"type": "string", "enum": LOG_LEVELS},
-                "message": {"type": "string", "maxLength": 8000}, **IDEMPOTENCY},
-               required=("message",))
-    finish = body({"status": {"type": "string", "enum": FINISH_STATUSES},
-                   "result": DOCUMENT, "error": {"type": "string", "maxLength": 8000},
-                   **IDEMPOTENCY}, required=("status",))
-    reason = body({"reason": {"type": "string", "maxLength": 500}})
-    cancel = body({"reason": {"type": "string", "maxLength": 500},
-                   "force": {"type": "boolean",
-                             "description": "Close the job as cancelled at once, without "
-                                            "its worker's acknowledgement (200)."}})
-    heartbeat = body({"attempt": IDEMPOTENCY["attempt"]})
-
-    def viewer_request(what: str, request_body: Schema = reason) -> Schema:
+    def viewer_request(what: str, model: type[schema.Body] = schema.ControlRequest
+                       ) -> Schema:
         return {"post": {
             "operationId": f"{what}Job", "summary": f"Request a {what} of the job.",
             "tags": ["control"], "security": viewer, "parameters": [JOB_ID],
-            "requestBody": request_body,
-            "responses": {**ok(ref("WorkerAnswer"), "Done."),
-                          **ok(ref("WorkerAnswer"), "Accepted; the worker has yet to act.",
+            "requestBody": body(model),
+            "responses": {**ok(schema.WorkerAnswer, "Done."),
+                          **ok(schema.WorkerAnswer, "Accepted; the worker has yet to act.",
                                202),
                           **viewer_write_errors}}}
 
-    def worker_post(name: str, summary: str, request_body: Schema) -> Schema:
+    def worker_post(name: str, summary: str, model: type[schema.Body]) -> Schema:
         return {"post": {"operationId": name, "summary": summary, "tags": ["workers"],
                          "security": worker, "parameters": [JOB_ID],
-                         "requestBody": request_body,
-                         "responses": {**ok(ref("WorkerAnswer")), **worker_errors}}}
+                         "requestBody": body(model),
+                         "responses": {**ok(schema.WorkerAnswer), **worker_errors}}}
 
     paths: Schema = {
         "/api/jobs": {
@@ -238,14 +167,10 @@ def spec(settings: Settings) -> Schema:
                 "operationId": "createJob", "tags": ["producers"], "security": viewer,
                 "summary": "Create a job (scope create). The worker token is in the answer "
                            "once.",
-                "requestBody": create,
+                "requestBody": body(schema.CreateJob),
                 "responses": {
-                    **ok({"type": "object", "required": ["job", "created", "worker_token"],
-                          "properties": {"job": ref("Job"), "event_id": {"type": "integer"},
-                                         "worker_token": {"type": "string"},
-                                         "created": {"const": True}}}, "Created.", 201),
-                    **ok({"type": "object", "required": ["job", "created"],
-                          "properties": {"job": ref("Job"), "created": {"const": False}}},
+                    **ok(schema.Created, "Created.", 201),
+                    **ok(schema.Existing,
                          "The job with this id already existed (idempotent create)."),
                     **errors(400, 401, 403, 409, 413, 415, 503)},
             },
@@ -258,24 +183,20 @@ def spec(settings: Settings) -> Schema:
                      "style": "form", "explode": True},
                     {**query("kind", {"type": "array", "items": {"type": "string"}}),
                      "style": "form", "explode": True},
-                    query("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
-                    query("before", {"type": "integer", "minimum": 0, "maximum": 2**62},
+                    query("limit", {"type": "integer", "minimum": 1,
+                                    "maximum": schema.MAX_PAGE}),
+                    query("before", {"type": "integer", "minimum": 0, "maximum": MAX_CURSOR},
                           "The `next` cursor of the previous page."),
                 ],
                 "responses": {
-                    **ok({"type": "object", "required": ["jobs", "head", "next"],
-                          "properties": {"jobs": {"type": "array", "items": ref("Job")},
-                                         "head": {"type": "integer"},
-                                         "next": {"type": ["integer", "null"]}}}),
+                    **ok(schema.JobPage),
                     **errors(400, 401, 403)},
             },
         },
         "/api/jobs/{job_id}": {"get": {
             "operationId": "getJob", "tags": ["viewers"], "security": viewer,
             "summary": "One job's current state (scope read).", "parameters": [JOB_ID],
-            "responses": {**ok({"type": "object", "required": ["job", "control"],
-                                "properties": {"job": ref("Job"),
-                                               "control": ref("Control")}}),
+            "responses": {**ok(schema.JobState),
                           **errors(401, 403, 404)}}},
         "/api/jobs/{job_id}/events": {"get": {
             "operationId": "jobEvents", "tags": ["viewers"], "security": viewer,
@@ -283,27 +204,27 @@ def spec(settings: Settings) -> Schema:
                        "history.",
             "parameters": [
                 JOB_ID,
-                query("after", {"type": "integer", "minimum": 0, "maximum": 2**62}),
-                query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                query("after", {"type": "integer", "minimum": 0, "maximum": MAX_CURSOR}),
+                query("limit", {"type": "integer", "minimum": 1,
+                                "maximum": schema.MAX_HISTORY}),
                 *LAST_EVENT_ID,
             ],
             "responses": {
                 "200": {"description": "JSON history, or the stream.", "content": {
-                    "application/json": {"schema": {
-                        "type": "object", "required": ["events", "head"],
-                        "properties": {"events": {"type": "array", "items": ref("Event")},
-                                       "head": {"type": "integer"}}}},
+                    "application/json": {"schema": ref(schema.EventPage)},
                     **SSE}},
                 "204": {"description": "The caller has seen the job's end: stop reconnecting."},
                 **errors(400, 401, 403, 404, 429)}}},
         "/api/jobs/{job_id}/progress": worker_post(
             "postProgress", "Report progress; the answer carries the control state.",
-            progress),
-        "/api/jobs/{job_id}/log": worker_post("postLog", "Add a log line.", log),
-        "/api/jobs/{job_id}/finish": worker_post("finishJob", "Finish the job.", finish),
+            schema.Progress),
+        "/api/jobs/{job_id}/log": worker_post("postLog", "Add a log line.", schema.Log),
+        "/api/jobs/{job_id}/finish": worker_post("finishJob", "Finish the job.",
+                                                 schema.Finish),
         "/api/jobs/{job_id}/heartbeat": worker_post(
-            "heartbeat", "Say the worker is alive without reporting progress.", heartbeat),
-        "/api/jobs/{job_id}/cancel": viewer_request("cancel", cancel),
+            "heartbeat", "Say the worker is alive without reporting progress.",
+            schema.Heartbeat),
+        "/api/jobs/{job_id}/cancel": viewer_request("cancel", schema.CancelRequest),
         "/api/jobs/{job_id}/pause": viewer_request("pause"),
         "/api/jobs/{job_id}/resume": viewer_request("resume"),
         "/api/jobs/{job_id}/requeue": viewer_request("requeue"),
@@ -318,28 +239,24 @@ def spec(settings: Settings) -> Schema:
                 query("cancel_requested", {"type": "boolean"}),
                 query("pause_requested", {"type": "boolean"}),
             ],
-            "responses": {**ok({"type": "object", "required": ["control"],
-                                "properties": {"control": ref("Control")}}),
+            "responses": {**ok(schema.ControlState),
                           **errors(400, 401, 403, 404)}}},
         "/api/jobs/{job_id}/worker-token": {"post": {
             "operationId": "rotateWorkerToken", "tags": ["admin"], "security": viewer,
             "summary": "Replace the job's worker token (scope admin); the old one stops "
                        "working.",
             "parameters": [JOB_ID],
-            "requestBody": body({}),
-            "responses": {**ok({"type": "object", "required": ["job_id", "worker_token"],
-                                "properties": {"job_id": {"type": "string"},
-                                               "worker_token": {"type": "string"}}}),
+            "requestBody": body(schema.TokenRotation),
+            "responses": {**ok(schema.TokenRotated),
                           **errors(400, 401, 403, 404, 413, 415, 503)}}},
         "/api/events": {"get": {
             "operationId": "allEvents", "tags": ["viewers"], "security": viewer,
             "summary": "One SSE stream of all the caller's jobs, always a stream.",
             "parameters": [
-                {**query("job", {"type": "array", "maxItems": 100,
-                                 "items": {"type": "string", "pattern": NAME_PATTERN}}),
+                {**query("job", {"type": "array", "maxItems": schema.MAX_JOB_FILTERS,
+                                 "items": NAME}),
                  "style": "form", "explode": True},
-                {**query("kind", {"type": "array",
-                                  "items": {"type": "string", "pattern": NAME_PATTERN}}),
+                {**query("kind", {"type": "array", "items": NAME}),
                  "style": "form", "explode": True},
                 *LAST_EVENT_ID,
             ],
@@ -348,14 +265,8 @@ def spec(settings: Settings) -> Schema:
         "/healthz": {"get": {
             "operationId": "healthz", "tags": ["ops"], "security": [],
             "summary": "200 while writes can succeed; 503 and the reason when they cannot.",
-            "responses": {**ok({"type": "object", "required": ["status", "head", "streams"],
-                                "properties": {"status": {"const": "ok"},
-                                               "head": {"type": "integer"},
-                                               "streams": {"type": "integer"}}}),
-                          **ok({"type": "object", "required": ["status", "reason"],
-                                "properties": {"status": {"const": "unavailable"},
-                                               "reason": {"type": "string"}}},
-                               "Writes cannot succeed now.", 503)}}},
+            "responses": {**ok(schema.Healthy),
+                          **ok(schema.Unhealthy, "Writes cannot succeed now.", 503)}}},
         "/metrics": {"get": {
             "operationId": "metrics", "tags": ["ops"], "security": [],
             "summary": "Prometheus text.",
@@ -375,7 +286,7 @@ def spec(settings: Settings) -> Schema:
         "servers": [{"url": "/"}],
         "security": viewer,
         "paths": paths,
-        "components": _components(),
+        "components": {"schemas": components(), "securitySchemes": SECURITY_SCHEMES},
     }
 
 

@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import inputs
+from . import inputs, schema
 from .api import ctx_of, json_response
 from .auth import ADMIN, new_worker_token, require
 from .codec import dumps
@@ -21,8 +21,7 @@ async def rotate_worker_token(request: Request) -> Response:
     ctx = ctx_of(request)
     require(request, ADMIN)
     job_id = request.path_params["job_id"]
-    body = await inputs.read_body(request, ctx.settings.max_body_bytes)
-    inputs.unknown_fields(body, frozenset())
+    await inputs.parse(request, schema.TokenRotation, ctx.settings.max_body_bytes)
     token, token_hash = new_worker_token()
 
     def apply(job: Job | None, now: float) -> Outcome:
@@ -31,7 +30,7 @@ async def rotate_worker_token(request: Request) -> Response:
         return job.evolve(token_hash=token_hash, updated_at=now), []
 
     await ctx.store.submit(Write(job_id, apply))
-    return json_response(f'{{"job_id":{dumps(job_id)},"worker_token":{dumps(token)}}}')
+    return json_response(dumps({"job_id": job_id, "worker_token": token}))
 
 
 def routes() -> list[Route]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from ..schema import MAX_TEXT
 from .errors import APIError, JobFinishedError, ServiceUnavailable, StaleAttemptError
 
 log = logging.getLogger("progress_sse.client")  # one logger for the whole SDK
@@ -26,7 +27,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "PROGRESS_SSE_URL"
 TOKEN_ENV = "PROGRESS_SSE_TOKEN"
 LONG_POLL_S = 25.0  # one control long-poll while paused; the server caps it (max_wait_s)
-MAX_ERROR_CHARS = 8000  # the server's limit for `error` and log messages
+MAX_ERROR_CHARS = MAX_TEXT  # the server's limit for `error` and log messages
 ABANDONED = "worker interrupted while starting"
 WORKER_POSTS = frozenset({"progress", "log", "finish", "heartbeat"})
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
@@ -101,7 +102,8 @@ def resolve_token(token: str | None) -> str | None:
 def clock_seq() -> int:
     """A first `seq` ahead of any earlier worker's: the clock in 10-microsecond units.
 
-    The service takes numbers up to 1e15, which this stays under until the year 2286.
+    The service takes a seq up to schema.MAX_SEQ (10**15), which this stays under until the
+    year 2286.
     """
     return time.time_ns() // 10_000
 
