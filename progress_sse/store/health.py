@@ -18,6 +18,7 @@ import structlog
 from ..errors import Unavailable
 from . import Write, WriteResult
 from .writer import WriterConnection, WriterError
+from .writer_thread import WriterThread
 
 log = structlog.get_logger("progress_sse.store")
 
@@ -42,7 +43,7 @@ class Pending:
 class WriteHealth:
     """The deadline and health half of SQLiteStore, on the state its __init__ sets."""
 
-    _writer: WriterConnection | None
+    _writer: WriterConnection | WriterThread | None
     _queue: deque[Pending | None]  # waiting writes, in submit order
     _waiting: deque[Pending]  # submitted, maybe unanswered, in order
     _watch: asyncio.TimerHandle | None  # at the oldest one's deadline

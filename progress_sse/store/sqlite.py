@@ -38,6 +38,7 @@ from .health import FAILED_HOLD_S, WRITE_TIMEOUT_S, Pending, WriteHealth
 from .health import PROBE_EVERY_S as PROBE_EVERY_S  # re-exported: tests read it here
 from .readers import EVENT_COLS, Readers, SQLiteReads, job_from_doc, read_head
 from .writer import WriterConnection, WriterError
+from .writer_thread import WriterThread
 
 log = structlog.get_logger("progress_sse.store")
 
@@ -65,13 +66,15 @@ class SQLiteStore(WriteHealth, SQLiteReads):
                  retention_events: int = 0, estimate_every_s: float = 1.0,
                  clock: Callable[[], float] = time.time,
                  write_timeout_s: float = WRITE_TIMEOUT_S,
-                 on_commit: Callable[[float, int], None] = lambda s, n: None) -> None:
+                 on_commit: Callable[[float, int], None] = lambda s, n: None,
+                 writer: str = "process") -> None:
         self.path = path
+        self.writer_kind = writer
         self._on_commit = on_commit  # each commit confirmed: seconds, writes (metrics)
         self.synchronous = synchronous.upper()
         self.retention_events = retention_events
         self._clock = clock
-        self._writer: WriterConnection | None = None
+        self._writer: WriterConnection | WriterThread | None = None
         self._readers = Readers(path, readers)
         # waiting writes; None asks the writer to stop. A deque and one wake-up future:
         # asyncio.Queue's bookkeeping (unfinished tasks, getters) cost every post
@@ -122,8 +125,10 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         self._ledger.reset(int(head or 0), (job_from_doc(doc) for (doc,) in docs))
         return int(head or 0)
 
-    def _new_writer(self) -> WriterConnection:
+    def _new_writer(self) -> WriterConnection | WriterThread:
         # if its process dies, the loop wakes to start another (see _run)
+        if self.writer_kind == "thread":
+            return WriterThread(self.path, self.synchronous, on_gone=self._wake_up)
         return WriterConnection(self.path, self.synchronous, on_gone=self._wake_up)
 
     async def close(self) -> None:
