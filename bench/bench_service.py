@@ -57,7 +57,7 @@ class Proc:
         raise RuntimeError(f"server {args} did not start")
 
     def cpu_s(self) -> float:
-        """CPU seconds of the server and its child processes (the service's writer)."""
+        """CPU seconds of the server and its child processes."""
         pids = [str(self.p.pid)]
         children = Path(f"/proc/{self.p.pid}/task/{self.p.pid}/children")
         if children.exists():
@@ -86,16 +86,9 @@ class Proc:
         return time.monotonic() - t
 
 
-# the service with its store's writer on a thread instead of a process (figure 1 compares)
-THREAD_WRITER = ("import functools, sys, progress_sse.app as a;"
-                 " a.SQLiteStore = functools.partial(a.SQLiteStore, writer='thread');"
-                 " from progress_sse.cli import main; sys.exit(main())")
-
-
-def service(db: str, *extra: str, writer: str = "process") -> Proc:
+def service(db: str, *extra: str) -> Proc:
     port = free_port()
-    run = ["-m", "progress_sse"] if writer == "process" else ["-c", THREAD_WRITER]
-    return Proc([sys.executable, *run, "serve", "--port", str(port), "--db", db,
+    return Proc([sys.executable, "-m", "progress_sse", "serve", "--port", str(port), "--db", db,
                  "--log-level", "warning", *extra], port,
                 env={"PROGRESS_SSE_LOG_FORMAT": "json"})
 
@@ -349,42 +342,22 @@ async def main(quick: bool, only: str | None) -> None:
     tmp = tempfile.mkdtemp(prefix="progress-sse-bench-")
     print(f"progress-sse bench  (python {sys.version.split()[0]}, {os.cpu_count()} cores)\n")
 
-    # 1. durable posts vs bare endpoint, and the store's writer in a process vs on a
-    # thread, alternated to share the machine's noise
-    rates: dict[str, list[float]] = {"bare": [], "ours": [], "thread": []}
+    # 1. durable posts vs bare endpoint, alternated to share the machine's noise
+    rates: dict[str, list[float]] = {"bare": [], "ours": []}
     base = baseline()
     ours = service(f"{tmp}/posts.db")
-    threaded = service(f"{tmp}/posts-thread.db", writer="thread")
     jobs = await create_jobs(ours.port, 64)
-    thread_jobs = await create_jobs(threaded.port, 64)
-    cpu: dict[str, float] = {"ours": 0.0, "thread": 0.0}  # server CPU s per post, summed
-    for i in range(2 if quick else 3):
+    for _ in range(2 if quick else 3):
         r, err = await post_load(base.port, ["/post"] * 64, secs / 2)
         rates["bare"].append(r)
-        assert err == 0, err
-        # the process and the thread in turns, each first in every other round
-        turns = [("ours", ours, jobs), ("thread", threaded, thread_jobs)]
-        for name, proc, ids in turns[::-1] if i % 2 else turns:
-            cpu0 = proc.cpu_s()
-            r, err = await post_load(proc.port, [f"/api/jobs/{j}/progress" for j in ids],
-                                     secs / 2)
-            cpu[name] += (proc.cpu_s() - cpu0) / (r * secs / 2)
-            rates[name].append(r)
-            assert err == 0, (name, err)
+        r, err2 = await post_load(ours.port, [f"/api/jobs/{j}/progress" for j in jobs], secs / 2)
+        rates["ours"].append(r)
+        assert err == err2 == 0, (err, err2)
     ours.stop()
-    threaded.stop()
     bare, mine = statistics.median(rates["bare"]), statistics.median(rates["ours"])
-    thread = statistics.median(rates["thread"])
     print("1. progress posts/s, 64 concurrent workers (median of rounds)")
     print(f"   bare Starlette POST      {bare:9.0f}/s")
-    print(f"   durable progress post    {mine:9.0f}/s   ratio {mine / bare:.2f}  (goal >= 0.60)")
-    print(f"   ... writer on a thread   {thread:9.0f}/s   thread/process {thread / mine:.2f}"
-          "  (keep the process only below 0.85)")
-    n = len(rates["ours"])
-    print(f"   server CPU per post: process {cpu['ours'] / n * 1e6:.0f} us (the service and its"
-          f" writer), thread {cpu['thread'] / n * 1e6:.0f} us")
-    print("   rounds: " + "; ".join(f"{k} " + " ".join(f"{r:.0f}" for r in v)
-                                    for k, v in rates.items()) + "\n")
+    print(f"   durable progress post    {mine:9.0f}/s   ratio {mine / bare:.2f}  (goal >= 0.60)\n")
     if only == "posts":
         base.stop()
         return
@@ -470,7 +443,7 @@ async def main(quick: bool, only: str | None) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["posts"], help="run figure 1 alone")
+    parser.add_argument("--only", choices=["posts"], help="figure 1 alone")
     args = parser.parse_args()
     try:
         import uvloop
