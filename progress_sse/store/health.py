@@ -2,8 +2,8 @@
 
 A write not answered within write_timeout_s is answered 503 (WriteHealth._expire),
 whatever holds it up: a slow or stalled disk, another process holding the database
-locked. health() and trouble() say why writes cannot
-succeed now, for /healthz and /metrics. SQLiteStore has these from here.
+locked. health() and trouble() say why writes cannot succeed now, for /healthz and
+/metrics. SQLiteStore has these from here.
 """
 
 from __future__ import annotations

@@ -8,12 +8,13 @@ resume: those were built on the failed one (the store does them again, see
 SQLiteStore._land). A probe takes the write lock and lets it go, to tell /healthz that
 no other process holds the database locked (health.py).
 
-A thread, not a process: the writer used to be a child process answering over a
-socket pair, to share no GIL with the event loop. Measured with `make bench`'s 64
-workers posting, in turns in the same runs on this 2-core machine, the thread did
-0.88-1.53x the process's durable posts/s (median of runs 1.01x) for about 5% less
-server CPU per post, and the rule was to keep the process only if it beat the thread
-by more than 15%.
+A thread, not a process: the writer was a child process answering over a socket
+pair, to share no GIL with the event loop, to be kept only if it beat a thread doing
+the same group commit by more than 15% (issue 17). `make bench`'s posts figure, the
+two in turns in the same runs (64 workers, 2 shared cores): over 14 runs the thread
+did 0.64-2.31x the process's posts/s, median 0.97x (13 of 14 at 0.85x or more; 27
+alternated rounds pooled: medians 3,327 and 3,377 posts/s), for 1-14% less server
+CPU per post. README.md, Performance, has the figures.
 """
 
 from __future__ import annotations
