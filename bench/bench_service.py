@@ -57,7 +57,7 @@ class Proc:
         raise RuntimeError(f"server {args} did not start")
 
     def cpu_s(self) -> float:
-        """CPU seconds of the server and its child processes (the service's writer)."""
+        """CPU seconds of the server and its child processes."""
         pids = [str(self.p.pid)]
         children = Path(f"/proc/{self.p.pid}/task/{self.p.pid}/children")
         if children.exists():
@@ -337,7 +337,7 @@ async def fill(proc: Proc, events: int) -> None:
     await asyncio.gather(*(one(j) for j in ids))
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool, only: str | None) -> None:
     secs = 3.0 if quick else 8.0
     tmp = tempfile.mkdtemp(prefix="progress-sse-bench-")
     print(f"progress-sse bench  (python {sys.version.split()[0]}, {os.cpu_count()} cores)\n")
@@ -358,6 +358,9 @@ async def main(quick: bool) -> None:
     print("1. progress posts/s, 64 concurrent workers (median of rounds)")
     print(f"   bare Starlette POST      {bare:9.0f}/s")
     print(f"   durable progress post    {mine:9.0f}/s   ratio {mine / bare:.2f}  (goal >= 0.60)\n")
+    if only == "posts":
+        base.stop()
+        return
 
     # 2. fan-out
     print("2. fan-out at 50 events/s")
@@ -440,6 +443,7 @@ async def main(quick: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=["posts"], help="figure 1 alone")
     args = parser.parse_args()
     try:
         import uvloop
@@ -447,4 +451,4 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main(args.quick))
+    asyncio.run(main(args.quick, args.only))

@@ -58,7 +58,7 @@ class Metrics:
             ["route", "method", "status"], buckets=REQUEST_BUCKETS, registry=self.registry)
         self.commit_seconds = Histogram(
             "progress_sse_commit_seconds",
-            "Time from sending a group commit to the writer process to its confirmation.",
+            "Time from sending a group commit to the writer to its confirmation.",
             buckets=COMMIT_BUCKETS, registry=self.registry)
         self.batch_size = Histogram(
             "progress_sse_commit_batch_size",
@@ -122,15 +122,12 @@ class _Scraped(Collector):
         yield _counter("progress_sse_writes", "Write requests handled by the store's"
                        " writer.", store.writes)
         yield _counter("progress_sse_writes_redone", "Writes done again one at a time"
-                       " because their batch failed (one was refused, or the writer"
-                       " process died).", store.redone)
-        yield _counter("progress_sse_writer_restarts", "Writer processes started again"
-                       " after one died.", store.restarts)
+                       " because their batch failed (one was refused).", store.redone)
         yield _counter("progress_sse_write_timeouts", "Writes answered 503 because the"
                        " store did not confirm them within the write timeout.",
                        store.timeouts)
         yield _gauge("progress_sse_store_writable", "1 unless the store knows that writes"
-                     " cannot succeed now (writer gone or not answering, last commit"
+                     " cannot succeed now (writer not answering, last commit"
                      " failed); /healthz also probes for a lock.",
                      int(store.trouble() is None))
 

@@ -19,8 +19,7 @@ OLD = ("progress_sse_head_event_id", "progress_sse_open_streams", "progress_sse_
        "progress_sse_stream_catch_ups_total", "progress_sse_snapshot_reads_total",
        "progress_sse_watched_jobs", "progress_sse_write_batches_total",
        "progress_sse_writes_total", "progress_sse_writes_redone_total",
-       "progress_sse_writer_restarts_total", "progress_sse_write_timeouts_total",
-       "progress_sse_store_writable")
+       "progress_sse_write_timeouts_total", "progress_sse_store_writable")
 
 
 def requests(text: str, route: str, method: str, status: str) -> float:

@@ -16,7 +16,7 @@ from .helpers import ROOT, free_port
 
 @pytest.mark.slow
 def test_an_installed_wheel_migrates_and_serves_the_dashboard(tmp_path: Path) -> None:
-    """A wheel installed elsewhere finds its migrations, its writer and its dashboard
+    """A wheel installed elsewhere finds its migrations and its dashboard
     inside itself."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                     str(tmp_path / "dist"), str(ROOT)], check=True, timeout=300)
@@ -49,7 +49,7 @@ def test_an_installed_wheel_migrates_and_serves_the_dashboard(tmp_path: Path) ->
                 time.sleep(0.1)
         assert page.status_code == 200 and "<html" in page.text.lower()
         assert httpx.get(f"http://127.0.0.1:{port}/app.js").status_code == 200
-        # a write: the store's writer process runs from the installed package too
+        # a write: the store's writer runs from the installed package too
         created = httpx.post(f"http://127.0.0.1:{port}/api/jobs", json={}, timeout=5)
         assert created.status_code == 201 and created.json()["event_id"] == 1
     finally:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,8 +15,8 @@ from progress_sse.errors import Unavailable
 from progress_sse.jobs import Job, Outcome
 from progress_sse.migrations import migrate_sqlite
 from progress_sse.store import Event, Filter, Write
-from progress_sse.store.sqlite import MAX_BATCH, SQLiteStore
-from progress_sse.store.writer import SEND_BUFFER, WriterConnection, WriterError
+from progress_sse.store.sqlite import MAX_BATCH, MAX_FLIGHTS, SQLiteStore
+from progress_sse.store.writer import Writer, WriterError
 
 
 def new_job(job_id: str) -> Write:
@@ -171,27 +168,35 @@ async def test_a_refused_commit_is_done_again_with_the_batch_sent_after_it(
     assert stored_jobs == sorted(expected) and after.events[0].id == len(expected)
 
 
-async def test_the_writer_process_answers_in_step_and_ends_when_closed(tmp_path: Path) -> None:
+async def test_the_writer_answers_in_step_and_ends_when_closed(tmp_path: Path) -> None:
     """A statement the database refuses is an error naming it, and the next request gets
-    its own answer; closing ends the writer's process."""
+    its own answer; closing ends the writer's thread."""
     db = str(tmp_path / "w.db")
     migrate_sqlite(db)
-    conn = WriterConnection(db, "NORMAL")
+    conn = Writer(db, "NORMAL")
     await conn.open()
-    proc = conn._proc
-    assert proc is not None and proc.returncode is None
+    thread = conn._thread
+    assert thread is not None and thread.is_alive()
     with pytest.raises(WriterError, match="no such table: nope"):
         await conn.fetchall("SELECT * FROM nope")
     await conn.commit([(1, "j", "o", "k", "created", 1, None, "{}")], [], [])
-    assert await conn.fetchall("SELECT id, body FROM events") == [[1, "{}"]]
+    assert await conn.fetchall("SELECT id, body FROM events") == [(1, "{}")]
     with pytest.raises(WriterError, match="UNIQUE constraint failed"):  # all or nothing
         await conn.commit([(2, "j", "o", "k", "log", 1, None, "{}"),
                            (1, "j", "o", "k", "log", 1, None, "{}")], [], [])
-    assert await conn.fetchall("SELECT COUNT(*) FROM events") == [[1]]
+    with pytest.raises(WriterError, match="an earlier commit failed"):  # until resumed
+        await conn.commit([(2, "j", "o", "k", "log", 1, None, "{}")], [], [])
+    assert await conn.fetchall("SELECT COUNT(*) FROM events") == [(1,)]
+    await conn.resume()
+    await conn.commit([(2, "j", "o", "k", "log", 1, None, "{}")], [], [])
     await conn.close()
-    assert proc.returncode is not None
-    with pytest.raises(WriterError, match="not running"):
+    async with asyncio.timeout(5):
+        while thread.is_alive():
+            await asyncio.sleep(0.01)
+    with pytest.raises(WriterError, match="closed"):
         await conn.execute("SELECT 1")
+    with sqlite3.connect(db) as other:
+        assert other.execute("SELECT id FROM events").fetchall() == [(1,), (2,)]
 
 
 def _stored_ids(db: str) -> list[tuple[int, str]]:
@@ -199,131 +204,31 @@ def _stored_ids(db: str) -> list[tuple[int, str]]:
         return conn.execute("SELECT id, job_id FROM events ORDER BY id").fetchall()
 
 
-async def test_a_writer_process_that_dies_is_replaced_and_its_last_commit_kept(
-        tmp_path: Path) -> None:
-    """The writer process dies after it committed one batch, before its answer was read,
-    with a second batch sent and not yet taken. A new process takes over: the stored
-    batch is answered as stored (not written twice), the other is done again once, and
-    ids stay contiguous and in commit order. A write waiting on a question to a process
-    that dies is done by the next one."""
-    db, store, published = await started(tmp_path)
-    names = [f"a{i}" for i in range(5)]
-    try:
-        # the writer knows these jobs and their kind: the batches below ask it nothing
-        await asyncio.gather(*(store.submit(new_job(n)) for n in names))
-        await store.submit(log_line("a0"))
-        old = store._writer
-        assert old is not None and old._writer is not None and old._proc is not None
-        transport = old._writer.transport
-        send_commit = old.commit
-
-        def commit_then_pause(*rows: Any) -> Any:
-            answer = send_commit(*rows)
-            transport.pause_reading()  # from this commit on, answers stay unread
-            return answer
-
-        old.commit = commit_then_pause  # type: ignore[method-assign]
-        stored = len(_stored_ids(db))
-        first = [asyncio.create_task(store.submit(log_line(n))) for n in names]
-        async with asyncio.timeout(10):
-            while len(_stored_ids(db)) < stored + 5:  # committed by the writer process
-                await asyncio.sleep(0.01)
-        os.kill(old._proc.pid, signal.SIGSTOP)  # it takes nothing more
-        before = _stored_ids(db)  # the first batch's rows last
-        second = [asyncio.create_task(store.submit(log_line(n))) for n in names[:3]]
-        async with asyncio.timeout(10):
-            while len(old._answers) < 2:  # the second commit sent, behind the first
-                await asyncio.sleep(0.01)
-        os.kill(old._proc.pid, signal.SIGKILL)
-        await old._proc.wait()
-        lost = os.read(transport.get_extra_info("socket").fileno(), 1 << 16)
-        assert lost, "the first batch was answered before its process died"
-        transport.resume_reading()  # now the store sees the process gone
-        results = await asyncio.gather(*first, *second)
-        assert store.restarts == 1 and store.redone == 3
-        assert store._writer is not old and store._writer is not None
-        assert store._writer.gone is None
-
-        again = store._writer._proc
-        assert again is not None
-        os.kill(again.pid, signal.SIGSTOP)
-        late = asyncio.create_task(store.submit(new_job("c")))  # asks for the job first
-        async with asyncio.timeout(10):
-            while not store._writer._answers:
-                await asyncio.sleep(0.01)
-        os.kill(again.pid, signal.SIGKILL)
-        after = await late
-        assert store.restarts == 2
-    finally:
-        await store.close()
-    rows = _stored_ids(db)
-    head = before[-1][0]
-    assert rows == [*before, *((head + i, n) for i, n in enumerate([*names[:3], "c"], 1))]
-    assert [job_id for _, job_id in before[-5:]] == names
-    assert [r.events[0].id for r in [*results, after]] == list(range(head - 4, head + 5))
-    assert [(e.id, e.job_id) for e in published] == rows
-
-
-async def test_while_no_writer_process_starts_writes_fail_with_503_until_one_does(
-        tmp_path: Path) -> None:
-    """The writer process dies and a new one cannot open the database: writes and the
-    health check fail at once with 503 (none hangs); the store tries again by itself
-    after a pause and goes on from the stored head."""
-    db, store, _ = await started(tmp_path)
-    try:
-        await store.submit(new_job("a"))
-        real = store._new_writer
-        nowhere = str(tmp_path / "missing" / "x.db")  # a folder that does not exist
-        store._new_writer = lambda: WriterConnection(  # type: ignore[method-assign]
-            nowhere, "NORMAL", on_gone=store._wake_up)
-        assert store._writer is not None and store._writer._proc is not None
-        os.kill(store._writer._proc.pid, signal.SIGKILL)
-        async with asyncio.timeout(10):
-            while store._restart_after == 0:  # tried once, and failed
-                await asyncio.sleep(0.01)
-        with pytest.raises(Unavailable):
-            await store.submit(log_line("a"))
-        with pytest.raises(Unavailable, match="writer"):
-            await store.check()
-        store._new_writer = real  # type: ignore[method-assign]
-        async with asyncio.timeout(10):  # no write needed: it tries again on its own
-            while store.restarts < 1:
-                await asyncio.sleep(0.01)
-        await store.check()
-        after = await store.submit(log_line("a"))
-    finally:
-        await store.close()
-    assert after.events[0].id == 2
-    assert _stored_ids(db) == [(1, "a"), (2, "a")]
-
-
-async def test_a_writer_process_far_behind_holds_the_store_back(tmp_path: Path) -> None:
-    """While the writer process takes nothing (stopped), the store sends no more than its
-    send buffer and then waits, instead of buffering every write; when the process goes
-    on, every write is stored, in order."""
+async def test_a_writer_far_behind_holds_the_store_back(tmp_path: Path) -> None:
+    """While the writer takes nothing (another process holds the database locked), the
+    store sends it no more than MAX_FLIGHTS batches and then waits, instead of taking
+    every write; when the lock goes, every write is stored, in order."""
     db, store, published = await started(tmp_path)
     try:
         await store.submit(new_job("a"))
-        await store.submit(log_line("a"))  # the batches below ask the process nothing
-        writer = store._writer
-        assert writer is not None and writer._writer is not None and writer._proc is not None
-        transport = writer._writer.transport
+        await store.submit(log_line("a"))  # the batches below ask the writer nothing
         big = jobs.LogLine(level="info", message="x" * 7000)
-        os.kill(writer._proc.pid, signal.SIGSTOP)
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
         try:
             sent = [asyncio.create_task(store.submit(
                 Write("a", lambda job, now: jobs.record_log(job, big, now))))
-                for _ in range(4000)]  # about 60 MB of requests
+                for _ in range(4000)]  # about 60 MB of writes
             async with asyncio.timeout(10):
-                while transport.get_write_buffer_size() < SEND_BUFFER:
+                while store.batches < 2 + MAX_FLIGHTS:
                     await asyncio.sleep(0.01)
             taken = store.writes
             await asyncio.sleep(0.2)  # the store waits: nothing more is taken or sent
-            assert store.writes == taken < 4000
-            # past the limit by at most the batch that crossed it (each write about 9 kB)
-            assert transport.get_write_buffer_size() < SEND_BUFFER + MAX_BATCH * 10_000
+            assert store.batches == 2 + MAX_FLIGHTS
+            assert store.writes == taken <= 2 + MAX_FLIGHTS * MAX_BATCH < 4000
         finally:
-            os.kill(writer._proc.pid, signal.SIGCONT)
+            other.execute("ROLLBACK")
+            other.close()
         results = await asyncio.gather(*sent)
     finally:
         await store.close()

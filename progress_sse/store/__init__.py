@@ -104,7 +104,6 @@ class Store(Protocol):
     batches: int  # group commits so far
     writes: int  # write requests they carried
     redone: int  # writes done again one at a time after their batch failed
-    restarts: int  # writer processes started again after one died
     timeouts: int  # writes answered 503 at the write deadline
 
     async def start(self, publish: Callable[[Sequence[Event]], None]) -> int: ...

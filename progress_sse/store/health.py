@@ -1,9 +1,9 @@
 """The SQLite store's write deadline and health: when writes cannot succeed, say so.
 
 A write not answered within write_timeout_s is answered 503 (WriteHealth._expire),
-whatever holds it up: the writer process stopped or slow, the disk stalled, another
-process holding the database locked. health() and trouble() say why writes cannot
-succeed now, for /healthz and /metrics. SQLiteStore has these from here.
+whatever holds it up: a slow or stalled disk, another process holding the database
+locked. health() and trouble() say why writes cannot succeed now, for /healthz and
+/metrics. SQLiteStore has these from here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import structlog
 
 from ..errors import Unavailable
 from . import Write, WriteResult
-from .writer import WriterConnection, WriterError
+from .writer import Writer, WriterError
 
 log = structlog.get_logger("progress_sse.store")
 
@@ -42,7 +42,7 @@ class Pending:
 class WriteHealth:
     """The deadline and health half of SQLiteStore, on the state its __init__ sets."""
 
-    _writer: WriterConnection | None
+    _writer: Writer | None
     _queue: deque[Pending | None]  # waiting writes, in submit order
     _waiting: deque[Pending]  # submitted, maybe unanswered, in order
     _watch: asyncio.TimerHandle | None  # at the oldest one's deadline
@@ -72,7 +72,7 @@ class WriteHealth:
                 dropped += 1
                 p.future.set_exception(Unavailable(
                     f"the store did not take the write within {timeout:g} s (the writer is"
-                    " stopped, slow, or the database is locked); it was not stored",
+                    " stalled, slow, or the database is locked); it was not stored",
                     headers={"Retry-After": "1"}))
         while waiting:
             p = waiting[0]
@@ -82,7 +82,7 @@ class WriteHealth:
                 late += 1
                 p.future.set_exception(Unavailable(
                     f"the store did not confirm the write within {timeout:g} s (the writer is"
-                    " stopped, slow, or the database is locked); it may still be stored, once:"
+                    " stalled, slow, or the database is locked); it may still be stored, once:"
                     " send it again with the same seq to get its outcome",
                     headers={"Retry-After": "1"}))
             waiting.popleft()
@@ -103,21 +103,20 @@ class WriteHealth:
         """Why writes cannot succeed now, from what the store knows without asking (for
         /metrics; health() also asks the writer)."""
         writer = self._writer
-        if writer is None or writer.gone is not None:
-            why = writer.gone if writer is not None else "not started"
-            return f"the writer process is not running ({why})"
+        if writer is None:
+            return "the store is not open"
         now = asyncio.get_running_loop().time()
         waited = writer.waited(now)
         if waited > self.write_timeout_s:
-            return (f"the writer has answered nothing for {waited:.1f} s (it is stopped, the"
-                    " disk stalls, or another process holds the database locked)")
+            return (f"the writer has answered nothing for {waited:.1f} s (the disk stalls,"
+                    " or another process holds the database locked)")
         if self._failed is not None and now - self._failed[0] < self.failed_hold_s:
             return f"the last commit failed and none has succeeded since: {self._failed[1]}"
         return None
 
     async def health(self) -> str | None:
         """None when a write can succeed now, or why not. With no write confirmed in the
-        last PROBE_EVERY_S, ask the writer process to take the write lock and let it go
+        last PROBE_EVERY_S, ask the writer to take the write lock and let it go
         (another process may hold the database locked); answers within write_timeout_s."""
         trouble = self.trouble()
         if trouble is not None:
@@ -132,14 +131,14 @@ class WriteHealth:
             try:
                 probe = self._probe = self._writer.probe(int(min(timeout / 2, 1.0) * 1000))
             except WriterError as exc:
-                return f"the writer process is not running ({exc})"
+                return f"the writer is not running ({exc})"
             probe.add_done_callback(self._probed)
         # the oldest request's age is the probe's, or more (trouble() said it is young)
         remaining = timeout - self._writer.waited(loop.time())
         await asyncio.wait((probe,), timeout=max(remaining, 0.0))
         if not probe.done():
-            return (f"the writer did not answer within {timeout:g} s (it is stopped, the disk"
-                    " stalls, or another process holds the database locked)")
+            return (f"the writer did not answer within {timeout:g} s (the disk stalls, or"
+                    " another process holds the database locked)")
         refused = probe.exception()
         if refused is not None:
             return f"the database cannot be locked for writing: {refused}"

@@ -7,9 +7,9 @@ knew it (a succeeded job running again, its result gone). So the second refuses 
 start. The lock is `flock` on `<db>.lock`, taken before the migrations and held for
 the service's life. The kernel lets go of it when the process ends however it ends
 (kill -9 too), so it is never stale; the descriptor is not inherited (os.open makes
-it close-on-exec, and the writer process is started with close_fds), so no child
-keeps it. The file holds who took it (pid, host, start time), to name the holder in
-the refusal; on Linux /proc/locks says which process holds it now.
+it close-on-exec), so no child keeps it. The file holds who took it (pid, host, start
+time), to name the holder in the refusal; on Linux /proc/locks says which process
+holds it now.
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..codec import loads
 from ..jobs import Job
 from . import Event, Filter, Page, Snapshot
+from .rows import job_from_doc
 
 T = TypeVar("T")
 EVENT_COLS = "id, job_id, owner, kind, type, body"
@@ -193,12 +193,6 @@ class SQLiteReads:
 def read_head(conn: sqlite3.Connection) -> int:
     """The newest event's id (0: none), in the read's snapshot."""
     return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
-
-
-def job_from_doc(doc: str) -> Job:
-    """A job from its stored document (see sqlite._job_row)."""
-    d = loads(doc)
-    return Job.from_record(d["job"], d["private"])
 
 
 def _where(flt: Filter, job_column: str = "id") -> tuple[list[str], list[Any]]:

@@ -5,15 +5,15 @@ ledger (ledger.py, shared with other stores) apply the job rules to each request
 against the jobs' committed state, inserts the events and updates the job rows it
 produced in one transaction, commits, and only then answers the callers and hands the
 events to the hub. A request the rules refuse stores nothing and does not disturb the
-rest of its batch. The transactions run in the writer process (writer.py), in the
+rest of its batch. The transactions run on the writer's thread (writer.py), in the
 order sent; the next batches are built while one is written, on its changes, and
 answered only after it (see _land for a commit that fails, after which the ledger's
 state is read back from the database).
 
 What this module owns: the queue of pending writes, group commit and the batches in
-flight, landing and recovery (a failed commit, a writer process that died), the rows
-the ledger's batches are stored as, and loading the ledger's state from the database.
-The write deadline and health() are in health.py, the reads in readers.py.
+flight, landing and recovery after a failed commit, and loading the ledger's state
+from the database. The rows a batch is stored as are in rows.py, the write deadline
+and health() in health.py, the reads in readers.py.
 """
 
 from __future__ import annotations
@@ -29,24 +29,23 @@ from typing import Any
 
 import structlog
 
-from ..codec import dumps
 from ..errors import ProgressError, Unavailable
-from ..jobs import Job
-from ..ledger import HISTORY, Batch, Ledger
+from ..ledger import HISTORY, Ledger
 from . import Event, Write, WriteResult
 from .health import FAILED_HOLD_S, WRITE_TIMEOUT_S, Pending, WriteHealth
 from .health import PROBE_EVERY_S as PROBE_EVERY_S  # re-exported: tests read it here
-from .readers import EVENT_COLS, Readers, SQLiteReads, job_from_doc, read_head
-from .writer import WriterConnection, WriterError
+from .readers import EVENT_COLS, Readers, SQLiteReads, read_head
+from .rows import job_from_doc, job_rows
+from .writer import Writer, WriterError
 
 log = structlog.get_logger("progress_sse.store")
 
 MAX_BATCH = 512
-# batches sent to the writer process before the oldest must be answered: the next are
-# built while one is written (measured here, 64 workers posting: two gave a fifth more
-# posts per second than one, four another 5-8% over two)
+# batches sent to the writer before the oldest must be answered: the next are built
+# while one is written (measured here with the writer in a process of its own, 64
+# workers posting: two gave a fifth more posts per second than one, four another 5-8%
+# over two). It also bounds what waits for a writer that is far behind.
 MAX_FLIGHTS = 4
-RESTART_PAUSE_S = 1.0  # after a writer process failed to start, before the next try
 
 
 @dataclass(slots=True)
@@ -71,7 +70,7 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         self.synchronous = synchronous.upper()
         self.retention_events = retention_events
         self._clock = clock
-        self._writer: WriterConnection | None = None
+        self._writer: Writer | None = None
         self._readers = Readers(path, readers)
         # waiting writes; None asks the writer to stop. A deque and one wake-up future:
         # asyncio.Queue's bookkeeping (unfinished tasks, getters) cost every post
@@ -86,8 +85,6 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         self.batches = 0  # group commits so far, and the writes they carried (for /metrics)
         self.writes = 0
         self.redone = 0  # writes done again one at a time, after their batch failed
-        self.restarts = 0  # writer processes started again after one died
-        self._restart_after = 0.0  # monotonic time before which no restart is tried
         # the write deadline (_expire) and health (health, trouble)
         self.write_timeout_s = write_timeout_s
         self.failed_hold_s = FAILED_HOLD_S
@@ -103,7 +100,7 @@ class SQLiteStore(WriteHealth, SQLiteReads):
     async def start(self, publish: Callable[[Sequence[Event]], None]) -> int:
         """Open connections, start the writer; return the head id."""
         self._publish = publish
-        self._writer = self._new_writer()
+        self._writer = Writer(self.path, self.synchronous)
         await self._writer.open()
         await self._readers.open()
         head = await self._load_state()
@@ -122,10 +119,6 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         self._ledger.reset(int(head or 0), (job_from_doc(doc) for (doc,) in docs))
         return int(head or 0)
 
-    def _new_writer(self) -> WriterConnection:
-        # if its process dies, the loop wakes to start another (see _run)
-        return WriterConnection(self.path, self.synchronous, on_gone=self._wake_up)
-
     async def close(self) -> None:
         """Finish the writes already queued, then close."""
         self._closing = True
@@ -139,9 +132,9 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         self._writer = None
 
     async def check(self) -> None:
-        """Healthy: a read answers, and the writer process is there to take writes."""
-        if self._writer is None or self._writer.gone is not None:
-            raise Unavailable(f"the store cannot write: {self._writer and self._writer.gone}")
+        """Healthy: a read answers, and the writer is open to take writes."""
+        if self._writer is None or self._closing:
+            raise Unavailable("the store cannot write: it is closed")
         await self._readers.read(read_head)
 
     # ------------------------------------------------------------ writes
@@ -173,11 +166,7 @@ class SQLiteStore(WriteHealth, SQLiteReads):
             if flights and (oldest is None or oldest.done()):
                 await self._land(flights)  # stored (or failed): answer it first
                 continue
-            gone = self._writer is None or self._writer.gone is not None
-            if gone and not flights and not self._closing:
-                await self._replace_writer()  # its process died with nothing in flight
-            # with the process gone, nothing more is sent until the batches it had land
-            if queue and len(flights) < MAX_FLIGHTS and not (gone and flights):
+            if queue and len(flights) < MAX_FLIGHTS:
                 items = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
                 batch = [p for p in items if p is not None]
                 if batch:
@@ -207,31 +196,22 @@ class SQLiteStore(WriteHealth, SQLiteReads):
     async def _launch(self, batch: list[Pending], flights: deque[_Flight]) -> None:
         """Apply the rules to a batch and send its commit; a batch that breaks the rules'
         code (a bug) is sent again one write at a time, so that write fails alone."""
-        assert self._writer is not None
         try:
             flights.append(await self._prepare(batch))
         except Exception as exc:
-            if isinstance(exc, WriterError) and self._writer.gone is not None \
-                    and not self._closing and time.monotonic() >= self._restart_after:
-                # the writer process died under it: taken again first, by the next one
-                # (which _run starts before it takes anything more)
-                self._queue.extendleft(reversed(batch))
-                return
             if self._split(batch, exc):
                 for p in batch:
                     await self._launch([p], flights)
-            return
-        await self._writer.drain()  # the child is far behind: take no more until it reads
 
     async def _land(self, flights: deque[_Flight]) -> None:
         """Wait for the oldest batch's commit, then answer its callers and publish.
 
         If the database refused it, nothing of it was stored, and nothing sent after
-        it: the writer process refuses every commit after a failed one until it is told
-        to go on. The batches after it were built on its changes, so every write of them
-        all is done again, one at a time, from the state as committed: a write the
-        database refuses fails alone instead of taking its batch-mates with it. If the
-        writer process died, `_recover` tells which of them it stored first."""
+        it: the writer refuses every commit after a failed one until it is told to go
+        on. The batches after it were built on its changes, so every write of them all
+        is done again, one at a time, from the state as committed (read back first): a
+        write the database refuses fails alone instead of taking its batch-mates with
+        it."""
         flight = flights.popleft()
         try:
             if flight.commit is not None:
@@ -245,13 +225,20 @@ class SQLiteStore(WriteHealth, SQLiteReads):
             for f in later[1:]:
                 if f.commit is not None:
                     with contextlib.suppress(WriterError):
-                        await f.commit  # refused, or lost with the writer process
-            writes, replaced = await self._recover(later)
-            # the database refused it (a new process starts afresh; a lock is for the
-            # health probe to see, and to see go)
-            if not replaced and "database is locked" not in str(exc):
+                        await f.commit  # refused
+            writes = [p for f in later for p in f.batch]
+            assert self._writer is not None
+            try:  # read back first: until told to resume, the writer refuses commits
+                await self._load_state()
+                await self._writer.resume()
+            except WriterError as unread:  # still refusing: the next failure tries again
+                self._failed = (asyncio.get_running_loop().time(), str(unread))
+                self._fail(writes, unread)
+                return
+            # the database refused it (a lock is for the health probe to see, and to see go)
+            if "database is locked" not in str(exc):
                 self._failed = (asyncio.get_running_loop().time(), str(exc))
-            if writes and (replaced or self._split(writes, exc)):
+            if self._split(writes, exc):
                 for p in writes:
                     single: deque[_Flight] = deque()
                     await self._launch([p], single)
@@ -293,64 +280,6 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         self.redone += len(writes)
         return True
 
-    async def _recover(self, flights: list[_Flight]) -> tuple[list[Pending], bool]:
-        """After a failed commit, the writer's memory goes on from what is committed.
-        Return the writes of `flights` that are not stored, to be done again, and
-        whether the writer process was replaced.
-
-        A commit the database refused stored nothing, and the writer process refused
-        every later one. A writer process that died may have committed some of them
-        before it went, and their answers were lost with it; each commit is whole and
-        they ran in order, so the stored head tells which: those are answered as
-        stored, and the rest done again by a new writer process."""
-        assert self._writer is not None
-        every = [p for f in flights for p in f.batch]
-        if self._writer.gone is None:
-            try:
-                await self._writer.resume()
-                await self._load_state()
-                return every, False
-            except WriterError:
-                pass  # it died meanwhile
-        if not await self._replace_writer():
-            return every, False  # they fail: 503
-        head = self._ledger.next_id - 1
-        stored = 0
-        for i, f in enumerate(flights):
-            if f.events and f.events[-1].id <= head:
-                stored = i + 1  # and every one before it (a flight may store no event)
-        for f in flights[:stored]:
-            await self._answer(f)
-        writes = [p for f in flights[stored:] for p in f.batch]
-        if writes:
-            log.warning("store.writes_redone", size=len(writes), stored_batches=stored)
-            self.redone += len(writes)
-        return writes, True
-
-    async def _replace_writer(self) -> bool:
-        """Start a writer process in place of one that died, and read the writer's memory
-        back from the database. False if it cannot (writes then fail with 503 until a
-        later try succeeds)."""
-        now = time.monotonic()
-        if now < self._restart_after:
-            return False
-        old = self._writer
-        log.warning("store.writer_restarting", why=old.gone if old else None)
-        if old is not None:
-            await old.close()  # waits for the old process to have ended
-        self._writer = self._new_writer()
-        try:
-            await self._writer.open()
-            head = await self._load_state()
-        except (WriterError, OSError) as exc:
-            self._restart_after = now + RESTART_PAUSE_S
-            asyncio.get_running_loop().call_later(RESTART_PAUSE_S, self._wake_up)
-            log.error("store.writer_lost", error=str(exc))
-            return False
-        self.restarts += 1
-        log.info("store.writer_restarted", head=head, restarts=self.restarts)
-        return True
-
     def _fail(self, batch: list[Pending], exc: Exception) -> None:
         log.error("store.write_failed", size=len(batch), job_id=batch[0].write.job_id,
                   error=str(exc))
@@ -369,31 +298,13 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         b = await ledger.build([p.write for p in batch], self._clock(), self._event_by_seq)
         commit = None
         if b.changed:
-            commit = conn.commit(b.event_rows, *self._job_rows(b))
-            # sent, or nothing is (the request cannot be encoded, the writer has gone);
-            # from here on the batch's changes are the writer's memory
+            commit = conn.commit(b.event_rows, *job_rows(b, ledger.jobs))
+            # sent (or the writer is closed: nothing is); from here on the batch's changes
+            # are the writer's memory
             if self._oldest is None and b.events:
                 self._oldest = b.events[0].id
         ledger.adopt(b)
         return _Flight(batch, b.answers, b.events, commit, asyncio.get_running_loop().time())
-
-    def _job_rows(self, b: Batch) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        """The batch's changed jobs as rows: whole, or (status and finish unchanged) only
-        the columns a post changes."""
-        upserts, updates = [], []
-        committed = self._ledger.jobs
-        working = b.working
-        for job_id, job_json in b.changed.items():
-            before = committed.get(job_id)
-            job = working[job_id]
-            row = _job_row(job, job_json)
-            if before is not None and before.status == job.status \
-                    and before.finished_at == job.finished_at:
-                updates.append((job.updated_at, job.last_post_at, int(job.stalled),
-                                job.token_hash, row[-1], job_id))
-            else:
-                upserts.append(row)
-        return upserts, updates
 
     async def _prune(self, head: int) -> None:
         assert self._writer is not None
@@ -433,9 +344,3 @@ class SQLiteStore(WriteHealth, SQLiteReads):
             (job_id, attempt, seq))
         return Event.stored(*rows[0]) if rows else None
 
-
-def _job_row(job: Job, job_json: str) -> tuple[Any, ...]:
-    doc = f'{{"job":{job_json},"private":{dumps(job.private())}}}'
-    return (job.id, job.owner, job.kind, job.queue, job.status, job.created_at, job.updated_at,
-            job.finished_at, job.last_post_at, job.heartbeat_timeout_s, int(job.stalled),
-            job.token_hash, doc)
