@@ -37,7 +37,7 @@ from .security import (
     StreamQuota,
 )
 from .settings import Settings
-from .store import select
+from .store import factory
 from .store.lock import DatabaseLock
 from .store.postgres_schema import Migrated
 from .streams import STREAM_HOST, StreamHost
@@ -150,7 +150,7 @@ def create_app(settings: Settings | None = None, *,
         log.warning("auth.disabled_on_public_address", host=settings.host,
                     hint="anyone who can reach this address can read and control every job")
     metrics = Metrics()  # this app's own registry
-    store = select.open_store(settings, on_commit=metrics.commit_landed)
+    store = factory.open_store(settings, on_commit=metrics.commit_landed)
     hub = Hub(settings.tail_size, settings.tail_bytes)
     why_not = check_direct_writes()
     if why_not is not None:  # streams use uvicorn's public send alone: slower, as lossless
@@ -162,7 +162,7 @@ def create_app(settings: Settings | None = None, *,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # one service per file, not a damaged one; migrated (see store/guard.py)
-        held = lock if lock is not None else await asyncio.to_thread(select.prepare,
+        held = lock if lock is not None else await asyncio.to_thread(factory.prepare,
                                                                      settings.db)
         try:
             head = await store.start(hub.publish)

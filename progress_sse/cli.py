@@ -66,7 +66,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .server import PortInUse, bind, make_server, tune_collector
-    from .store.select import prepare
+    from .store.factory import prepare
 
     settings = _settings(args)
     configure_logging(settings.log_format, settings.log_level)
