@@ -303,7 +303,7 @@ class PgWriter:
                 conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
                 try:
                     while time.monotonic() < deadline:
-                        status = await conn.fetchval("SELECT pg_xact_status($1::xid8)", xid)
+                        status = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", xid)
                         if status != "in progress":
                             log.info("store.commit_settled", xid=xid, status=status)
                             return bool(status == "committed")
@@ -312,7 +312,9 @@ class PgWriter:
                         await asyncio.sleep(0.05)
                 finally:
                     conn.terminate()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    TimeoutError) as exc:
+                log.warning("store.settle_failed", xid=xid, error=str(exc))
                 await asyncio.sleep(RETRY_S)
         return None
 
