@@ -37,9 +37,9 @@ from .security import (
     StreamQuota,
 )
 from .settings import Settings
-from .store import guard
+from .store import factory
 from .store.lock import DatabaseLock
-from .store.sqlite import SQLiteStore
+from .store.postgres_schema import Migrated
 from .streams import STREAM_HOST, StreamHost
 from .uvicorn_direct import check as check_direct_writes
 
@@ -138,7 +138,8 @@ class WebMount(Mount):
         return self.files.lookup_path(relative)[1] is not None
 
 
-def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = None
+def create_app(settings: Settings | None = None, *,
+               lock: DatabaseLock | Migrated | None = None
                ) -> Starlette:
     """Build one independent service instance (nothing shared between instances).
     `lock`: the database, already locked and migrated by guard.prepare (the command
@@ -149,11 +150,7 @@ def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = 
         log.warning("auth.disabled_on_public_address", host=settings.host,
                     hint="anyone who can reach this address can read and control every job")
     metrics = Metrics()  # this app's own registry
-    store = SQLiteStore(settings.db, synchronous=settings.synchronous,
-                        retention_events=settings.retention_events,
-                        estimate_every_s=settings.estimate_every_s,
-                        write_timeout_s=settings.write_timeout_s,
-                        on_commit=metrics.commit_landed)
+    store = factory.open_store(settings, on_commit=metrics.commit_landed)
     hub = Hub(settings.tail_size, settings.tail_bytes)
     why_not = check_direct_writes()
     if why_not is not None:  # streams use uvicorn's public send alone: slower, as lossless
@@ -165,7 +162,7 @@ def create_app(settings: Settings | None = None, *, lock: DatabaseLock | None = 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # one service per file, not a damaged one; migrated (see store/guard.py)
-        held = lock if lock is not None else await asyncio.to_thread(guard.prepare,
+        held = lock if lock is not None else await asyncio.to_thread(factory.prepare,
                                                                      settings.db)
         try:
             head = await store.start(hub.publish)

@@ -66,7 +66,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .server import PortInUse, bind, make_server, tune_collector
-    from .store.guard import prepare
+    from .store.factory import prepare
 
     settings = _settings(args)
     configure_logging(settings.log_format, settings.log_level)
@@ -116,9 +116,15 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .store.guard import MIGRATE_HINT, migrate
     from .store.lock import DatabaseLock
+    from .store.postgres_schema import is_postgres, redacted
+    from .store.postgres_schema import migrate as migrate_postgres
 
     settings = _settings(args)
     configure_logging(settings.log_format, settings.log_level)
+    if is_postgres(settings.db):  # safe beside running instances (postgres_schema.py)
+        applied = asyncio.run(migrate_postgres(settings.db))
+        print(f"{redacted(settings.db)}: applied {applied or 'nothing (up to date)'}")
+        return 0
     with DatabaseLock.acquire(settings.db, hint=MIGRATE_HINT):  # not under a running service
         applied = migrate(settings.db)
     print(f"{settings.db}: applied {applied or 'nothing (up to date)'}")
@@ -450,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the service")
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
-    serve.add_argument("--db", help="SQLite file (default ./progress.db)")
+    serve.add_argument("--db", help="SQLite file (default ./progress.db), or a postgresql:// DSN")
     serve.add_argument("--keepalive", type=float, help="seconds between keep-alive comments")
     serve.add_argument("--retry-ms", type=int, metavar="MS",
                        help="the reconnect delay streams ask clients for (default 1000)")
@@ -471,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(func=cmd_token)
 
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
-    migrate.add_argument("--db", help="SQLite file (default ./progress.db)")
+    migrate.add_argument("--db", help="SQLite file (default ./progress.db), or a postgresql:// DSN")
     migrate.set_defaults(func=cmd_migrate)
 
     check = sub.add_parser("check", help="check the database file's integrity (read-only)",

@@ -1,0 +1,38 @@
+"""Choosing the store from `settings.db`: a PostgreSQL DSN, or a SQLite file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..settings import Settings
+from . import Store
+from .lock import DatabaseLock
+from .postgres_schema import Migrated, is_postgres
+
+
+def open_store(settings: Settings, on_commit: Callable[[float, int], None]) -> Store:
+    """The store `settings.db` names (not started)."""
+    if is_postgres(settings.db):
+        from .postgres import PostgresStore
+
+        return PostgresStore(settings.db, retention_events=settings.retention_events,
+                             estimate_every_s=settings.estimate_every_s,
+                             write_timeout_s=settings.write_timeout_s, on_commit=on_commit)
+    from .sqlite import SQLiteStore
+
+    return SQLiteStore(settings.db, synchronous=settings.synchronous,
+                       retention_events=settings.retention_events,
+                       estimate_every_s=settings.estimate_every_s,
+                       write_timeout_s=settings.write_timeout_s, on_commit=on_commit)
+
+
+def prepare(db: str) -> DatabaseLock | Migrated:
+    """Ready the database for a service: SQLite's file lock and checks, or PostgreSQL's
+    migrations (instances share a PostgreSQL database: nothing to lock). Blocking."""
+    if is_postgres(db):
+        from .postgres_schema import prepare as prepare_postgres
+
+        return prepare_postgres(db)
+    from .guard import prepare as prepare_sqlite
+
+    return prepare_sqlite(db)

@@ -1,0 +1,172 @@
+"""The PostgreSQL store's reads, on a small pool of connections.
+
+Each read that must agree with itself is one statement (PostgreSQL gives a statement
+one snapshot), or a read-only REPEATABLE READ transaction when it needs two (a
+snapshot's jobs and head). Ids are in commit order with no gaps, so a read asked for
+after the hub's head reached H sees every event up to H: `events_after` is complete
+up to `upto` without reading the head. A database that cannot be read answers 503.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+from ..errors import Unavailable
+from ..jobs import Job
+from . import Event, Filter, Page, Snapshot
+from .readers import EVENT_COLS, job_from_doc
+
+T = TypeVar("T")
+LEASE_S = 5.0  # a periodic task's lease: another instance takes it over this long after
+
+
+class PgReads:
+    """Reads and leases (PostgresStore has them from here)."""
+
+    pool: asyncpg.Pool | None
+    holder: str  # this instance, as a lease names it
+
+    async def _read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        if self.pool is None:
+            raise Unavailable("the store is not open")
+        try:
+            async with self.pool.acquire(timeout=5) as conn:
+                return await fn(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise Unavailable(f"the database cannot be read: {exc}",
+                              headers={"Retry-After": "1"}) from None
+
+    async def get_job(self, job_id: str) -> Job | None:
+        async def read(conn: asyncpg.Connection) -> Job | None:
+            doc = await conn.fetchval("SELECT doc FROM jobs WHERE id = $1", job_id)
+            return None if doc is None else job_from_doc(doc)
+
+        return await self._read(read)
+
+    async def list_jobs(self, flt: Filter, limit: int, before: int | None
+                        ) -> tuple[list[Job], int, int | None]:
+        """A page of jobs, newest first, with the head id and the cursor of the next page."""
+        where, args = _where(flt)
+        if before is not None:
+            args.append(before)
+            where.append(f"created_seq < ${len(args)}")
+        args.append(limit)
+        sql = (f"SELECT doc, created_seq, (SELECT head FROM event_head WHERE k = 1)"
+               f" FROM jobs{_and(where)} ORDER BY created_seq DESC LIMIT ${len(args)}")
+
+        async def read(conn: asyncpg.Connection) -> tuple[list[Job], int, int | None]:
+            rows = await conn.fetch(sql, *args)
+            head = rows[0][2] if rows else await conn.fetchval(
+                "SELECT head FROM event_head WHERE k = 1")
+            return ([job_from_doc(r[0]) for r in rows], head,
+                    rows[-1][1] if len(rows) == limit else None)
+
+        return await self._read(read)
+
+    async def snapshot(self, flt: Filter, limit: int) -> Snapshot:
+        """Jobs, the head id and the oldest kept id from one snapshot, so they agree."""
+        where, args = _where(flt)
+        args.append(limit)
+        sql = (f"SELECT doc FROM jobs{_and(where)}"
+               f" ORDER BY finished_at IS NOT NULL, updated_at DESC LIMIT ${len(args)}")
+
+        async def read(conn: asyncpg.Connection) -> Snapshot:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                oldest, head = await conn.fetchrow(
+                    "SELECT (SELECT min(id) FROM events), head FROM event_head WHERE k = 1")
+                docs = await conn.fetch(sql, *args)
+            return Snapshot([job_from_doc(d[0]) for d in docs], head, oldest)
+
+        return await self._read(read)
+
+    async def events_after(self, after: int, upto: int, flt: Filter, limit: int,
+                           max_bytes: int = 0) -> Page:
+        """Events with after < id <= upto that `flt` matches, in id order: at most
+        `limit`, and no more once `max_bytes` of bodies are read (0: no byte bound)."""
+        if upto <= after:
+            return Page([], after)
+        where, args = _where(flt, job_column="job_id")
+        args += [after, upto, limit]
+        n = len(args)
+        where += [f"id > ${n - 2}", f"id <= ${n - 1}"]
+        sql = f"SELECT {EVENT_COLS} FROM events{_and(where)} ORDER BY id LIMIT ${n}"
+
+        async def read(conn: asyncpg.Connection) -> Page:
+            events: list[Event] = []
+            size = 0
+            build = Event.stored
+            for row in await conn.fetch(sql, *args):
+                events.append(build(*row))
+                size += len(row[5])
+                if max_bytes and size >= max_bytes:
+                    return Page(events, row[0])  # cut short: complete up to this one
+            if len(events) == limit:
+                return Page(events, events[-1].id)
+            return Page(events, upto)
+
+        return await self._read(read)
+
+    async def bounds(self) -> tuple[int | None, int]:
+        """The oldest event still kept (None: none) and the database's head, in one
+        statement: a cursor ahead of this instance's hub but not of the database is
+        resumed, not reset (the hub catches up)."""
+        async def read(conn: asyncpg.Connection) -> tuple[int | None, int]:
+            oldest, head = await conn.fetchrow(
+                "SELECT (SELECT min(id) FROM events), head FROM event_head WHERE k = 1")
+            return oldest, head
+
+        return await self._read(read)
+
+    async def stale_jobs(self, now: float) -> list[str]:
+        """Running jobs gone silent, for the instance holding the stall lease (the others
+        get none: marking is idempotent under the head lock, the lease saves the scans)."""
+        async def read(conn: asyncpg.Connection) -> list[str]:
+            if not await self._lease(conn, "stalls"):
+                return []
+            rows = await conn.fetch(
+                "SELECT id FROM jobs WHERE status = 'running' AND stalled = 0"
+                " AND last_post_at + heartbeat_timeout_s < $1", now)
+            return [r[0] for r in rows]
+
+        return await self._read(read)
+
+    async def _lease(self, conn: asyncpg.Connection, name: str) -> bool:
+        """Take or renew the lease `name` for LEASE_S; False while another holds it."""
+        got = await conn.fetchval(
+            "UPDATE leases SET holder = $1, until = now() + make_interval(secs => $2)"
+            " WHERE name = $3 AND (until < now() OR holder = $1) RETURNING true",
+            self.holder, LEASE_S, name)
+        return bool(got)
+
+    async def prune(self, keep: int) -> int | None:
+        """Under the retention lease, delete all but the newest `keep` events; the oldest
+        id kept, or None when another instance holds the lease."""
+        async def read(conn: asyncpg.Connection) -> int | None:
+            if not await self._lease(conn, "retention"):
+                return None
+            head = await conn.fetchval("SELECT head FROM event_head WHERE k = 1")
+            keep_from = int(head) - keep + 1
+            await conn.execute("DELETE FROM events WHERE id < $1", keep_from)
+            return keep_from
+
+        return await self._read(read)
+
+
+def _where(flt: Filter, job_column: str = "id") -> tuple[list[str], list[Any]]:
+    """SQL conditions for a filter, on the jobs table or (job_column="job_id") the events."""
+    where: list[str] = []
+    args: list[Any] = []
+    for column, values in (("owner", None if flt.owner is None else {flt.owner}),
+                           (job_column, flt.job_ids), ("kind", flt.kinds),
+                           ("status", flt.statuses or None)):
+        if values is not None:
+            args.append(sorted(values))
+            where.append(f"{column} = ANY(${len(args)}::text[])")
+    return where, args
+
+
+def _and(where: list[str]) -> str:
+    return (" WHERE " + " AND ".join(where)) if where else ""
