@@ -17,7 +17,8 @@ import asyncpg
 from ..errors import Unavailable
 from ..jobs import Job
 from . import Event, Filter, Page, Snapshot
-from .readers import EVENT_COLS, job_from_doc
+from .readers import EVENT_COLS
+from .rows import job_from_doc
 
 T = TypeVar("T")
 LEASE_S = 5.0  # a periodic task's lease: another instance takes it over this long after

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..jobs import Job, finished_run
 from ..ledger import HISTORY, Batch, Ledger
-from .readers import job_from_doc
+from .rows import job_from_doc
 
 ACTIVE = ("queued", "running", "paused", "cancelling")
 

@@ -39,7 +39,8 @@ from ..errors import ProgressError, Unavailable
 from ..ledger import HISTORY, Ledger
 from . import Event, Write, WriteResult
 from .postgres_sync import ACTIVE, LedgerSync, job_row
-from .readers import EVENT_COLS, job_from_doc
+from .readers import EVENT_COLS
+from .rows import job_from_doc
 
 log = structlog.get_logger("progress_sse.store.postgres")
 
