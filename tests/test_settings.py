@@ -140,8 +140,16 @@ def test_a_bad_value_is_refused_naming_where_it_came_from(
     assert not db.exists()
 
 
-def test_settings_read_no_environment_until_built(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing is read at import: a variable set afterwards counts, keyword arguments win."""
-    monkeypatch.setenv(env_var("tail_size"), "99")
-    assert Settings().tail_size == 99
-    assert Settings(tail_size=17).tail_size == 17
+def test_settings_read_no_environment_until_built() -> None:
+    """Nothing is read at import: a variable there at import but gone since counts for
+    nothing, one set after import counts, and keyword arguments win over it."""
+    script = (
+        "import os\n"
+        "from progress_sse.settings import Settings\n"
+        "del os.environ['PROGRESS_SSE_TAIL_SIZE']\n"
+        "assert Settings().tail_size == 4096, Settings().tail_size\n"
+        "os.environ['PROGRESS_SSE_TAIL_SIZE'] = '99'\n"
+        "assert Settings().tail_size == 99 and Settings(tail_size=17).tail_size == 17\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, env={**cli_env(), "PROGRESS_SSE_TAIL_SIZE": "50"})
+    assert done.returncode == 0, done.stderr
