@@ -3,7 +3,7 @@
 Each field is read from the keyword arguments `Settings(...)` is given (the `serve`
 flags), else from its environment variable `PROGRESS_SSE_<NAME>`, else its default:
 pydantic-settings reads the variables and pydantic converts and checks every value.
-`progress-sse serve` builds its flags from these fields (cli_serve.py), so a field's
+`progress-sse serve` builds its flags from these fields (cli/service.py), so a field's
 name, type, default and description say everything about it once.
 """
 
