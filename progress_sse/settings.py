@@ -51,7 +51,8 @@ class Settings(BaseSettings):
                          BeforeValidator(_lower)] = Field(default="info", description="log level")
     tail_size: int = Field(default=4096, ge=16,
                            description="events kept in the hub's in-memory tail")
-    tail_bytes: int = Field(default=8 << 20, description="bytes of frames kept in that tail at most")
+    tail_bytes: int = Field(default=8 << 20,
+                            description="bytes of frames kept in that tail at most")
     replay_batch: int = Field(default=1000, ge=1,
                               description="events read from the store per step of a replay")
     # each step of a catch-up reads and sends at most this many bytes (or one bigger event)
