@@ -1,121 +1,147 @@
-"""Service configuration: one frozen object, built from the environment and CLI flags."""
+"""Service configuration: one frozen object, and the one definition of every setting.
+
+Each field is read from the keyword arguments `Settings(...)` is given (the `serve`
+flags), else from its environment variable `PROGRESS_SSE_<NAME>`, else its default:
+pydantic-settings reads the variables and pydantic converts and checks every value.
+`progress-sse serve` builds its flags from these fields (cli/service.py), so a field's
+name, type, default and description say everything about it once.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
 
 PREFIX = "PROGRESS_SSE_"
+# fields with no `serve` flag: a flag's value is visible to every user of the host (ps)
+ENV_ONLY = frozenset({"jwt_secret"})
 
 
-@dataclass(frozen=True)
-class Settings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    db: str = "progress.db"
-    synchronous: str = "NORMAL"  # NORMAL survives a process crash; FULL also a power cut
-    keepalive_s: float = 15.0
-    # the reconnect delay each stream asks its clients for (`retry:`): a restart of a
-    # second or two costs a few tries, each a dropped connection that clients retry
-    retry_ms: int = 1000
-    log_format: str = "auto"  # auto (console on a TTY, JSON otherwise), json, console
-    log_level: str = "info"
-    tail_size: int = 4096  # events kept in the hub's in-memory tail
-    tail_bytes: int = 8 << 20  # and at most this many bytes of frames
-    replay_batch: int = 1000  # events read from the store per step of a lagging stream
-    # what one stream may hold at once beyond the connection's own buffer: each step of
-    # a catch-up reads and sends at most this many bytes of events (or one bigger event)
-    stream_buffer_bytes: int = 256 << 10
-    max_body_bytes: int = 64 * 1024
-    # how a request may arrive (limits.py): its request line and headers at most this
-    # many bytes (431), within header_timeout_s of its first byte (or of the connection
-    # opening), and its body within body_timeout_s of the end of its headers
-    max_header_bytes: int = 32 * 1024
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    retention_events: int = 0  # 0 = keep every event; otherwise prune the oldest beyond this count
-    estimate_every_s: float = 1.0  # refresh a running job's estimate at most this often
-    heartbeat_timeout_s: float = 60.0  # default per job: silence before a running job is `stalled`
-    stall_check_s: float = 1.0
-    max_wait_s: float = 60.0  # upper bound for long-poll waits
-    shutdown_timeout_s: float = 5.0
-    # longest wait for the store to confirm a write; then 503 (and /healthz 503 while
-    # writes cannot be confirmed within it)
-    write_timeout_s: float = 5.0
-    # authentication (README, "Security"); auth "" means: "jwt" with a secret, else "none"
-    auth: str = ""
-    jwt_secret: str | None = field(default=None, repr=False)
-    jwt_issuer: str | None = None
-    jwt_audience: str | None = None
-    jwt_leeway_s: float = 30.0
-    insecure: bool = False  # allow auth=none on a non-loopback address (logs a warning)
-    max_streams_per_user: int = 50  # open SSE streams per subject (jwt mode); 0 = no limit
-    cors_origins: str = ""  # comma-separated origins allowed to call the API with credentials
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
 
-    def __post_init__(self) -> None:
-        if self.jwt_secret == "":
-            object.__setattr__(self, "jwt_secret", None)
-        if not self.auth:
-            object.__setattr__(self, "auth", "jwt" if self.jwt_secret else "none")
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="listen address")
+    port: int = Field(default=8000, ge=0, le=65535, description="listen port")
+    db: str = Field(default="progress.db",
+                    description="SQLite file, or a postgresql:// DSN (several instances)")
+    synchronous: Annotated[Literal["NORMAL", "FULL"], BeforeValidator(_upper)] = Field(
+        default="NORMAL",
+        description="SQLite durability: NORMAL survives a process crash, FULL a power cut too")
+    keepalive_s: float = Field(default=15.0, gt=0,
+                               description="seconds between keep-alive comments")
+    # a restart of a second or two costs a few tries, each a dropped connection clients retry
+    retry_ms: int = Field(default=1000, gt=0, le=3_600_000,
+                          description="the reconnect delay streams ask clients for (retry:)")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: console on a terminal, JSON otherwise")
+    log_level: Annotated[Literal["debug", "info", "warning", "error"],
+                         BeforeValidator(_lower)] = Field(default="info", description="log level")
+    tail_size: int = Field(default=4096, ge=16,
+                           description="events kept in the hub's in-memory tail")
+    tail_bytes: int = Field(default=8 << 20,
+                            description="bytes of frames kept in that tail at most")
+    replay_batch: int = Field(default=1000, ge=1,
+                              description="events read from the store per step of a replay")
+    # each step of a catch-up reads and sends at most this many bytes (or one bigger event)
+    stream_buffer_bytes: int = Field(
+        default=256 << 10, ge=4096,
+        description="what one stream may hold at once beyond its connection's buffer")
+    max_body_bytes: int = Field(default=64 * 1024, description="larger request bodies get 413")
+    # how a request may arrive (limits.py); browsers send more than 1 KiB of headers
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024,
+                                  description="request line and headers at most (431)")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a request's head within this of its first byte (408)")
+    body_timeout_s: float = Field(default=30.0, gt=0,
+                                  description="its body within this of the end of its head")
+    retention_events: int = Field(default=0,
+                                  description="keep only the newest N events (0: all)")
+    estimate_every_s: float = Field(
+        default=1.0, description="refresh a running job's estimate at most this often")
+    heartbeat_timeout_s: float = Field(
+        default=60.0, description="default silence before a running job is stalled")
+    stall_check_s: float = Field(default=1.0, description="how often to look for stalled jobs")
+    max_wait_s: float = Field(default=60.0, description="longest control long-poll")
+    shutdown_timeout_s: float = Field(default=5.0, description="longest graceful shutdown")
+    # and /healthz answers 503 while writes cannot be confirmed within it
+    write_timeout_s: float = Field(
+        default=5.0, gt=0, description="longest wait for a write to be confirmed, then 503")
+    # authentication (README, "Security")
+    auth: str = Field(default="",
+                      description="none or jwt (default: jwt with a secret, else none)")
+    jwt_secret: str | None = Field(default=None, repr=False,
+                                   description="HS256 signing secret, at least 32 bytes")
+    jwt_issuer: str | None = Field(default=None, description="tokens must carry this iss")
+    jwt_audience: str | None = Field(default=None, description="tokens must carry this aud")
+    jwt_leeway_s: float = Field(default=30.0, ge=0, description="clock skew allowed on exp")
+    insecure: bool = Field(
+        default=False,
+        description="allow no authentication on a non-loopback address (not advised)")
+    max_streams_per_user: int = Field(
+        default=50, ge=0, description="open SSE streams per user, jwt mode (0: no limit)")
+    cors_origins: str = Field(
+        default="", description="comma-separated origins allowed to call the API")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
-        """Build settings from PROGRESS_SSE_* variables, then explicit overrides (CLI flags)."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = _convert(f.name, f.type, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)
-        settings.validate()
-        return settings
+    def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments (flags) over the environment over the defaults; no .env file."""
+        return init_settings, env_settings
 
-    def validate(self) -> None:
-        if self.synchronous.upper() not in ("NORMAL", "FULL"):
-            raise ConfigError("synchronous must be NORMAL or FULL")
-        if self.log_format not in ("auto", "json", "console"):
-            raise ConfigError("log_format must be auto, json or console")
-        if self.keepalive_s <= 0:
-            raise ConfigError("keepalive_s must be > 0")
-        if not 0 < self.retry_ms <= 3_600_000:
-            raise ConfigError("retry_ms must be between 1 and 3600000 (an hour)")
-        if not self.write_timeout_s > 0:  # NaN too
-            raise ConfigError("write_timeout_s must be > 0")
-        if self.tail_size < 16:
-            raise ConfigError("tail_size must be >= 16")
-        if self.stream_buffer_bytes < 4096:
-            raise ConfigError("stream_buffer_bytes must be >= 4096")
-        if self.replay_batch < 1:
-            raise ConfigError("replay_batch must be >= 1")
-        if self.max_header_bytes < 1024:
-            raise ConfigError("max_header_bytes must be >= 1024 (browsers send more than that)")
-        if not self.header_timeout_s > 0 or not self.body_timeout_s > 0:
-            raise ConfigError("header_timeout_s and body_timeout_s must be > 0")
-        self.validate_security()
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_auth(cls, values: Any) -> Any:
+        """An empty secret is none; no `auth` means jwt with a secret, else none."""
+        if isinstance(values, dict):
+            if values.get("jwt_secret") == "":
+                values = {**values, "jwt_secret": None}
+            if not values.get("auth"):
+                values = {**values, "auth": "jwt" if values.get("jwt_secret") else "none"}
+        return values
+
+    @classmethod
+    def load(cls, **flags: Any) -> Settings:
+        """The service's settings: `flags` given (None: not given) over the environment.
+
+        A bad value is a ConfigError naming the flag or variable it came from."""
+        given = {name: value for name, value in flags.items() if value is not None}
+        try:
+            settings = cls(**given)
+        except ValidationError as exc:
+            raise ConfigError("; ".join(_explain(error, given) for error in exc.errors())
+                              ) from None
+        settings.validate_security()
+        return settings
 
     def validate_security(self) -> None:
         """Refuse configurations that would expose the service without authentication."""
         if self.auth not in ("none", "jwt"):
             raise ConfigError("auth must be none or jwt")
         if self.auth == "jwt" and not self.jwt_secret:
-            raise ConfigError("auth=jwt needs a signing secret (PROGRESS_SSE_JWT_SECRET)")
+            raise ConfigError(f"auth=jwt needs a signing secret ({env_var('jwt_secret')})")
         if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
             raise ConfigError("the JWT secret must be at least 32 bytes long")
         if self.auth == "none" and not self.loopback and not self.insecure:
             raise ConfigError(
                 f"refusing to serve {self.host!r} without authentication: set "
-                "PROGRESS_SSE_JWT_SECRET, listen on 127.0.0.1, or pass --insecure")
-        if self.jwt_leeway_s < 0:
-            raise ConfigError("jwt_leeway_s must be >= 0")
-        if self.max_streams_per_user < 0:
-            raise ConfigError("max_streams_per_user must be >= 0 (0: no limit)")
+                f"{env_var('jwt_secret')}, listen on 127.0.0.1, or pass {flag('insecure')}")
         for origin in self.cors_origin_list:
             parts = urlsplit(origin)
             if parts.scheme not in ("http", "https") or not parts.netloc \
@@ -139,15 +165,20 @@ class Settings:
         return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
 
-def _convert(name: str, kind: Any, raw: str) -> Any:
-    kind = str(kind)
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        if kind == "bool":
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-    except ValueError:
-        raise ConfigError(f"{PREFIX}{name.upper()}: {raw!r} is not a valid {kind}") from None
-    return raw
+def env_var(name: str) -> str:
+    """The environment variable of a field: PROGRESS_SSE_KEEPALIVE_S."""
+    return PREFIX + name.upper()
+
+
+def flag(name: str) -> str:
+    """The `serve` flag of a field: --keepalive for keepalive_s (seconds are the metavar)."""
+    return "--" + name.removesuffix("_s").replace("_", "-")
+
+
+def _explain(error: Any, given: dict[str, Any]) -> str:
+    name = str(error["loc"][0]) if error["loc"] else "settings"
+    field = Settings.model_fields.get(name)
+    shown = "(hidden)" if field is not None and not field.repr else repr(error["input"])
+    where = f"{flag(name)} {shown}" if name in given else f"{env_var(name)}={shown}"
+    message: str = error["msg"]
+    return f"{where}: {message[:1].lower()}{message[1:]} ({name})"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,11 +10,20 @@ import httpx
 import pytest
 
 from progress_sse.logs import configure_logging
-from progress_sse.settings import Settings
+from progress_sse.settings import Settings, env_var
 
 from .helpers import Service, start_service
 
 configure_logging("json", "warning")
+
+
+@pytest.fixture(autouse=True)
+def no_settings_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings(...) reads PROGRESS_SSE_* variables: a test sees none of the shell's."""
+    names = {env_var(field) for field in Settings.model_fields}
+    for name in list(os.environ):
+        if name.upper() in names:
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -111,10 +112,18 @@ def raw_separators(body: bytes) -> bytes:
 SEPARATORS = "one\u2028two\u2029three\x85four"  # characters str.splitlines cuts lines at
 
 
+def settings_from_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                      **flags: Any) -> Settings:
+    """Settings.load with `env` as the PROGRESS_SSE_* variables (and `flags` over them)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings.load(**flags)
+
+
 async def start_service(settings: Settings, wrap: Callable[[ASGIApp], ASGIApp] | None = None,
                         **config: Any) -> Service:
     """The service in this process; `config` goes to uvicorn (http="h11", say)."""
-    settings = replace(settings, port=free_port())
+    settings = settings.model_copy(update={"port": free_port()})
     app = create_app(settings)
     server = make_server(app, settings, **config)
     if wrap is not None:

@@ -7,7 +7,6 @@ import contextlib
 import socket
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -31,7 +30,7 @@ async def test_long_polls_keep_nothing_for_unknown_jobs_or_junk_credentials(
         settings: Settings) -> None:
     """Long polls with junk credentials, unknown or huge ids hold no wake-up; real ones
     that time out or are answered give theirs back."""
-    svc = await start_service(replace(settings, jwt_secret=SECRET, auth="jwt"))
+    svc = await start_service(settings.model_copy(update={"jwt_secret": SECRET, "auth": "jwt"}))
     hub = svc.ctx.hub
     try:
         async with httpx.AsyncClient(base_url=svc.url, timeout=10,
@@ -146,7 +145,8 @@ async def test_an_open_and_close_storm_leaves_no_work_behind(settings: Settings)
     """A user with 500 jobs opens streams and drops them as their snapshots arrive, as
     fast as it can: the snapshot is read once per moment, not once per open; another
     user is served meanwhile; and the service is idle again as soon as the storm ends."""
-    settings = replace(settings, jwt_secret=SECRET, auth="jwt", max_streams_per_user=50)
+    settings = settings.model_copy(update={"jwt_secret": SECRET, "auth": "jwt",
+                                           "max_streams_per_user": 50})
     svc = await start_service(settings)
     try:
         async with httpx.AsyncClient(base_url=svc.url, timeout=30,

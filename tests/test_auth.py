@@ -32,7 +32,14 @@ from progress_sse.errors import ConfigError
 from progress_sse.security import CSP, StreamQuota
 from progress_sse.settings import Settings
 
-from .helpers import ProcessService, Service, free_port, start_service, wait_for
+from .helpers import (
+    ProcessService,
+    Service,
+    free_port,
+    settings_from_env,
+    start_service,
+    wait_for,
+)
 
 SECRET = "a-test-secret-that-is-long-enough-0123456789"
 SSE = {"Accept": "text/event-stream"}
@@ -145,41 +152,44 @@ async def call(client: httpx.AsyncClient, job_id: str, method: str, suffix: str,
 # ---------------------------------------------------------------- settings
 
 
-def test_mode_follows_the_secret() -> None:
+def test_mode_follows_the_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a secret the mode is none, with one it is jwt, and an empty secret is none."""
     assert Settings().auth == "none"
     assert Settings(jwt_secret=SECRET).auth == "jwt"
     env = {"PROGRESS_SSE_JWT_SECRET": SECRET, "PROGRESS_SSE_JWT_ISSUER": "me",
            "PROGRESS_SSE_JWT_LEEWAY_S": "5", "PROGRESS_SSE_MAX_STREAMS_PER_USER": "7",
            "PROGRESS_SSE_CORS_ORIGINS": "https://a.example, http://b.example:8080/"}
-    s = Settings.from_env(env)
+    s = settings_from_env(monkeypatch, env)
     assert (s.auth, s.jwt_issuer, s.jwt_leeway_s, s.max_streams_per_user) == ("jwt", "me", 5.0, 7)
     assert s.cors_origin_list == ("https://a.example", "http://b.example:8080")
-    assert Settings.from_env({"PROGRESS_SSE_JWT_SECRET": ""}).auth == "none"
+    assert settings_from_env(monkeypatch, {"PROGRESS_SSE_JWT_SECRET": ""}).auth == "none"
     assert SECRET not in repr(s)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "example.com"])
-def test_public_address_without_secret_refuses_to_start(host: str, db_path: str) -> None:
+def test_public_address_without_secret_refuses_to_start(
+        host: str, db_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Listening beyond loopback without a signing secret is a ConfigError, in Settings and
     in create_app."""
     with pytest.raises(ConfigError, match="without authentication"):
-        Settings.from_env({"PROGRESS_SSE_HOST": host})
+        settings_from_env(monkeypatch, {"PROGRESS_SSE_HOST": host})
     with pytest.raises(ConfigError, match="without authentication"):
         create_app(Settings(host=host, db=db_path))
     assert create_app(Settings(host=host, db=db_path, jwt_secret=SECRET)) is not None
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
-def test_loopback_without_secret_is_allowed(host: str) -> None:
+def test_loopback_without_secret_is_allowed(host: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """auth=none is fine on every loopback address."""
-    assert Settings.from_env({"PROGRESS_SSE_HOST": host}).auth == "none"
+    assert settings_from_env(monkeypatch, {"PROGRESS_SSE_HOST": host}).auth == "none"
 
 
-def test_insecure_flag_allows_public_address_with_a_warning(db_path: str) -> None:
+def test_insecure_flag_allows_public_address_with_a_warning(
+        db_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """PROGRESS_SSE_INSECURE lets auth=none listen publicly, and create_app warns about it."""
-    s = Settings.from_env({"PROGRESS_SSE_HOST": "0.0.0.0", "PROGRESS_SSE_INSECURE": "1",
-                           "PROGRESS_SSE_DB": db_path})
+    s = settings_from_env(monkeypatch, {"PROGRESS_SSE_HOST": "0.0.0.0",
+                                        "PROGRESS_SSE_INSECURE": "1", "PROGRESS_SSE_DB": db_path})
+    monkeypatch.delenv("PROGRESS_SSE_HOST")  # the Settings(db=...) below: loopback again
     assert (s.insecure, s.auth) == (True, "none")
     with capture_logs() as logs:
         create_app(s)
@@ -198,10 +208,11 @@ def test_insecure_flag_allows_public_address_with_a_warning(db_path: str) -> Non
     ({"PROGRESS_SSE_CORS_ORIGINS": "https://a.example/path"}, "not an origin"),
     ({"PROGRESS_SSE_MAX_STREAMS_PER_USER": "-1"}, "max_streams_per_user"),
 ])
-def test_unsafe_settings_are_refused(env: dict[str, str], message: str) -> None:
+def test_unsafe_settings_are_refused(env: dict[str, str], message: str,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Short secrets, jwt without a secret, wildcard or path origins are configuration errors."""
     with pytest.raises(ConfigError, match=message):
-        Settings.from_env(env)
+        settings_from_env(monkeypatch, env)
 
 
 # ---------------------------------------------------------------- tokens

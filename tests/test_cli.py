@@ -13,7 +13,6 @@ import re
 import signal
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -199,7 +198,7 @@ async def start_on(settings: Settings, servers: list[Any]) -> None:
 async def test_watch_resumes_after_server_restart(settings: Settings,
                                                   restartable: list[Any]) -> None:
     """When the server restarts mid-job, watch reconnects with Last-Event-ID: no loss, no repeat."""
-    settings = replace(settings, port=free_port())
+    settings = settings.model_copy(update={"port": free_port()})
     url = f"http://127.0.0.1:{settings.port}"
     await start_on(settings, restartable)
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:

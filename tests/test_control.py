@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -159,7 +158,7 @@ async def test_stale_attempt_is_409_and_requeue_starts_a_new_one(
 
 async def test_silent_worker_makes_job_stalled_and_a_post_clears_it(settings: Settings) -> None:
     """A running job without posts for its heartbeat timeout is stalled until it posts."""
-    svc = await start_service(replace(settings, stall_check_s=0.05))
+    svc = await start_service(settings.model_copy(update={"stall_check_s": 0.05}))
     try:
         async with httpx.AsyncClient(base_url=svc.url) as client:
             job = await create_job(client, heartbeat_timeout_s=1)
@@ -245,7 +244,7 @@ async def test_unanswered_cancel_ends_cancelled_after_the_heartbeat_timeout(
         settings: Settings) -> None:
     """A cancel that a silent worker never acknowledges ends `cancelled` after the job's
     heartbeat timeout, saying so; a worker still heartbeating is left to finish."""
-    svc = await start_service(replace(settings, stall_check_s=0.05))
+    svc = await start_service(settings.model_copy(update={"stall_check_s": 0.05}))
     try:
         async with httpx.AsyncClient(base_url=svc.url) as client:
             gone = await create_job(client, heartbeat_timeout_s=1)

@@ -19,7 +19,7 @@ import pytest
 from progress_sse.settings import Settings
 from progress_sse.store.sqlite import MAX_FLIGHTS, PROBE_EVERY_S, SQLiteStore
 
-from .helpers import Service, create_job, metric, start_service, wait_for
+from .helpers import Service, create_job, metric, settings_from_env, start_service, wait_for
 
 DEADLINE = 1.0  # the services' write_timeout_s here
 MARGIN = 1.0  # for two shared cores: an answer "within the deadline" takes at most this more
@@ -256,16 +256,17 @@ async def test_a_failed_commit_is_held_only_so_long(small_disk: Path) -> None:
         await wait_for(lambda: health_ok(client), timeout=5, what="health 200")
 
 
-def test_write_timeout_is_configured_and_checked() -> None:
+def test_write_timeout_is_configured_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """PROGRESS_SSE_WRITE_TIMEOUT_S and `serve --write-timeout`; it must be > 0."""
-    from progress_sse.cli import _settings, build_parser
+    from progress_sse.cli import build_parser
+    from progress_sse.cli.service import settings_of
     from progress_sse.errors import ConfigError
 
     assert Settings().write_timeout_s == 5.0
     env = {"PROGRESS_SSE_WRITE_TIMEOUT_S": "2.5"}
-    assert Settings.from_env(env).write_timeout_s == 2.5
+    assert settings_from_env(monkeypatch, env).write_timeout_s == 2.5
     args = build_parser().parse_args(["serve", "--write-timeout", "0.5"])
-    assert _settings(args).write_timeout_s == 0.5
+    assert settings_of(args).write_timeout_s == 0.5
     for bad in ("0", "-1", "nan"):
         with pytest.raises(ConfigError, match="write_timeout_s"):
-            Settings.from_env({"PROGRESS_SSE_WRITE_TIMEOUT_S": bad})
+            settings_from_env(monkeypatch, {"PROGRESS_SSE_WRITE_TIMEOUT_S": bad})

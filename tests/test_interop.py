@@ -19,7 +19,7 @@ import re
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -374,7 +374,7 @@ def counted() -> Counted:
 
 @pytest.fixture
 async def svc(settings: Settings, counted: Counted) -> AsyncIterator[Service]:
-    s = await start_service(replace(settings, keepalive_s=0.3, retry_ms=200),
+    s = await start_service(settings.model_copy(update={"keepalive_s": 0.3, "retry_ms": 200}),
                             wrap=counted.wrap)
     yield s
     await s.stop()

@@ -13,7 +13,7 @@ import pytest
 
 from progress_sse.settings import Settings
 
-from .helpers import Service, start_service
+from .helpers import Service, settings_from_env, start_service
 
 CAP = 32 * 1024  # the default
 PROTOCOLS = pytest.mark.parametrize("http", ["httptools", "h11"])
@@ -318,13 +318,14 @@ async def test_open_stream_outlives_the_deadlines(start: Start, http: str) -> No
         slow_writer.close()
 
 
-def test_limits_are_validated() -> None:
+def test_limits_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     from progress_sse.errors import ConfigError
 
-    assert Settings.from_env({"PROGRESS_SSE_MAX_HEADER_BYTES": "65536",
-                              "PROGRESS_SSE_HEADER_TIMEOUT_S": "5",
-                              "PROGRESS_SSE_BODY_TIMEOUT_S": "60"}).max_header_bytes == 65536
+    assert settings_from_env(monkeypatch, {"PROGRESS_SSE_MAX_HEADER_BYTES": "65536",
+                                           "PROGRESS_SSE_HEADER_TIMEOUT_S": "5",
+                                           "PROGRESS_SSE_BODY_TIMEOUT_S": "60"}
+                             ).max_header_bytes == 65536
     for name, value in (("MAX_HEADER_BYTES", "100"), ("HEADER_TIMEOUT_S", "0"),
                         ("BODY_TIMEOUT_S", "-1"), ("BODY_TIMEOUT_S", "nan")):
-        with pytest.raises(ConfigError):
-            Settings.from_env({f"PROGRESS_SSE_{name}": value})
+        with monkeypatch.context() as env, pytest.raises(ConfigError):
+            settings_from_env(env, {f"PROGRESS_SSE_{name}": value})

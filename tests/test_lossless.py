@@ -13,7 +13,6 @@ import contextlib
 import random
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -104,8 +103,9 @@ async def test_resuming_readers_lose_nothing_during_a_stream_storm(
         settings: Settings, seed: int) -> None:
     """Readers resuming from the store (unfiltered, filtered by job, per job) see exactly
     the stored log while another user opens and closes streams without pause."""
-    settings = replace(settings, jwt_secret=SECRET, auth="jwt", tail_size=16,
-                       replay_batch=40, max_streams_per_user=STORMERS)
+    settings = settings.model_copy(update={"jwt_secret": SECRET, "auth": "jwt", "tail_size": 16,
+                                           "replay_batch": 40,
+                                           "max_streams_per_user": STORMERS})
     svc = await start_service(settings)
     rng = random.Random(seed)
     stop = asyncio.Event()

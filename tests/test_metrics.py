@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import httpx
@@ -86,7 +85,7 @@ async def test_metrics_after_posts_and_a_stream(client: httpx.AsyncClient,
 
 async def test_two_apps_in_one_process_count_apart(settings: Settings, tmp_path: Path) -> None:
     """Each app has its own registry: nothing of one shows in the other's /metrics."""
-    other = dataclasses.replace(settings, db=f"{tmp_path}/other.db")
+    other = settings.model_copy(update={"db": f"{tmp_path}/other.db"})
     one, two = await start_service(settings), await start_service(other)
     try:
         async with httpx.AsyncClient(base_url=one.url, timeout=10) as c1, \

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -31,8 +30,8 @@ module_database = module_fixture()
 
 @contextlib.asynccontextmanager
 async def instances(dsn: str, n: int, **changes: Any) -> AsyncIterator[list[Service]]:
-    services = list(await asyncio.gather(*(start_service(replace(Settings(db=dsn), **changes))
-                                           for _ in range(n))))
+    settings = Settings(db=dsn).model_copy(update=changes)
+    services = list(await asyncio.gather(*(start_service(settings) for _ in range(n))))
     try:
         yield services
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -89,7 +88,7 @@ def test_eta_is_never_negative(posts: list[tuple[int, float]]) -> None:
 
 async def test_staged_job_over_http_gets_percentages_and_an_eta(settings: Settings) -> None:
     """A stage-weighted job shows the weighted percentage and an ETA once a rate is known."""
-    svc = await start_service(replace(settings, estimate_every_s=0))
+    svc = await start_service(settings.model_copy(update={"estimate_every_s": 0}))
     try:
         async with httpx.AsyncClient(base_url=svc.url) as client:
             final = await _drive_staged_job(client)

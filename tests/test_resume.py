@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -123,7 +122,7 @@ async def test_readers_resuming_at_random_points_lose_nothing(service: Service) 
 
 async def test_lagging_reader_reads_from_store_beyond_the_tail(settings: Settings) -> None:
     """A reader far behind a small in-memory tail reads on from the store, in order."""
-    svc = await start_service(replace(settings, tail_size=16, replay_batch=7))
+    svc = await start_service(settings.model_copy(update={"tail_size": 16, "replay_batch": 7}))
     try:
         async with httpx.AsyncClient(base_url=svc.url, timeout=20) as client:
             job = await create_job(client)

@@ -13,7 +13,6 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +217,7 @@ async def test_output_is_rate_limited_and_the_skipped_lines_counted(
 @pytest.fixture
 async def quick_stalls(settings: Settings) -> AsyncIterator[Service]:
     """A service that marks a silent job stalled within a tenth of a second of its timeout."""
-    svc = await start_service(replace(settings, stall_check_s=0.1))
+    svc = await start_service(settings.model_copy(update={"stall_check_s": 0.1}))
     yield svc
     await svc.stop()
 

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -156,7 +155,7 @@ async def test_bad_last_event_id_is_400(client: httpx.AsyncClient, bad: str) -> 
 
 async def test_resume_older_than_retention_gets_reset_snapshot(settings: Settings) -> None:
     """Resuming from before the oldest kept event answers a snapshot with reset: true."""
-    svc = await start_service(replace(settings, retention_events=20))
+    svc = await start_service(settings.model_copy(update={"retention_events": 20}))
     try:
         async with httpx.AsyncClient(base_url=svc.url) as client:
             job = await create_job(client)
@@ -185,7 +184,7 @@ async def test_resume_older_than_retention_gets_reset_snapshot(settings: Setting
 
 async def test_keepalive_comment_on_idle_stream(settings: Settings) -> None:
     """An idle stream receives a keep-alive comment at the configured interval."""
-    svc = await start_service(replace(settings, keepalive_s=0.2))
+    svc = await start_service(settings.model_copy(update={"keepalive_s": 0.2}))
     try:
         async with httpx.AsyncClient(base_url=svc.url) as client, \
                 client.stream("GET", "/api/events") as r:
@@ -301,7 +300,7 @@ async def test_idle_streams_hold_no_snapshot_or_replayed_events(settings: Settin
     from progress_sse.jobs import Job
     from progress_sse.store import Event
 
-    svc = await start_service(replace(settings, tail_size=16, tail_bytes=1 << 16))
+    svc = await start_service(settings.model_copy(update={"tail_size": 16, "tail_bytes": 1 << 16}))
     try:
         async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c:
             jobs = [await create_job(c, title=f"t{i}") for i in range(40)]
