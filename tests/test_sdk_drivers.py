@@ -318,8 +318,11 @@ async def test_throttled_value_is_sent_without_another_call(
         driver: str, service: Service, client: httpx.AsyncClient) -> None:
     """A value held back by the throttle goes out by itself once the interval has passed
     (see test_client for the sync original)."""
-    async with open_client(driver, service.url, max_rate=4) as pc, pc.job() as job:
-        await job.progress(10)
+    async with open_client(driver, service.url, max_rate=4, heartbeat_interval=30) as pc, \
+            pc.job() as job:
+        await wait_for(lambda: job.seq == 1 and job.pending == 0,
+                       what="the background's first event recorded")
+        await job.progress(10)  # then its next round is 30 s away
         await job.progress(20, message="held back")
 
         async def stored() -> bool:
