@@ -25,6 +25,7 @@ from progress_sse.client import (
     ProgressClient,
     StaleAttemptError,
 )
+from progress_sse.client.flow import Send, Sleep
 
 from .helpers import Service, create_job, stored_log, wait_for
 from .test_sdk_outage import FakeService
@@ -330,3 +331,20 @@ async def test_throttled_value_is_sent_without_another_call(
                        for e in await stored_log(client, job.id))
 
         await wait_for(stored, timeout=3, what="the held-back value to be posted")
+
+
+def test_a_request_flow_is_driven_by_hand_without_io() -> None:
+    """The retry policy is the core's, not a driver's: its flow asks for a send, a 503
+    makes it ask for a sleep (at least the Retry-After), then the answer is its result."""
+    pc = ProgressClient("http://nowhere", retries=2, backoff=0.01)
+    flow = pc._request("GET", "/api/jobs/j_1")
+    send = next(flow)
+    assert isinstance(send, Send) and (send.method, send.path) == ("GET", "/api/jobs/j_1")
+    busy = httpx.Response(503, headers={"retry-after": "3"}, request=httpx.Request("GET", "/"))
+    wait = flow.send(busy)
+    assert isinstance(wait, Sleep) and wait.seconds >= 3
+    assert flow.send(None) == send
+    with pytest.raises(StopIteration) as done:
+        flow.send(httpx.Response(200, json={"job": {"id": "j_1"}}))
+    assert done.value.value == {"job": {"id": "j_1"}}
+    pc.close()
