@@ -25,6 +25,7 @@ from progress_sse.client import (
     ProgressClient,
     StaleAttemptError,
 )
+from progress_sse.client.flow import Send, Sleep
 
 from .helpers import Service, create_job, stored_log, wait_for
 from .test_sdk_outage import FakeService
@@ -234,3 +235,116 @@ async def test_finish_gives_up_after_finish_timeout(driver: str) -> None:
     err = caught.value
     assert (err.status, err.progress_posts, err.log_lines) == ("succeeded", 1, 1)
     assert fake.summary() == [("progress", 10)]
+
+
+class Faulty(FakeService):
+    """The fake service, recording every request, that can lose the answer of a
+    progress post (stored, then the connection resets), answer 503 without storing it,
+    or be interrupted (a BaseException) while the job is created."""
+
+    def __init__(self, lose_answer: frozenset[int] = frozenset(),
+                 unavailable: frozenset[int] = frozenset(), interrupt_create: bool = False
+                 ) -> None:
+        super().__init__()
+        self.lose_answer = lose_answer  # numbers of progress posts whose answer is lost
+        self.unavailable = unavailable  # numbers of progress posts answered 503
+        self.interrupt_create = interrupt_create
+        self.requests: list[tuple[str, str]] = []
+        self.progress_posts = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append((request.method, request.url.path))
+        if request.url.path == "/api/jobs" and self.interrupt_create:
+            raise Interrupted
+        if request.url.path.endswith("/progress"):
+            self.progress_posts += 1
+            if self.progress_posts in self.unavailable:
+                return httpx.Response(503, json={"error": {"code": "unavailable",
+                                                           "message": "try later"}})
+            if self.progress_posts in self.lose_answer:
+                super().__call__(request)
+                raise httpx.ReadError("connection reset", request=request)
+        return super().__call__(request)
+
+    def posts(self, suffix: str) -> int:
+        return sum(m == "POST" and p.endswith(suffix) for m, p in self.requests)
+
+
+class Interrupted(BaseException):
+    """Stands for Ctrl-C (a KeyboardInterrupt would stop the test's event loop)."""
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_lost_answer_is_resent_with_its_seq_and_a_503_retried(driver: str) -> None:
+    """A post whose answer was lost is sent again with its seq (stored once); a 503 is
+    retried (see test_client for the sync original against the real service)."""
+    fake = Faulty(lose_answer=frozenset({1}), unavailable=frozenset({3}))
+    async with open_client(driver, "http://fake", transport=httpx.MockTransport(fake),
+                           max_rate=None, backoff=0.01) as pc, pc.job() as job:
+        await job.progress(10, message="first")
+        await job.progress(20, message="second")
+    assert fake.progress_posts == 4  # seq 1 twice, seq 2 answered 503, then again
+    assert fake.sent_seqs == [1, 1, 2, 3]  # (the fake does not read a 503's body)
+    assert fake.summary() == [("progress", 10), ("progress", 20), ("finish", "succeeded")]
+    assert not job.unreachable
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_interrupted_create_cancels_the_job(driver: str) -> None:
+    """Interrupted while creating its job, the worker cancels it, so it is not left
+    queued with nobody to run it."""
+    fake = Faulty(interrupt_create=True)
+    with pytest.raises(Interrupted):
+        async with open_client(driver, "http://fake",
+                               transport=httpx.MockTransport(fake)) as pc, pc.job():
+            pytest.fail("the block must not run")
+    assert fake.requests[0] == ("POST", "/api/jobs")
+    assert fake.requests[1][0] == "POST" and fake.requests[1][1].endswith("/cancel")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_heartbeat_beats_while_the_worker_is_busy(driver: str) -> None:
+    """A worker busy with no posts of its own is kept alive by the background: first a
+    progress event, then heartbeats (see test_client for the sync original)."""
+    fake = Faulty()
+    async with open_client(driver, "http://fake", transport=httpx.MockTransport(fake),
+                           heartbeat_interval=0.05) as pc, pc.job():
+        await wait_for(lambda: fake.posts("/heartbeat") >= 4, timeout=5,
+                       what="four heartbeats")
+    assert fake.summary()[0] == ("progress", None)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_throttled_value_is_sent_without_another_call(
+        driver: str, service: Service, client: httpx.AsyncClient) -> None:
+    """A value held back by the throttle goes out by itself once the interval has passed
+    (see test_client for the sync original)."""
+    async with open_client(driver, service.url, max_rate=4, heartbeat_interval=30) as pc, \
+            pc.job() as job:
+        await wait_for(lambda: job.seq == 1 and job.pending == 0,
+                       what="the background's first event recorded")
+        await job.progress(10)  # then its next round is 30 s away
+        await job.progress(20, message="held back")
+
+        async def stored() -> bool:
+            return any(e.get("message") == "held back"
+                       for e in await stored_log(client, job.id))
+
+        await wait_for(stored, timeout=3, what="the held-back value to be posted")
+
+
+def test_a_request_flow_is_driven_by_hand_without_io() -> None:
+    """The retry policy is the core's, not a driver's: its flow asks for a send, a 503
+    makes it ask for a sleep (at least the Retry-After), then the answer is its result."""
+    pc = ProgressClient("http://nowhere", retries=2, backoff=0.01)
+    flow = pc._request("GET", "/api/jobs/j_1")
+    send = next(flow)
+    assert isinstance(send, Send) and (send.method, send.path) == ("GET", "/api/jobs/j_1")
+    busy = httpx.Response(503, headers={"retry-after": "3"}, request=httpx.Request("GET", "/"))
+    wait = flow.send(busy)
+    assert isinstance(wait, Sleep) and wait.seconds >= 3
+    assert flow.send(None) == send
+    with pytest.raises(StopIteration) as done:
+        flow.send(httpx.Response(200, json={"job": {"id": "j_1"}}))
+    assert done.value.value == {"job": {"id": "j_1"}}
+    pc.close()

@@ -36,10 +36,13 @@ Choices that may look odd but are deliberate:
   lines on CR, LF and CRLF only, not by one of our own; its one surprise, an event
   without data for a blank line once an id was seen, is dropped here.
 
-The package: `errors`, `protocol` (constants, values, request bodies, answers, retry
-policy), `core` (the job handle's state: outbox, pacing, seq, outage backoff) and
-`events` (a reading's cursor and reconnect policy) do no I/O; `sync` with `sync_job`
-and `aio` with `aio_job` are the thin drivers that send, sleep and wait.
+The package, sans-I/O as h11 and httpx's auth flows are: `errors`, `protocol`
+(constants, values, request bodies, answers, retry policy), `flow` (the actions a flow
+asks of its driver: send, sleep, hold the send lock, rest, wake), `calls` (the client's
+requests as flows), `outbox`, `state` and `core` (the job handle: its state, and each of
+its calls as a flow deciding outbox, pacing, seq, retries and what answers mean) and
+`events` (a reading's cursor and reconnect policy) do no I/O. `sync` with `sync_job` and
+`aio` with `aio_job` are the thin drivers: they perform a flow's actions, nothing else.
 """
 
 from __future__ import annotations

@@ -4,46 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import httpx
 from httpx_sse import EventSource
 
 from .aio_job import AsyncJob
+from .calls import _ClientCore
 from .events import Event, _Reading
-from .protocol import (
-    STREAM_READ_TIMEOUT_S,
-    WORKER_POSTS,
-    Control,
-    CreatedJob,
-    StageSpec,
-    _Attempts,
-    _auth,
-    _control_params,
-    _decode,
-    _fields,
-    _job_spec,
-    _Options,
-    resolve_token,
-    resolve_url,
-)
+from .flow import Action, Done, Flow, Send, Sleep, advance
+from .protocol import STREAM_READ_TIMEOUT_S, Control, CreatedJob, StageSpec, _job_spec
+
+T = TypeVar("T")
 
 
-class AsyncProgressClient:
+class AsyncProgressClient(_ClientCore[httpx.AsyncBaseTransport]):
     """The async twin of ProgressClient: the same methods, awaited."""
 
-    def __init__(self, url: str | None = None, *, token: str | None = None,
-                 max_rate: float | None = 10.0, retries: int = 5, backoff: float = 0.25,
-                 timeout: float = 10.0, heartbeat_interval: float | None = None,
-                 control_max_age: float = 1.0, finish_timeout: float = 120.0,
-                 max_buffered_logs: int = 1000,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.url = resolve_url(url)
-        self.token = resolve_token(token)
-        self.options = _Options(max_rate, retries, backoff, timeout, heartbeat_interval,
-                                control_max_age, finish_timeout, max_buffered_logs)
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport,
+    _http: httpx.AsyncClient
+
+    def _connect(self, transport: httpx.AsyncBaseTransport | None) -> None:
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=self.options.timeout,
+                                       transport=transport,
                                        headers={"User-Agent": "progress-sse-client"})
 
     async def __aenter__(self) -> AsyncProgressClient:
@@ -55,6 +38,25 @@ class AsyncProgressClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    async def _drive(self, flow: Flow[T], perform: Callable[[Action], Awaitable[Any]]) -> T:
+        """Run a flow: perform each of its actions and hand it the outcome."""
+        value: Any = None
+        error: BaseException | None = None
+        while not isinstance(step := advance(flow, value, error), Done):
+            value, error = None, None
+            try:
+                value = await perform(step)
+            except BaseException as exc:  # the flow decides what it means
+                error = exc
+        return step.value
+
+    async def _perform(self, action: Action) -> Any:
+        if isinstance(action, Send):
+            return await self._http.request(**action.arguments())
+        assert isinstance(action, Sleep), action
+        await asyncio.sleep(action.seconds)
+        return None
+
     async def request(self, method: str, path: str, *, json: Any = None,
                       params: Mapping[str, str] | None = None, token: str | None = None,
                       request_timeout: float | None = None, retries: int | None = None
@@ -63,60 +65,37 @@ class AsyncProgressClient:
 
         `retries` overrides the client's count (0: one attempt).
         """
-        attempts = _Attempts(method, path,
-                             self.options.retries if retries is None else retries,
-                             self.options.backoff)
-        headers = _auth(token or self.token)
-        limit = (httpx.Timeout(request_timeout) if request_timeout is not None
-                 else httpx.USE_CLIENT_DEFAULT)
-        while True:
-            try:
-                response = await self._http.request(method, path, json=json, params=params,
-                                                    headers=headers, timeout=limit)
-            except httpx.TransportError as exc:
-                await asyncio.sleep(attempts.failed(exc))
-                continue
-            delay = attempts.answered(response)
-            if delay is None:
-                return _decode(response)
-            await asyncio.sleep(delay)
+        return await self._drive(self._request(
+            method, path, json=json, params=params, token=token,
+            request_timeout=request_timeout, retries=retries), self._perform)
 
     async def create(self, *, kind: str = "job", title: str = "", queue: str | None = None,
                      stages: Sequence[StageSpec] | None = None, total: float | None = None,
                      meta: Mapping[str, Any] | None = None, id: str | None = None,
                      heartbeat_timeout_s: float | None = None) -> CreatedJob:
         """Create a queued job for some worker to attach to."""
-        spec = _job_spec(kind=kind, title=title, queue=queue, stages=stages, total=total,
-                         meta=meta, id=id, heartbeat_timeout_s=heartbeat_timeout_s)
-        answer = await self.request("POST", "/api/jobs", json=spec)
-        return CreatedJob(answer["job"], answer.get("worker_token"), bool(answer["created"]))
+        return await self._drive(self._create(_job_spec(
+            kind=kind, title=title, queue=queue, stages=stages, total=total, meta=meta, id=id,
+            heartbeat_timeout_s=heartbeat_timeout_s)), self._perform)
 
     async def get(self, job_id: str) -> dict[str, Any]:
-        job: dict[str, Any] = (await self.request("GET", f"/api/jobs/{job_id}"))["job"]
-        return job
+        return await self._drive(self._get(job_id), self._perform)
 
     async def control(self, job_id: str, *, wait: float = 0.0, cancel_requested: bool = False,
                       pause_requested: bool = False, token: str | None = None,
                       retries: int | None = None) -> Control:
-        answer = await self.request(
-            "GET", f"/api/jobs/{job_id}/control",
-            params=_control_params(wait, cancel_requested, pause_requested), token=token,
-            request_timeout=wait + self.options.timeout, retries=retries)
-        return Control.from_dict(answer["control"])
+        return await self._drive(self._control(
+            job_id, wait=wait, cancel_requested=cancel_requested,
+            pause_requested=pause_requested, token=token, retries=retries), self._perform)
 
     async def cancel(self, job_id: str, reason: str | None = None) -> Control:
-        return await self._viewer_request(job_id, "cancel", reason)
+        return await self._drive(self._viewer_request(job_id, "cancel", reason), self._perform)
 
     async def pause(self, job_id: str, reason: str | None = None) -> Control:
-        return await self._viewer_request(job_id, "pause", reason)
+        return await self._drive(self._viewer_request(job_id, "pause", reason), self._perform)
 
     async def resume(self, job_id: str, reason: str | None = None) -> Control:
-        return await self._viewer_request(job_id, "resume", reason)
-
-    async def _viewer_request(self, job_id: str, action: str, reason: str | None) -> Control:
-        answer = await self.request("POST", f"/api/jobs/{job_id}/{action}",
-                                    json=_fields(reason=reason))
-        return Control.from_dict(answer["control"])
+        return await self._drive(self._viewer_request(job_id, "resume", reason), self._perform)
 
     async def events(self, job: str | None = None, *, jobs: Sequence[str] = (),
                      kinds: Sequence[str] = (), last_event_id: int | None = None,
@@ -174,8 +153,5 @@ class AsyncProgressClient:
     async def post_worker(self, job_id: str, what: str, body: Mapping[str, Any], *,
                           token: str | None = None) -> dict[str, Any]:
         """One worker post (progress, log, finish, heartbeat) as is; the service's answer."""
-        if what not in WORKER_POSTS:
-            raise ValueError(f"what must be one of {sorted(WORKER_POSTS)}")
-        return await self.request("POST", f"/api/jobs/{job_id}/{what}", json=dict(body),
-                                  token=token)
-
+        return await self._drive(self._post_worker(job_id, what, body, token=token),
+                                 self._perform)

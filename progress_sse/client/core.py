@@ -1,299 +1,262 @@
-"""The job handle's state, outbox, pacing, seq and outage policy; no I/O here.
+"""The job handle's calls as flows: every decision it makes; no I/O here.
 
-The sync and async handles (sync_job.Job, aio_job.AsyncJob) keep this state and do
-only the sending, sleeping and waiting, each in its own way.
+Outbox, pacing, seq, outage backoff, heartbeats, pauses and what each answer means
+are decided here once (on the state in `state`). Each call of the handle is a flow
+(see `flow`): the sync and async handles (sync_job.Job, aio_job.AsyncJob) run it,
+sending, sleeping and waiting for it, each in its own way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
-import random
 import time
-import traceback
-from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import (
+    APIError,
     Cancelled,
     JobFinishedError,
-    NotRecorded,
     ProgressClientError,
+    ServiceUnavailable,
     StaleAttemptError,
-    _count,
 )
-from .protocol import Control, _clean, _merge, _Options, clock_seq
+from .flow import WAKE, Exclusive, Flow, Idle, Sleep
+from .protocol import (
+    ABANDONED,
+    LONG_POLL_S,
+    TERMINAL,
+    Control,
+    _fields,
+    _finish_body,
+    _unreachable,
+)
+from .state import OUTAGE_RETRY_CAP_S, _JobState
 
 log = logging.getLogger("progress_sse.client")  # one logger for the whole SDK
 
-
-class _Pacer:
-    """At most `rate` posts per second: each post comes 1/rate after the previous one."""
-
-    def __init__(self, rate: float | None) -> None:
-        self.interval = 1.0 / rate if rate else 0.0
-        self._last = -math.inf
-
-    def delay(self) -> float:
-        return max(0.0, self._last + self.interval - time.monotonic())
-
-    def note(self) -> None:
-        self._last = time.monotonic()
+__all__ = ["OUTAGE_RETRY_CAP_S", "_JobCore"]
 
 
-OUTAGE_RETRY_CAP_S = 2.0  # the longest wait between tries while the service is unreachable
+class _JobCore(_JobState):
+    """The flows of the handle's calls, for the sync and async drivers to run."""
 
 
-@dataclass
-class _Post:
-    """One worker post waiting in the outbox, in the order of the calls."""
-
-    what: str
-    body: dict[str, Any]
-    merge: bool = False  # plain progress: a newer value replaces it until it is first sent
-    seq: int | None = None  # given at the first attempt and kept, so a re-send is stored once
-
-
-@dataclass(frozen=True)
-class _ExitPlan:
-    status: str | None  # None: do not finish (already finished, or fenced off)
-    error: str | None = None
-    traceback: str | None = None
-    suppress: bool = False
-
-
-class _JobCore:
-    """State shared by the sync and async handles; no I/O here."""
-
-    def __init__(self, opts: _Options, *, job_id: str | None, token: str | None,
-                 attempt: int | None, spec: dict[str, Any] | None) -> None:
-        self.id: str | None = job_id
-        self.token = token
-        self.attempt = attempt
-        self.state: dict[str, Any] = {}
-        self.control = Control()
-        self.result: Any = None  # sent with `succeeded` when the block ends normally
-        self._opts = opts
-        self._spec = spec
-        self._seq = 0
-        self._outbox: deque[_Post] = deque()  # posts not yet recorded, in call order
-        self._logs = 0  # log lines in the outbox (the drop marker not counted)
-        self._marker: _Post | None = None  # the unsent "N log lines dropped" line
-        self._marker_count = 0
-        self.dropped_logs = 0  # log lines dropped because the outbox was full
-        self._outage = False  # unreachable, or still flushing what waited meanwhile
-        self._failures = 0
-        self._retry_at = 0.0  # while unreachable: when to try again
-        self._stage: str | None = None
-        self._pacer = _Pacer(opts.max_rate)
-        self._done = False  # finished, or fenced off by a newer attempt
-        self._posted = False
-        self._last_post = time.monotonic()
-        self._control_at = time.monotonic()
-        self._bg_error: BaseException | None = None
-
-    @property
-    def status(self) -> str | None:
-        status = self.state.get("status")
-        return None if status is None else str(status)
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self.control.cancel_requested
-
-    @property
-    def pause_requested(self) -> bool:
-        return self.control.pause_requested
-
-    @property
-    def seq(self) -> int:
-        """The last `seq` used."""
-        return self._seq
-
-    @property
-    def pending(self) -> int:
-        """Posts not yet recorded by the service (throttled, or waiting out an outage)."""
-        return len(self._outbox)
-
-    @property
-    def unreachable(self) -> bool:
-        """True from a failed post until the outbox is flushed after the service is back."""
-        return self._outage
-
-    def _adopt(self, job: dict[str, Any], control: Mapping[str, Any] | None,
-               created: bool) -> None:
-        """Take the job as the service returned it on create or attach."""
-        self.id = str(job["id"])
-        if self.attempt is None:
-            self.attempt = int(job.get("attempt") or 1)
-        elif self.attempt < int(job.get("attempt") or 1):
-            raise StaleAttemptError(409, "stale_attempt", f"attempt {self.attempt} was "
-                                    f"superseded by attempt {job['attempt']}", "attempt")
-        self._seq = 0 if created else clock_seq()
-        self.state = job
-        self._stage = job.get("stage")
-        self._set_control(Control.from_dict(control or job))
-        if job.get("status") in ("succeeded", "failed"):
-            raise JobFinishedError(409, "job_finished", f"job {self.id} is {job['status']}")
-        if job.get("status") == "cancelled":
-            self._done = True
-            self._set_control(Control(cancel_requested=True, reason=job.get("control_reason"),
-                                      status="cancelled", attempt=self.attempt))
-
-    def _set_control(self, control: Control) -> None:
-        self.control = control
-        self._control_at = time.monotonic()
-
-    def _absorb(self, answer: Mapping[str, Any]) -> None:
-        """Keep the job and its control state current from a worker post's answer."""
-        if "job" in answer:
-            self.state = answer["job"]
-            self._stage = self.state.get("stage")
-        if "control" in answer:
-            self._set_control(Control.from_dict(answer["control"]))
-        self._last_post = time.monotonic()
-        self._posted = True
-
-    def _stamp(self, post: _Post) -> dict[str, Any]:
-        """The body to send: the post's seq is fixed at its first attempt."""
-        if post.seq is None:
-            self._seq += 1
-            post.seq = self._seq
-        return {**post.body, "seq": post.seq, "attempt": self.attempt}
-
-    def _check(self) -> None:
-        """Raise what the background learned, and refuse posts once the job is over."""
-        if self._bg_error is not None:
-            err, self._bg_error = self._bg_error, None
-            raise err
-        if self._done and self.control.status == "cancelled":
-            raise Cancelled(self.id, self.control.reason)
-        if self._done:
-            raise ProgressClientError(f"job {self.id} is over; it takes no more posts")
-
-    def _verdict(self) -> None:
-        """Raise when the control state says to stop: cancel requested, or superseded."""
-        c = self.control
-        if c.attempt is not None and self.attempt is not None and c.attempt > self.attempt:
-            self._done = True
-            raise StaleAttemptError(409, "stale_attempt", f"attempt {self.attempt} was "
-                                    f"superseded by attempt {c.attempt}", "attempt")
-        if c.status in ("succeeded", "failed", "cancelled"):
-            self._done = True
-        if c.cancel_requested or c.status == "cancelled":
-            raise Cancelled(self.id, c.reason)
-
-    def _queue(self, what: str, body: dict[str, Any], *, merge: bool = False) -> None:
-        """Add a post to the outbox; plain progress merges into an unsent progress tail."""
-        tail = self._outbox[-1] if self._outbox else None
-        if merge and tail is not None and tail.merge and tail.seq is None:
-            tail.body = _merge(tail.body, body)
+    def _enter(self) -> Flow[None]:
+        """Create the job (or read the one attached to) and take it as the service has it."""
+        if self._spec is None:
+            answer = yield from self._client._request("GET", f"/api/jobs/{self.id}")
+            self._adopt(answer["job"], answer.get("control"), created=False)
             return
-        self._outbox.append(_Post(what, dict(body), merge))
-        if what == "log":
-            self._logs += 1
-            if self._logs > self._opts.max_buffered_logs:
-                self._drop_oldest_log()
+        try:
+            answer = yield from self._client._request("POST", "/api/jobs", json=self._spec)
+        except (Exception, GeneratorExit):
+            raise
+        except BaseException:  # interrupted: the job may exist; do not leave it queued
+            with contextlib.suppress(Exception):
+                yield from self._client._request("POST", f"/api/jobs/{self._spec['id']}/cancel",
+                                                 json={"reason": ABANDONED})
+            raise
+        self.token = self.token or answer.get("worker_token")
+        self._adopt(answer["job"], None, created=bool(answer.get("created")))
 
-    def _drop_oldest_log(self) -> None:
-        """Keep the outbox bounded: the oldest unsent log line gives way, and is counted."""
-        i = next((n for n, post in enumerate(self._outbox) if post.what == "log"
-                  and post.seq is None and post is not self._marker), None)
-        if i is None:
-            return
-        self._logs -= 1
-        self.dropped_logs += 1
-        if self._marker is not None and self._marker.seq is None:
-            self._marker_count += 1
-            del self._outbox[i]
-            if 0 < i < len(self._outbox):
-                a, b = self._outbox[i - 1], self._outbox[i]
-                if a.merge and b.merge and a.seq is None and b.seq is None:
-                    a.body = _merge(a.body, b.body)
-                    del self._outbox[i]
-        else:
-            self._marker, self._marker_count = _Post("log", {"level": "warning"}), 1
-            self._outbox[i] = self._marker
-        self._marker.body["message"] = (
-            f"{_count(self._marker_count, 'log line')} dropped while the service was "
-            "unreachable (the worker's buffer was full)")
+    def _exit(self, exc: BaseException | None) -> Flow[bool]:
+        """Finish the job by how its block ended (the background has stopped); whether
+        to swallow the block's exception."""
+        if isinstance(self._bg_error, (ServiceUnavailable, APIError)):
+            log.warning("job %s: background post failed: %s", self.id, self._bg_error)
+            self._bg_error = None
+        plan = self._exit_plan(exc)
+        try:
+            if plan.status is not None:
+                if plan.traceback:
+                    self._outbox.add("log", {"level": "error", "message": plan.traceback})
+                result = self.result if plan.status == "succeeded" else None
+                yield from self._record_finish(_finish_body(plan.status, result, plan.error))
+        except Cancelled:
+            pass  # cancelled meanwhile: the job already ended as cancelled
+        except Exception:
+            if exc is None:
+                raise
+            log.warning("could not finish job %s", self.id, exc_info=True)
+        return plan.suppress
 
-    def _sent(self, post: _Post) -> None:
-        """Take a post out of the outbox: recorded, or refused for good."""
-        if self._outbox and self._outbox[0] is post:
-            self._outbox.popleft()
-        if post.what == "log" and post is not self._marker:
-            self._logs -= 1
-        if post is self._marker:
-            self._marker = None
+    def _progress(self, progress: float | None, current: float | None, total: float | None,
+                  message: str | None, data: Any, stage: str | None) -> Flow[Control]:
+        """Throttled progress: merged into the outbox, sent now if the pace allows and no
+        other send is under way, else by the background when it may go."""
+        self._check()
+        update = _fields(progress=progress, current=current, total=total, message=message,
+                         data=data)
+        if stage is not None and stage != self._current_stage:
+            yield from self._send("progress", {**update, "stage": stage})
+            return self.control
+        self._outbox.add("progress", update, merge=True)
+        if self._outage or self._pacer.delay() > 0 or \
+                (yield Exclusive(self._drain(wait=False), blocking=False)) is None:
+            yield WAKE
+        return self.control
 
-    def _failed(self, exc: BaseException) -> None:
-        """The service is unreachable: keep posting into the outbox, and try again later."""
-        if not self._outage:
-            log.warning("job %s: the service is unreachable (%s); the worker goes on and its "
-                        "posts wait until it is back", self.id, exc)
-        self._outage = True
-        self._failures += 1
-        step = min(OUTAGE_RETRY_CAP_S, self._opts.backoff * 2 ** min(self._failures - 1, 10))
-        self._retry_at = time.monotonic() + step * random.uniform(0.5, 1.0)
+    def _stage(self, key: str, message: str | None, progress: float | None,
+                    current: float | None, total: float | None) -> Flow[Control]:
+        self._check()
+        yield from self._send("progress", _fields(stage=key, message=message, progress=progress,
+                                                  current=current, total=total))
+        return self.control
 
-    def _reached(self) -> None:
-        """A post got through; the outage is over once the outbox is flushed."""
-        self._failures = 0
-        self._retry_at = 0.0
-        if self._outage and not self._outbox:
-            self._outage = False
-            log.warning("job %s: the service is back; every waiting post is recorded", self.id)
+    def _log(self, message: str, level: str) -> Flow[Control]:
+        self._check()
+        yield from self._send("log", {"level": level, "message": message})
+        return self.control
 
-    def _waiting_out(self) -> bool:
-        """Unreachable, and too soon to try again."""
-        return self._outage and time.monotonic() < self._retry_at
+    def _checkpoint(self) -> Flow[None]:
+        """Read the control state if it is old (unless unreachable), then obey it."""
+        self._check()
+        if not self._outage and time.monotonic() - self._control_at > self._opts.control_max_age:
+            try:
+                self._set_control((yield from self._client._control(
+                    self._id(), token=self.token, retries=0)))
+            except ProgressClientError as exc:
+                if not _unreachable(exc):
+                    raise
+                self._failed(exc)
+                yield WAKE
+        self._verdict()
+        if self.control.pause_requested:
+            yield from self._pause()
 
-    def _unrecorded(self, waited: float) -> NotRecorded:
-        finish = next((p for p in self._outbox if p.what == "finish"), None)
-        return NotRecorded(
-            self.id, status=None if finish is None else str(finish.body.get("status")),
-            progress_posts=sum(p.what == "progress" for p in self._outbox),
-            log_lines=sum(p.what == "log" and p is not self._marker for p in self._outbox),
-            dropped_logs=self.dropped_logs, waited=waited)
+    def _finish(self, status: str, result: Any, error: str | None) -> Flow[None]:
+        self._check()
+        yield from self._record_finish(_finish_body(status, result, error))
 
-    def _heartbeat_interval(self) -> float:
-        if self._opts.heartbeat_interval:
-            return self._opts.heartbeat_interval
-        timeout = float(self.state.get("heartbeat_timeout_s") or 60.0)
-        return min(30.0, max(0.2, timeout / 3.0))
+    def _refresh(self) -> Flow[dict[str, Any]]:
+        answer = yield from self._client._request("GET", f"/api/jobs/{self._id()}")
+        self.state = answer["job"]
+        self._set_control(Control.from_dict(answer["control"]))
+        return self.state
 
-    def _seconds_to_duty(self) -> float:
-        """Until the next heartbeat, until waiting posts may go out, or the next retry."""
+    def _background(self) -> Flow[None]:
+        """Heartbeat while the worker is busy, send waiting posts when they may go, and
+        retry them while the service is unreachable."""
+        while True:
+            yield Idle(self._seconds_to_duty())
+            if self._stopping or self._done:
+                return
+            try:
+                yield from self._duties()
+            except Exception as exc:  # the worker's next call raises it; keep beating
+                self._bg_error = exc
+
+    # ------------------------------------------------------------ the flows they share
+
+    def _pause(self) -> Flow[None]:
+        """Acknowledge the pause, wait until it is lifted, then say so."""
+        yield from self._send("progress", {"paused": True})
+        while self.control.pause_requested and not self.control.cancel_requested \
+                and self.control.status not in TERMINAL:
+            try:
+                self._set_control((yield from self._client._control(
+                    self._id(), wait=LONG_POLL_S, pause_requested=True, token=self.token,
+                    retries=0)))
+            except ProgressClientError as exc:
+                if not _unreachable(exc):
+                    raise
+                self._failed(exc)
+                yield Sleep(max(0.0, self._retry_at - time.monotonic()))
+        self._verdict()
+        yield from self._send("progress", {"paused": False})
+
+    def _send(self, what: str, body: dict[str, Any]) -> Flow[None]:
+        """Queue a post that is never merged, and send the outbox in order unless the
+        service is unreachable (then the post waits, and the caller goes on)."""
+        self._outbox.add(what, body)
         if self._outage:
-            return max(0.0, self._retry_at - time.monotonic())
-        interval = self._heartbeat_interval()
+            yield WAKE
+        else:
+            yield Exclusive(self._drain(wait=True))
+
+    def _record_finish(self, body: dict[str, Any]) -> Flow[None]:
+        """Queue the finish and send the outbox, retrying up to `finish_timeout`."""
+        self._outbox.add("finish", body)
+        started = time.monotonic()
+        while not (yield Exclusive(self._drain(wait=True))):
+            waited = time.monotonic() - started
+            if waited >= self._opts.finish_timeout:
+                self._done = True
+                raise self._outbox.unrecorded(self.id, waited)
+            yield Sleep(max(0.01, min(self._opts.finish_timeout - waited,
+                                      self._retry_at - time.monotonic())))
+        self._done = True
+
+    def _drain(self, *, wait: bool) -> Flow[bool]:
+        """Send the outbox in order (under the send lock). False: the service is
+        unreachable, and what is left waits. Without `wait`, stop at the throttle."""
+        while len(self._outbox):
+            if self._waiting_out():
+                return False
+            if (delay := self._pacer.delay()) > 0:
+                if not wait:
+                    return True
+                yield Sleep(delay)
+                continue  # the head may have changed meanwhile (merged, or dropped)
+            head = self._outbox.head
+            try:
+                yield from self._post(head.what, self._stamp(head))
+            except Exception as exc:
+                if _unreachable(exc):
+                    self._failed(exc)
+                    return False
+                self._outbox.sent(head)
+                raise
+            self._outbox.sent(head)
+            self._reached()
+        self._reached()
+        return True
+
+    def _post(self, what: str, body: dict[str, Any]) -> Flow[dict[str, Any]]:
+        """Send one numbered post, once, and learn from the answer."""
+        job_id = self._id()
+        self._pacer.note()
+        try:
+            answer = yield from self._client._request(
+                "POST", f"/api/jobs/{job_id}/{what}", json=body, token=self.token, retries=0)
+        except JobFinishedError as exc:
+            self._done = True
+            yield from self._refresh()
+            if self.status == "cancelled":
+                self.control = Control(True, False, self.control.reason, "cancelled",
+                                       self.attempt)
+                raise Cancelled(job_id, self.control.reason) from exc
+            raise
+        except StaleAttemptError:
+            self._done = True
+            raise
+        self._absorb(answer)
+        return answer
+
+    def _duties(self) -> Flow[None]:
+        """The background's round: flush waiting posts, or beat (the first beat an event,
+        so viewers see the job start)."""
+        if self._waiting_out():
+            return
+        if len(self._outbox):
+            yield Exclusive(self._drain(wait=True))
+            return
+        if not (self._outage or self._heartbeat_due()):
+            return
+        self._last_post = time.monotonic()  # a failed beat is tried again an interval on
         if not self._posted:
-            interval = min(interval, 1.0)  # mark the job running soon, with an event
-        due = self._last_post + interval - time.monotonic()
-        if self._outbox:
-            due = min(due, self._pacer.delay())
-        return max(0.0, due)
-
-    def _heartbeat_due(self) -> bool:
-        return time.monotonic() - self._last_post >= self._heartbeat_interval() or (
-            not self._posted and time.monotonic() - self._last_post >= 1.0)
-
-    def _exit_plan(self, exc: BaseException | None) -> _ExitPlan:
-        ours = isinstance(exc, Cancelled) and exc.job_id in (None, self.id)
-        if self._done:
-            return _ExitPlan(None, suppress=ours)
-        if exc is None:
-            return _ExitPlan("succeeded")
-        if ours:
-            return _ExitPlan("cancelled", suppress=True)
-        if isinstance(exc, StaleAttemptError):
-            return _ExitPlan(None)
-        if isinstance(exc, Exception):
-            message = str(exc) or type(exc).__name__
-            tb = "".join(traceback.format_exception(exc))
-            return _ExitPlan("failed", _clean(message), _clean(tb))
-        return _ExitPlan("cancelled", f"worker interrupted ({type(exc).__name__})")
-
+            self._outbox.add("progress", {}, merge=True)
+            yield Exclusive(self._drain(wait=True))
+            return
+        try:
+            answer = yield from self._client._request(
+                "POST", f"/api/jobs/{self._id()}/heartbeat", json={"attempt": self.attempt},
+                token=self.token, retries=0)
+        except ProgressClientError as exc:
+            if not _unreachable(exc):
+                raise
+            self._failed(exc)
+            return
+        self._reached()
+        self._absorb(answer)

@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Generator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Generator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import httpx
 from httpx_sse import EventSource
 
+from .calls import _ClientCore
 from .events import Event, _Reading
-from .protocol import (
-    STREAM_READ_TIMEOUT_S,
-    WORKER_POSTS,
-    Control,
-    CreatedJob,
-    StageSpec,
-    _Attempts,
-    _auth,
-    _control_params,
-    _decode,
-    _fields,
-    _job_spec,
-    _Options,
-    resolve_token,
-    resolve_url,
-)
+from .flow import Action, Done, Flow, Send, Sleep, advance
+from .protocol import STREAM_READ_TIMEOUT_S, Control, CreatedJob, StageSpec, _job_spec
 from .sync_job import Job
 
+T = TypeVar("T")
 
-class ProgressClient:
+
+class ProgressClient(_ClientCore[httpx.BaseTransport]):
     """A connection to the service, for workers (`job`, `attach`) and producers (`create`).
 
     `url` and `token` default to $PROGRESS_SSE_URL and $PROGRESS_SSE_TOKEN. `max_rate` is
@@ -37,17 +27,11 @@ class ProgressClient:
     `retries` times with exponential backoff from `backoff` seconds.
     """
 
-    def __init__(self, url: str | None = None, *, token: str | None = None,
-                 max_rate: float | None = 10.0, retries: int = 5, backoff: float = 0.25,
-                 timeout: float = 10.0, heartbeat_interval: float | None = None,
-                 control_max_age: float = 1.0, finish_timeout: float = 120.0,
-                 max_buffered_logs: int = 1000,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        self.url = resolve_url(url)
-        self.token = resolve_token(token)
-        self.options = _Options(max_rate, retries, backoff, timeout, heartbeat_interval,
-                                control_max_age, finish_timeout, max_buffered_logs)
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
+    _http: httpx.Client
+
+    def _connect(self, transport: httpx.BaseTransport | None) -> None:
+        self._http = httpx.Client(base_url=self.url, timeout=self.options.timeout,
+                                  transport=transport,
                                   headers={"User-Agent": "progress-sse-client"})
 
     def __enter__(self) -> ProgressClient:
@@ -59,6 +43,30 @@ class ProgressClient:
     def close(self) -> None:
         self._http.close()
 
+    def _drive(self, flow: Flow[T], perform: Callable[[Action], Any],
+               lock: contextlib.AbstractContextManager[Any] | None = None) -> T:
+        """Run a flow: perform each of its actions and hand it the outcome. `lock` is
+        held while the flow decides, never while an action is performed."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            with lock or contextlib.nullcontext():
+                step = advance(flow, value, error)
+            if isinstance(step, Done):
+                return step.value
+            value, error = None, None
+            try:
+                value = perform(step)
+            except BaseException as exc:  # the flow decides what it means
+                error = exc
+
+    def _perform(self, action: Action) -> Any:
+        if isinstance(action, Send):
+            return self._http.request(**action.arguments())
+        assert isinstance(action, Sleep), action
+        time.sleep(action.seconds)
+        return None
+
     def request(self, method: str, path: str, *, json: Any = None,
                 params: Mapping[str, str] | None = None, token: str | None = None,
                 request_timeout: float | None = None, retries: int | None = None
@@ -67,23 +75,9 @@ class ProgressClient:
 
         `retries` overrides the client's count (0: one attempt).
         """
-        attempts = _Attempts(method, path,
-                             self.options.retries if retries is None else retries,
-                             self.options.backoff)
-        headers = _auth(token or self.token)
-        limit = (httpx.Timeout(request_timeout) if request_timeout is not None
-                 else httpx.USE_CLIENT_DEFAULT)
-        while True:
-            try:
-                response = self._http.request(method, path, json=json, params=params,
-                                              headers=headers, timeout=limit)
-            except httpx.TransportError as exc:
-                time.sleep(attempts.failed(exc))
-                continue
-            delay = attempts.answered(response)
-            if delay is None:
-                return _decode(response)
-            time.sleep(delay)
+        return self._drive(self._request(method, path, json=json, params=params, token=token,
+                                         request_timeout=request_timeout, retries=retries),
+                           self._perform)
 
     # producers and viewers
 
@@ -92,38 +86,30 @@ class ProgressClient:
                meta: Mapping[str, Any] | None = None, id: str | None = None,
                heartbeat_timeout_s: float | None = None) -> CreatedJob:
         """Create a queued job for some worker to attach to."""
-        spec = _job_spec(kind=kind, title=title, queue=queue, stages=stages, total=total,
-                         meta=meta, id=id, heartbeat_timeout_s=heartbeat_timeout_s)
-        answer = self.request("POST", "/api/jobs", json=spec)
-        return CreatedJob(answer["job"], answer.get("worker_token"), bool(answer["created"]))
+        return self._drive(self._create(_job_spec(
+            kind=kind, title=title, queue=queue, stages=stages, total=total, meta=meta, id=id,
+            heartbeat_timeout_s=heartbeat_timeout_s)), self._perform)
 
     def get(self, job_id: str) -> dict[str, Any]:
         """The job's current state."""
-        job: dict[str, Any] = self.request("GET", f"/api/jobs/{job_id}")["job"]
-        return job
+        return self._drive(self._get(job_id), self._perform)
 
     def control(self, job_id: str, *, wait: float = 0.0, cancel_requested: bool = False,
                 pause_requested: bool = False, token: str | None = None,
                 retries: int | None = None) -> Control:
         """The control state; with `wait`, long-poll until it differs from what you know."""
-        answer = self.request("GET", f"/api/jobs/{job_id}/control",
-                              params=_control_params(wait, cancel_requested, pause_requested),
-                              token=token, request_timeout=wait + self.options.timeout,
-                              retries=retries)
-        return Control.from_dict(answer["control"])
+        return self._drive(self._control(job_id, wait=wait, cancel_requested=cancel_requested,
+                                         pause_requested=pause_requested, token=token,
+                                         retries=retries), self._perform)
 
     def cancel(self, job_id: str, reason: str | None = None) -> Control:
-        return self._viewer_request(job_id, "cancel", reason)
+        return self._drive(self._viewer_request(job_id, "cancel", reason), self._perform)
 
     def pause(self, job_id: str, reason: str | None = None) -> Control:
-        return self._viewer_request(job_id, "pause", reason)
+        return self._drive(self._viewer_request(job_id, "pause", reason), self._perform)
 
     def resume(self, job_id: str, reason: str | None = None) -> Control:
-        return self._viewer_request(job_id, "resume", reason)
-
-    def _viewer_request(self, job_id: str, action: str, reason: str | None) -> Control:
-        answer = self.request("POST", f"/api/jobs/{job_id}/{action}", json=_fields(reason=reason))
-        return Control.from_dict(answer["control"])
+        return self._drive(self._viewer_request(job_id, "resume", reason), self._perform)
 
     # readers
 
@@ -190,7 +176,4 @@ class ProgressClient:
     def post_worker(self, job_id: str, what: str, body: Mapping[str, Any], *,
                     token: str | None = None) -> dict[str, Any]:
         """One worker post (progress, log, finish, heartbeat) as is; the service's answer."""
-        if what not in WORKER_POSTS:
-            raise ValueError(f"what must be one of {sorted(WORKER_POSTS)}")
-        return self.request("POST", f"/api/jobs/{job_id}/{what}", json=dict(body), token=token)
-
+        return self._drive(self._post_worker(job_id, what, body, token=token), self._perform)
