@@ -12,14 +12,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import inputs, jobs, schema, streams
+from . import inputs, jobs, schema, streams, worker_rules
+from .app_context import context_of
 from .auth import CREATE, READ, new_worker_token, require, worker_pass
 from .codec import dumps
-from .context import Context
 from .errors import Conflict, InvalidInput, Unavailable
-from .headers import header
 from .jobs import Job, Outcome
 from .metrics import CONTENT_TYPE
+from .request_headers import header
 from .store import Filter, Write, WriteResult
 
 B = TypeVar("B", bound=schema.Body)
@@ -31,21 +31,16 @@ def json_response(body: str, status: int = 200) -> Response:
     return Response(body + "\n", status_code=status, media_type="application/json")
 
 
-def ctx_of(request: Request) -> Context:
-    ctx: Context = request.app.state.ctx
-    return ctx
-
-
 # ---------------------------------------------------------------- producers
 
 
 async def create_job(request: Request) -> Response:
-    ctx = ctx_of(request)
+    ctx = context_of(request)
     who = require(request, CREATE)
     body = await inputs.parse(request, schema.CreateJob, ctx.settings.max_body_bytes)
     job_id = body.id or f"j_{secrets.token_hex(8)}"
     token, token_hash = new_worker_token()
-    spec = jobs.NewJob(
+    spec = worker_rules.NewJob(
         id=job_id,
         owner=who.subject,
         kind=body.kind or "job",
@@ -60,7 +55,7 @@ async def create_job(request: Request) -> Response:
     )
 
     def apply(job: Job | None, now: float) -> Outcome:
-        return jobs.create_job(spec, now)
+        return worker_rules.create_job(spec, now)
 
     result = await ctx.store.submit(Write(job_id, apply, create=True))
     if not result.created:
@@ -76,7 +71,7 @@ async def create_job(request: Request) -> Response:
 
 
 async def list_jobs(request: Request) -> Response:
-    ctx = ctx_of(request)
+    ctx = context_of(request)
     who = require(request, READ)
     q = request.query_params
     statuses = frozenset(s for v in q.getlist("status") for s in v.split(",") if s)
@@ -95,7 +90,7 @@ async def list_jobs(request: Request) -> Response:
 
 
 async def get_job(request: Request) -> Response:
-    ctx = ctx_of(request)
+    ctx = context_of(request)
     job = await streams.visible_job(ctx, request.path_params["job_id"],
                                     require(request, READ).owner_filter)
     return json_response(dumps({"job": job.public(time.time()), "control": control(job)}))
@@ -103,7 +98,7 @@ async def get_job(request: Request) -> Response:
 
 async def job_events(request: Request) -> Response:
     """SSE for EventSource and curl; JSON history for anything else."""
-    ctx = ctx_of(request)
+    ctx = context_of(request)
     who = require(request, READ)
     job = await streams.visible_job(ctx, request.path_params["job_id"], who.owner_filter)
     flt = Filter(owner=who.owner_filter, job_ids=frozenset({job.id}))
@@ -117,7 +112,7 @@ async def job_events(request: Request) -> Response:
 
 
 async def all_events(request: Request) -> Response:
-    ctx = ctx_of(request)
+    ctx = context_of(request)
     who = require(request, READ)
     q = request.query_params
     job_ids = frozenset(q.getlist("job")) or None
@@ -139,7 +134,7 @@ async def all_events(request: Request) -> Response:
 async def worker_write(request: Request, model: type[B],
                        rule: Callable[[B], Callable[[Job, float], Outcome]]) -> Response:
     """A worker's post: its credential checked in the writer, the body's `rule` applied."""
-    ctx = ctx_of(request)
+    ctx = context_of(request)
     job_id = request.path_params["job_id"]
     credential = worker_pass(request)
     body = await inputs.parse(request, model, ctx.settings.max_body_bytes)
@@ -172,22 +167,23 @@ def control(job: Job) -> dict[str, Any]:
 
 
 def _progress_rule(body: schema.Progress) -> Callable[[Job, float], Outcome]:
-    upd = jobs.ProgressUpdate(progress=body.progress, current=body.current, total=body.total,
-                              stage=body.stage, message=body.message, data=body.data,
-                              paused=body.paused, seq=body.seq, attempt=body.attempt)
-    return lambda job, now: jobs.record_progress(job, upd, now)
+    upd = worker_rules.ProgressUpdate(
+        progress=body.progress, current=body.current, total=body.total, stage=body.stage,
+        message=body.message, data=body.data, paused=body.paused, seq=body.seq,
+        attempt=body.attempt)
+    return lambda job, now: worker_rules.record_progress(job, upd, now)
 
 
 def _log_rule(body: schema.Log) -> Callable[[Job, float], Outcome]:
-    line = jobs.LogLine(level=body.level or "info", message=body.message, seq=body.seq,
+    line = worker_rules.LogLine(level=body.level or "info", message=body.message, seq=body.seq,
                         attempt=body.attempt)
-    return lambda job, now: jobs.record_log(job, line, now)
+    return lambda job, now: worker_rules.record_log(job, line, now)
 
 
 def _finish_rule(body: schema.Finish) -> Callable[[Job, float], Outcome]:
-    fin = jobs.Finish(status=body.status, result=body.result, error=body.error, seq=body.seq,
-                      attempt=body.attempt)
-    return lambda job, now: jobs.finish(job, fin, now)
+    fin = worker_rules.Finish(status=body.status, result=body.result, error=body.error,
+                              seq=body.seq, attempt=body.attempt)
+    return lambda job, now: worker_rules.finish(job, fin, now)
 
 
 async def post_progress(request: Request) -> Response:
@@ -208,7 +204,7 @@ async def post_finish(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     """200 only while writes can succeed: a load balancer's question. Else 503 and why;
     it answers within the write deadline (store.health)."""
-    ctx = ctx_of(request)
+    ctx = context_of(request)
     try:
         reason = await ctx.store.health()
         if reason is None:
@@ -223,7 +219,7 @@ async def healthz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     """Prometheus text, by prometheus_client from this app's registry (see metrics)."""
-    return Response(ctx_of(request).metrics.render(), media_type=CONTENT_TYPE)
+    return Response(context_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
 def routes() -> list[Route]:

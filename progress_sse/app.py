@@ -21,8 +21,8 @@ from starlette.routing import BaseRoute, Match, Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import api, control, openapi, tokens
-from .context import Context
+from . import api, control, openapi, worker_tokens
+from .app_context import Context
 from .errors import BugAnswer, ProgressError, Refused, error_response
 from .hub import Hub
 from .logs import RequestLogMiddleware
@@ -34,7 +34,6 @@ from .security import (
     DashboardLogin,
     Policy,
     SecurityMiddleware,
-    StreamQuota,
 )
 from .settings import Settings
 from .store import factory
@@ -186,7 +185,7 @@ def create_app(settings: Settings | None = None, *,
             held.release()
             log.info("service.stopped", head=hub.head)
 
-    routes: list[BaseRoute] = [*api.routes(), *control.routes(), *tokens.routes(),
+    routes: list[BaseRoute] = [*api.routes(), *control.routes(), *worker_tokens.routes(),
                                *openapi.routes()]
     if WEB_DIR.is_dir():
         files = StaticFiles(directory=WEB_DIR, html=True)
@@ -212,9 +211,6 @@ def create_app(settings: Settings | None = None, *,
     # answered every path; not a redirect to the route without it
     app.router.redirect_slashes = False
     app.state.ctx = ctx
-    # one user without authentication: a per-user cap would cap the whole service
-    app.state.stream_quota = StreamQuota(settings.max_streams_per_user
-                                         if settings.auth == "jwt" else 0)
     return app
 
 

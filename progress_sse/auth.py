@@ -29,9 +29,10 @@ from urllib.parse import unquote_plus
 import jwt
 from starlette.requests import HTTPConnection
 
+from .app_context import context_of
 from .errors import Forbidden, JobNotFound, Unauthorized
-from .headers import header
 from .jobs import Job
+from .request_headers import header
 from .settings import Settings
 
 ANONYMOUS = "anonymous"
@@ -76,7 +77,7 @@ ANONYMOUS_USER = Identity(ANONYMOUS, scopes=frozenset({READ, CREATE}))
 
 
 def settings_of(conn: HTTPConnection) -> Settings:
-    settings: Settings = conn.app.state.ctx.settings
+    settings = context_of(conn).settings
     return settings
 
 

@@ -12,11 +12,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import inputs, jobs, schema
-from .api import control, ctx_of, json_response, worker_answer, worker_write
+from . import control_rules, inputs, schema, worker_rules
+from .api import control, json_response, worker_answer, worker_write
+from .app_context import Context, context_of
 from .auth import CREATE, require, worker_pass
 from .codec import dumps
-from .context import Context
 from .errors import JobNotFound
 from .jobs import Job, Outcome
 from .store import Filter, Write
@@ -35,7 +35,7 @@ def _viewer_request(rule: Rule, forced: Rule | None = None) -> Callable[[Request
     model = schema.CancelRequest if forced is not None else schema.ControlRequest
 
     async def endpoint(request: Request) -> Response:
-        ctx = ctx_of(request)
+        ctx = context_of(request)
         job_id = request.path_params["job_id"]
         owner = require(request, CREATE).owner_filter
         body = await inputs.parse(request, model, ctx.settings.max_body_bytes)
@@ -60,7 +60,7 @@ def _viewer_request(rule: Rule, forced: Rule | None = None) -> Callable[[Request
 
 async def heartbeat(request: Request) -> Response:
     def rule(body: schema.Heartbeat) -> Callable[[Job, float], Outcome]:
-        return lambda job, now: jobs.heartbeat(job, body.attempt, now)
+        return lambda job, now: worker_rules.heartbeat(job, body.attempt, now)
 
     return await worker_write(request, schema.Heartbeat, rule)
 
@@ -71,7 +71,7 @@ async def control_state(request: Request) -> Response:
     The worker says what it knows (`cancel_requested`, `pause_requested`, default
     false), so a change that happened just before the poll is not missed.
     """
-    ctx = ctx_of(request)
+    ctx = context_of(request)
     job_id = request.path_params["job_id"]
     credential = worker_pass(request)
     wait = inputs.query_number(request, "wait", low=0, high=ctx.settings.max_wait_s)
@@ -121,7 +121,7 @@ async def watch_stalls(ctx: Context) -> None:
 def _stall(job: Job | None, now: float) -> Outcome:
     if job is None:
         raise JobNotFound("gone")
-    return jobs.mark_stalled(job, now)
+    return control_rules.mark_stalled(job, now)
 
 
 async def _unanswered_cancels(ctx: Context, now: float) -> list[str]:
@@ -132,7 +132,7 @@ async def _unanswered_cancels(ctx: Context, now: float) -> list[str]:
     before: int | None = None
     while True:
         page, _, before = await ctx.store.list_jobs(flt, _CANCELLING_PAGE, before)
-        due += [job.id for job in page if jobs.cancel_timed_out(job, now)]
+        due += [job.id for job in page if control_rules.cancel_timed_out(job, now)]
         if before is None:
             return due
 
@@ -140,17 +140,20 @@ async def _unanswered_cancels(ctx: Context, now: float) -> list[str]:
 def _expire_cancel(job: Job | None, now: float) -> Outcome:
     if job is None:
         raise JobNotFound("gone")
-    return jobs.expire_cancel(job, now)
+    return control_rules.expire_cancel(job, now)
 
 
 def routes() -> list[Route]:
     return [
         Route("/api/jobs/{job_id}/cancel",
-              _viewer_request(jobs.request_cancel, forced=jobs.force_cancel), methods=["POST"]),
-        Route("/api/jobs/{job_id}/pause", _viewer_request(jobs.request_pause), methods=["POST"]),
-        Route("/api/jobs/{job_id}/resume", _viewer_request(jobs.request_resume),
+              _viewer_request(control_rules.request_cancel, forced=control_rules.force_cancel),
               methods=["POST"]),
-        Route("/api/jobs/{job_id}/requeue", _viewer_request(jobs.requeue), methods=["POST"]),
+        Route("/api/jobs/{job_id}/pause", _viewer_request(control_rules.request_pause),
+              methods=["POST"]),
+        Route("/api/jobs/{job_id}/resume", _viewer_request(control_rules.request_resume),
+              methods=["POST"]),
+        Route("/api/jobs/{job_id}/requeue", _viewer_request(control_rules.requeue),
+              methods=["POST"]),
         Route("/api/jobs/{job_id}/heartbeat", heartbeat, methods=["POST"]),
         Route("/api/jobs/{job_id}/control", control_state, methods=["GET"]),
     ]

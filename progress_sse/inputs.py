@@ -17,7 +17,7 @@ from pydantic_core import ErrorDetails
 from starlette.requests import ClientDisconnect, Request
 
 from .errors import BodyTooLarge, InvalidInput, UnsupportedMediaType
-from .headers import header
+from .request_headers import header
 from .schema import NAME_PATTERN, TEXT_PATTERN
 
 M = TypeVar("M", bound=BaseModel)

@@ -25,8 +25,9 @@ from orjson import Fragment
 from .codec import dumps
 from .errors import Conflict, ProgressError
 from .eta import FinishedRun, estimate_wait
-from .jobs import Draft, Job, check_seq, finished_run, with_estimate, with_queue_position
+from .jobs import Draft, Job
 from .store import Event, Write, WriteResult
+from .worker_rules import check_seq, finished_run, with_estimate, with_queue_position
 
 HISTORY = 50  # finished runs per kind that the estimator learns from
 

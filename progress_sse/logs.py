@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .headers import header
+from .request_headers import header
 
 log = structlog.get_logger("progress_sse.http")
 

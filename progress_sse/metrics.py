@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from starlette.types import Scope
 
 if TYPE_CHECKING:
-    from .context import Context
+    from .app_context import Context
 
 # the route label of a request answered before any route matched it (no such path, or
 # refused by the security layer): one value, so raw paths never become labels

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import schema
+from .app_context import context_of
 from .auth import COOKIE, QUERY_PARAM
 from .codec import dumps
 from .schema import MAX_CURSOR, MAX_NAME, NAME_PATTERN, STATUSES
@@ -291,7 +292,7 @@ def spec(settings: Settings) -> Schema:
 
 
 async def openapi_json(request: Request) -> Response:
-    settings: Settings = request.app.state.ctx.settings
+    settings = context_of(request).settings
     return Response(dumps(spec(settings)) + "\n", media_type="application/json")
 
 

@@ -1,6 +1,6 @@
 """HTTP hardening, all pure ASGI (BaseHTTPMiddleware would buffer streams and lose
 contextvars): security headers, refusal of cross-origin writes and of foreign Host
-names, the dashboard's sign-in cookie, and the per-user stream quota. CORS for the
+names, and the dashboard's sign-in cookie. CORS for the
 allow-list of dashboard origins is Starlette's CORSMiddleware (see create_app), inside
 this layer: a preflight from an origin not listed is refused here, in our error shape.
 
@@ -22,12 +22,9 @@ import functools
 import ipaddress
 import re
 import time
-from collections import Counter
-from collections.abc import Callable
 from urllib.parse import quote
 
 from starlette.datastructures import URL
-from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import COOKIE, QUERY_PARAM, READ, decode_token, looks_like_jwt, query_token
@@ -37,11 +34,10 @@ from .errors import (
     InvalidInput,
     ProgressError,
     Refused,
-    TooManyStreams,
     Unauthorized,
     error_response,
 )
-from .headers import headers
+from .request_headers import headers
 from .settings import Settings
 
 CSP = ("default-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
@@ -211,42 +207,3 @@ class DashboardLogin:
             (b"content-length", b"0"),
         ]})
         await send({"type": "http.response.body", "body": b""})
-
-
-class StreamQuota:
-    """Open SSE streams per subject, for one app: a 429 beyond the limit (0: no limit)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.open: Counter[str] = Counter()
-
-    def acquire(self, subject: str) -> Callable[[], None]:
-        """Take a slot for `subject`; the returned callable gives it back (once)."""
-        if not self.limit:
-            return _no_slot  # nothing to count: no closure kept by every open stream
-        if self.open[subject] >= self.limit:
-            raise TooManyStreams(
-                f"at most {self.limit} open streams per user; close one (a dashboard needs "
-                "one stream: /api/events takes job= filters)",
-                headers={"Retry-After": str(RETRY_STREAMS_S)})
-        self.open[subject] += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.open[subject] -= 1
-                if self.open[subject] <= 0:
-                    del self.open[subject]
-
-        return release
-
-
-def _no_slot() -> None:
-    """A slot of an unlimited quota: nothing to give back."""
-
-
-def stream_quota(conn: HTTPConnection) -> StreamQuota:
-    quota: StreamQuota = conn.app.state.stream_quota
-    return quota

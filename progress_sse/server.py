@@ -17,7 +17,7 @@ import structlog
 import uvicorn
 from starlette.applications import Starlette
 
-from .context import Context
+from .app_context import Context
 from .limits import Limits, limited_protocol
 from .logs import json_logs
 from .settings import Settings

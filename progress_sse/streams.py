@@ -35,12 +35,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from .app_context import Context
 from .auth import identify
-from .context import Context
 from .errors import InvalidInput, JobNotFound
-from .headers import header
 from .jobs import Job
-from .security import stream_quota
+from .request_headers import header
 from .store import Event, Filter
 from .uvicorn_direct import ChunkWriter, chunk_writer
 
@@ -94,7 +93,7 @@ async def job_stream(request: Request, ctx: Context, job: Job, flt: Filter) -> R
 
 
 def open_stream(request: Request, ctx: Context, spec: StreamSpec) -> Response:
-    release = stream_quota(request).acquire(identify(request).subject)  # 429 when full
+    release = ctx.stream_quota.acquire(identify(request).subject)  # 429 when full
     client = request.client.host if request.client else None
     return EventStream(ctx, spec, client, on_close=release)
 

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from progress_sse.app import create_app
-from progress_sse.context import Context
+from progress_sse.app_context import Context
 from progress_sse.server import Server, make_server
 from progress_sse.settings import Settings
 

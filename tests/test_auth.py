@@ -17,20 +17,20 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import jwt
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
-from starlette.applications import Starlette
 from structlog.testing import capture_logs
 
 from progress_sse.app import create_app
 from progress_sse.auth import COOKIE, mint_token, parse_duration
 from progress_sse.errors import ConfigError
-from progress_sse.security import CSP, StreamQuota
+from progress_sse.security import CSP
 from progress_sse.settings import Settings
+from progress_sse.stream_quota import StreamQuota
 
 from .helpers import (
     ProcessService,
@@ -634,7 +634,7 @@ async def test_streams_per_user_are_limited_with_retry_after(quota_settings: Set
     """A user's third stream is a 429 with Retry-After; other users are not affected, and
     a closed stream frees its slot."""
     svc = await start_service(quota_settings)
-    quota: StreamQuota = cast(Starlette, svc.server.config.app).state.stream_quota
+    quota: StreamQuota = svc.ctx.stream_quota
     try:
         async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c, AsyncExitStack() as st:
             job_id, _ = await new_job(c, ALICE)

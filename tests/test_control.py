@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from progress_sse import jobs
+from progress_sse import control_rules, jobs, worker_rules
 from progress_sse.settings import Settings
 
 from .conftest import db_events
@@ -281,17 +281,17 @@ async def test_unanswered_cancel_ends_cancelled_after_the_heartbeat_timeout(
 def test_cancel_timeout_rule_and_documents_stored_before_it() -> None:
     """The rule: asked longer ago than the timeout and the worker silent as long. A job
     stored before `cancel_requested_at` existed loads and times out from its last change."""
-    job, _ = jobs.create_job(jobs.NewJob("j", "o", "k", "t", "default", (), None, {}, 10.0,
-                                         "h"), 0.0)
-    job, _ = jobs.heartbeat(job, None, 1.0)
-    job, _ = jobs.request_cancel(job, None, 5.0)
+    job, _ = worker_rules.create_job(
+        worker_rules.NewJob("j", "o", "k", "t", "default", (), None, {}, 10.0, "h"), 0.0)
+    job, _ = worker_rules.heartbeat(job, None, 1.0)
+    job, _ = control_rules.request_cancel(job, None, 5.0)
     assert job.cancel_requested_at == 5.0
-    assert not jobs.cancel_timed_out(job, 14.0)  # asked 9 s ago
-    assert jobs.cancel_timed_out(job, 15.5)  # asked 10.5 s ago, silent for 14.5 s
-    spoke, _ = jobs.heartbeat(job, None, 12.0)
-    assert not jobs.cancel_timed_out(spoke, 15.5)  # the worker is alive
-    assert jobs.expire_cancel(spoke, 15.5) == (spoke, [])
-    ended, drafts = jobs.expire_cancel(job, 15.5)
+    assert not control_rules.cancel_timed_out(job, 14.0)  # asked 9 s ago
+    assert control_rules.cancel_timed_out(job, 15.5)  # asked 10.5 s ago, silent for 14.5 s
+    spoke, _ = worker_rules.heartbeat(job, None, 12.0)
+    assert not control_rules.cancel_timed_out(spoke, 15.5)  # the worker is alive
+    assert control_rules.expire_cancel(spoke, 15.5) == (spoke, [])
+    ended, drafts = control_rules.expire_cancel(job, 15.5)
     assert ended.status == "cancelled" and ended.finished_at == 15.5
     assert [d.type for d in drafts] == ["finished"]
 
@@ -300,5 +300,5 @@ def test_cancel_timeout_rule_and_documents_stored_before_it() -> None:
         del private[name]
     old = jobs.Job.from_record(job.public(5.0), private)
     assert (old.cancel_requested_at, old.paused_s, old.paused_at) == (None, 0.0, None)
-    assert not jobs.cancel_timed_out(old, 14.0)
-    assert jobs.cancel_timed_out(old, 15.5)
+    assert not control_rules.cancel_timed_out(old, 14.0)
+    assert control_rules.cancel_timed_out(old, 15.5)

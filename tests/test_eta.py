@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from progress_sse import jobs
+from progress_sse import control_rules, jobs, worker_rules
 from progress_sse.eta import (
     EtaState,
     FinishedRun,
@@ -316,14 +316,14 @@ class Worker:
     every post is followed by with_estimate, at most once a second."""
 
     def __init__(self, heartbeat_timeout_s: float = 30.0) -> None:
-        spec = jobs.NewJob("j", "o", "k", "t", "default", (), None, {}, heartbeat_timeout_s,
+        spec = worker_rules.NewJob("j", "o", "k", "t", "default", (), None, {}, heartbeat_timeout_s,
                            "h")
-        self.job, _ = jobs.create_job(spec, 0.0)
+        self.job, _ = worker_rules.create_job(spec, 0.0)
         self.history: list[FinishedRun] = []
 
     def apply(self, outcome: jobs.Outcome, now: float) -> None:
         job = outcome[0]
-        self.job = jobs.with_estimate(job, now, self.history) if job.status == "running" \
+        self.job = worker_rules.with_estimate(job, now, self.history) if job.status == "running" \
             else job
 
     def work(self, start: float, until: float, at_progress: float) -> float:
@@ -331,7 +331,8 @@ class Worker:
         t, p = start, at_progress
         while t < until:
             t, p = t + 1.0, p + 1.0
-            self.apply(jobs.record_progress(self.job, jobs.ProgressUpdate(progress=p), t), t)
+            self.apply(worker_rules.record_progress(
+                self.job, worker_rules.ProgressUpdate(progress=p), t), t)
         return p
 
     def eta(self, now: float) -> float | None:
@@ -344,8 +345,9 @@ def paused_worker() -> Worker:
     """Half done at t=50, then paused (asked and acknowledged) at t=50."""
     w = Worker()
     w.work(0.0, 50.0, 0.0)
-    w.apply(jobs.request_pause(w.job, None, 50.0), 50.0)
-    w.apply(jobs.record_progress(w.job, jobs.ProgressUpdate(paused=True), 50.0), 50.0)
+    w.apply(control_rules.request_pause(w.job, None, 50.0), 50.0)
+    w.apply(worker_rules.record_progress(
+        w.job, worker_rules.ProgressUpdate(paused=True), 50.0), 50.0)
     assert w.job.status == "paused"
     return w
 
@@ -358,15 +360,16 @@ def test_paused_job_remaining_time_is_frozen() -> None:
     assert w.eta(80.0) == at_pause
     assert w.eta(400.0) == at_pause
     assert w.job.public(80.0)["finish_estimate"] is None  # depends on when it resumes
-    w.apply(jobs.heartbeat(w.job, None, 90.0), 90.0)
+    w.apply(worker_rules.heartbeat(w.job, None, 90.0), 90.0)
     assert w.eta(95.0) == at_pause
 
 
 def test_resume_leaves_paused_time_out_of_the_rate() -> None:
     """After a long pause the estimate is the work left, not inflated by the pause."""
     w = paused_worker()
-    w.apply(jobs.request_resume(w.job, None, 350.0), 350.0)
-    w.apply(jobs.record_progress(w.job, jobs.ProgressUpdate(progress=50.0), 350.0), 350.0)
+    w.apply(control_rules.request_resume(w.job, None, 350.0), 350.0)
+    w.apply(worker_rules.record_progress(
+        w.job, worker_rules.ProgressUpdate(progress=50.0), 350.0), 350.0)
     assert w.job.status == "running"
     right_after = w.eta(350.0)
     assert right_after is not None and math.isclose(right_after, 50.0, rel_tol=0.1)
@@ -378,11 +381,12 @@ def test_resume_leaves_paused_time_out_of_the_rate() -> None:
 def test_history_leaves_paused_time_out() -> None:
     """A succeeded run that was paused teaches history its working time only."""
     w = paused_worker()
-    w.apply(jobs.request_resume(w.job, None, 350.0), 350.0)
-    w.apply(jobs.record_progress(w.job, jobs.ProgressUpdate(progress=50.0), 350.0), 350.0)
+    w.apply(control_rules.request_resume(w.job, None, 350.0), 350.0)
+    w.apply(worker_rules.record_progress(
+        w.job, worker_rules.ProgressUpdate(progress=50.0), 350.0), 350.0)
     w.work(350.0, 399.0, 50.0)
-    w.apply(jobs.finish(w.job, jobs.Finish("succeeded"), 400.0), 400.0)
-    run = jobs.finished_run(w.job)
+    w.apply(worker_rules.finish(w.job, worker_rules.Finish("succeeded"), 400.0), 400.0)
+    run = worker_rules.finished_run(w.job)
     # started at its first post (t=1): 49 s of work, 300 s paused, 50 s of work
     assert run is not None and math.isclose(run.duration_s, 99.0)
 
@@ -392,9 +396,10 @@ def test_stalled_job_has_no_estimate() -> None:
     w = Worker(heartbeat_timeout_s=10.0)
     w.work(0.0, 50.0, 0.0)
     assert w.eta(55.0) is not None
-    w.apply(jobs.mark_stalled(w.job, 61.0), 61.0)
+    w.apply(control_rules.mark_stalled(w.job, 61.0), 61.0)
     assert w.job.stalled
     assert w.eta(61.0) is None and w.eta(200.0) is None
     assert w.job.public(200.0)["finish_estimate"] is None
-    w.apply(jobs.record_progress(w.job, jobs.ProgressUpdate(progress=51.0), 62.0), 62.0)
+    w.apply(worker_rules.record_progress(
+        w.job, worker_rules.ProgressUpdate(progress=51.0), 62.0), 62.0)
     assert not w.job.stalled and w.eta(62.0) is not None

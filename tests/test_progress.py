@@ -12,7 +12,7 @@ from httpx_sse import aconnect_sse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from progress_sse import jobs
+from progress_sse import jobs, worker_rules
 from progress_sse.errors import InvalidInput
 from progress_sse.settings import Settings
 
@@ -24,29 +24,30 @@ STAGES = (jobs.Stage("validate", "Validate", 5), jobs.Stage("metadata", "Metadat
 
 
 def new_job(stages: tuple[jobs.Stage, ...] = STAGES) -> jobs.Job:
-    spec = jobs.NewJob("j", "o", "k", "t", "q", stages, None, {}, 60, "h")
-    return jobs.create_job(spec, 0.0)[0]
+    spec = worker_rules.NewJob("j", "o", "k", "t", "q", stages, None, {}, 60, "h")
+    return worker_rules.create_job(spec, 0.0)[0]
 
 
 def test_stage_weights_make_the_overall_percentage() -> None:
     """Overall = finished stages' weight + the current stage's fraction of its own weight."""
-    assert jobs.overall_progress(STAGES, "validate", 0.0) == 0
-    assert jobs.overall_progress(STAGES, "transcript", 0.5) == 5 + 10 + 10
-    assert jobs.overall_progress(STAGES, "summary", 0.25) == 50 + 10
-    assert jobs.overall_progress(STAGES, "quality", 1.0) == 100
+    assert worker_rules.overall_progress(STAGES, "validate", 0.0) == 0
+    assert worker_rules.overall_progress(STAGES, "transcript", 0.5) == 5 + 10 + 10
+    assert worker_rules.overall_progress(STAGES, "summary", 0.25) == 50 + 10
+    assert worker_rules.overall_progress(STAGES, "quality", 1.0) == 100
     with pytest.raises(InvalidInput):
-        jobs.overall_progress(STAGES, "nope", 0.5)
+        worker_rules.overall_progress(STAGES, "nope", 0.5)
 
 
 def test_finish_succeeded_sets_100() -> None:
     """Succeeding sets 100% whatever the worker last said."""
-    job, _ = jobs.record_progress(new_job(), jobs.ProgressUpdate(stage="metadata"), 1.0)
-    job, drafts = jobs.finish(job, jobs.Finish(status="succeeded"), 2.0)
+    job, _ = worker_rules.record_progress(
+        new_job(), worker_rules.ProgressUpdate(stage="metadata"), 1.0)
+    job, drafts = worker_rules.finish(job, worker_rules.Finish(status="succeeded"), 2.0)
     assert (job.progress, drafts[-1].type) == (100.0, "finished")
 
 
 updates = st.builds(
-    jobs.ProgressUpdate,
+    worker_rules.ProgressUpdate,
     progress=st.none() | st.floats(0, 100),
     current=st.none() | st.floats(0, 50),
     total=st.none() | st.floats(50, 100),
@@ -57,15 +58,15 @@ updates = st.builds(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(updates, max_size=40), st.booleans())
 def test_percentage_stays_in_range_and_never_decreases(
-        seq: list[jobs.ProgressUpdate], staged: bool) -> None:
+        seq: list[worker_rules.ProgressUpdate], staged: bool) -> None:
     """For any sequence of posts the percentage is in [0, 100] and never goes down."""
     job = new_job(STAGES if staged else ())
     last = 0.0
     for i, upd in enumerate(seq):
         if staged and upd.stage is None and job.stage is None:
-            upd = jobs.ProgressUpdate(progress=upd.progress, current=upd.current,
+            upd = worker_rules.ProgressUpdate(progress=upd.progress, current=upd.current,
                                       total=upd.total, stage="validate")
-        job, drafts = jobs.record_progress(job, upd, float(i))
+        job, drafts = worker_rules.record_progress(job, upd, float(i))
         assert 0.0 <= job.progress <= 100.0
         assert job.progress >= last
         if drafts[-1].fields["held"]:
@@ -80,9 +81,9 @@ def test_eta_is_never_negative(posts: list[tuple[int, float]]) -> None:
     """Whatever is posted, the estimate is unknown or a non-negative number of seconds."""
     job = new_job()
     for i, (stage, pct) in enumerate(posts):
-        upd = jobs.ProgressUpdate(progress=pct, stage=STAGES[stage].key)
-        job, _ = jobs.record_progress(job, upd, float(i))
-        job = jobs.with_estimate(job, float(i) + 0.5, [])
+        upd = worker_rules.ProgressUpdate(progress=pct, stage=STAGES[stage].key)
+        job, _ = worker_rules.record_progress(job, upd, float(i))
+        job = worker_rules.with_estimate(job, float(i) + 0.5, [])
         assert job.eta_s is None or job.eta_s >= 0
 
 
@@ -147,10 +148,10 @@ async def test_queued_job_position_moves_when_a_job_ahead_starts(
 def test_far_back_places_are_announced_when_halved() -> None:
     """Moving from place 40 announces at 20 and 10, then every place from 5."""
     job = new_job().evolve(status="queued")
-    job, _ = jobs.with_queue_position(job, 40, None, 0.0)
+    job, _ = worker_rules.with_queue_position(job, 40, None, 0.0)
     announced = []
     for place in range(39, 0, -1):
-        job, drafts = jobs.with_queue_position(job, place, None, 0.0)
+        job, drafts = worker_rules.with_queue_position(job, place, None, 0.0)
         assert job.queue_position == place
         if drafts:
             announced.append(drafts[0].fields["queue_position"])

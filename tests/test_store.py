@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from progress_sse import jobs
+from progress_sse import jobs, worker_rules
 from progress_sse.errors import Unavailable
 from progress_sse.jobs import Job, Outcome
 from progress_sse.migrations import migrate_sqlite
@@ -20,18 +20,18 @@ from progress_sse.store.writer import Writer, WriterError
 
 
 def new_job(job_id: str) -> Write:
-    spec = jobs.NewJob(id=job_id, owner="anonymous", kind="k", title="", queue="default",
+    spec = worker_rules.NewJob(id=job_id, owner="anonymous", kind="k", title="", queue="default",
                        stages=(), total=None, meta={}, heartbeat_timeout_s=60, token_hash="h")
 
     def apply(job: Job | None, now: float) -> Outcome:
-        return jobs.create_job(spec, now)
+        return worker_rules.create_job(spec, now)
 
     return Write(job_id, apply, create=True)
 
 
 def log_line(job_id: str) -> Write:
-    line = jobs.LogLine(level="info", message="a line", seq=None, attempt=None)
-    return Write(job_id, lambda job, now: jobs.record_log(job, line, now))
+    line = worker_rules.LogLine(level="info", message="a line", seq=None, attempt=None)
+    return Write(job_id, lambda job, now: worker_rules.record_log(job, line, now))
 
 
 def broken(job_id: str) -> Write:
@@ -212,12 +212,12 @@ async def test_a_writer_far_behind_holds_the_store_back(tmp_path: Path) -> None:
     try:
         await store.submit(new_job("a"))
         await store.submit(log_line("a"))  # the batches below ask the writer nothing
-        big = jobs.LogLine(level="info", message="x" * 7000)
+        big = worker_rules.LogLine(level="info", message="x" * 7000)
         other = sqlite3.connect(db, isolation_level=None)
         other.execute("BEGIN EXCLUSIVE")
         try:
             sent = [asyncio.create_task(store.submit(
-                Write("a", lambda job, now: jobs.record_log(job, big, now))))
+                Write("a", lambda job, now: worker_rules.record_log(job, big, now))))
                 for _ in range(4000)]  # about 60 MB of writes
             async with asyncio.timeout(10):
                 while store.batches < 2 + MAX_FLIGHTS:

@@ -15,8 +15,9 @@ import bisect
 from collections.abc import Sequence
 from typing import Any
 
-from ..jobs import Job, finished_run
+from ..jobs import Job
 from ..ledger import HISTORY, Batch, Ledger
+from ..worker_rules import finished_run
 from .rows import job_from_doc
 
 ACTIVE = ("queued", "running", "paused", "cancelling")

@@ -8,7 +8,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import inputs, schema
-from .api import ctx_of, json_response
+from .api import json_response
+from .app_context import context_of
 from .auth import ADMIN, new_worker_token, require
 from .codec import dumps
 from .errors import JobNotFound
@@ -18,7 +19,7 @@ from .store import Write
 
 async def rotate_worker_token(request: Request) -> Response:
     """Give the job a new worker token; the body answers it, once (only its hash is kept)."""
-    ctx = ctx_of(request)
+    ctx = context_of(request)
     require(request, ADMIN)
     job_id = request.path_params["job_id"]
     await inputs.parse(request, schema.TokenRotation, ctx.settings.max_body_bytes)
