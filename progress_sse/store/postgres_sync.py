@@ -18,7 +18,7 @@ from typing import Any
 from ..jobs import Job
 from ..ledger import HISTORY, Batch, Ledger
 from ..worker_rules import finished_run
-from .rows import job_from_doc
+from .rows import job_doc, job_from_doc
 
 ACTIVE = ("queued", "running", "paused", "cancelling")
 
@@ -106,9 +106,7 @@ class LedgerSync:
 
 def job_row(job: Job, job_json: str, version: int, queue_seq: int | None) -> tuple[Any, ...]:
     """A job as its row (the document as the SQLite store keeps it)."""
-    from ..codec import dumps
-
-    doc = f'{{"job":{job_json},"private":{dumps(job.private())}}}'
+    doc = job_doc(job, job_json)
     return (job.id, job.owner, job.kind, job.queue, job.status, job.created_at,
             job.updated_at, job.finished_at, job.last_post_at, job.heartbeat_timeout_s,
             int(job.stalled), job.token_hash, doc, version, queue_seq)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from orjson import Fragment
+
 from ..codec import dumps, loads
 from ..jobs import Job
 from ..ledger import Batch
@@ -52,8 +54,14 @@ def job_rows(b: Batch, committed: Mapping[str, Job]
     return upserts, updates
 
 
+def job_doc(job: Job, job_json: str) -> str:
+    """A job as its stored document: its public JSON as answers carry it, and the
+    fields only the service sees (both stores keep it so; see job_from_doc)."""
+    return dumps({"job": Fragment(job_json), "private": job.private()})
+
+
 def job_row(job: Job, job_json: str) -> tuple[Any, ...]:
-    doc = f'{{"job":{job_json},"private":{dumps(job.private())}}}'
+    doc = job_doc(job, job_json)
     return (job.id, job.owner, job.kind, job.queue, job.status, job.created_at, job.updated_at,
             job.finished_at, job.last_post_at, job.heartbeat_timeout_s, int(job.stalled),
             job.token_hash, doc)
