@@ -20,6 +20,11 @@ alone: see app.Service), leaves the stream there to run once they have all
 returned, with the server's own `send`. So an idle stream keeps six suspended
 coroutine frames instead of eleven, and its live chunks can go straight to
 uvicorn's connection (uvicorn_direct).
+
+At about 420 lines this module is over the size we aim for: it is one response's
+life (start, catch-up, live pushes, the end), and the invariants that keep a stream
+lossless (the cursor never moves back, pushes at or below it are dropped, a
+subscription follows a read with no await between) hold across all of it.
 """
 
 from __future__ import annotations
