@@ -17,9 +17,10 @@ from httpx_sse import aconnect_sse
 from progress_sse.auth import mint_token
 from progress_sse.settings import Settings
 
-from .conftest import db_events
 from .helpers import ProcessService, create_job, free_port, start_service, wait_for
+from .stored import db_events
 
+STORES = ("sqlite", "postgres")  # every test asking for `db` runs on both (conftest.py)
 SECRET = "a-test-secret-that-is-long-enough-0123456789"
 
 
@@ -105,7 +106,7 @@ async def test_streams_that_do_not_read_hold_a_bounded_amount(tmp_path: Path) ->
                                       json={"progress": i / 5, "message": "x" * 1000,
                                             "data": {"blob": blob, "i": i}})
                 assert r.status_code == 200, r.text
-            events = db_events(db)
+            events = await db_events(db)
             assert sum(len(str(e)) for e in events) > 12_000_000
             await client.get("/healthz")
             before = svc.rss_kib()

@@ -23,9 +23,10 @@ from httpx_sse import aconnect_sse
 from progress_sse.auth import mint_token
 from progress_sse.settings import Settings
 
-from .conftest import db_events
 from .helpers import start_service
+from .stored import db_events
 
+STORES = ("sqlite", "postgres")  # every test asking for `db` runs on both (conftest.py)
 SECRET = "a-test-secret-that-is-long-enough-0123456789"
 WORK_S = 6.0  # how long the worker posts
 STORMERS = 16  # bob's concurrent open-and-close loops
@@ -156,7 +157,7 @@ async def test_resuming_readers_lose_nothing_during_a_stream_storm(
         await asyncio.gather(*stormers, return_exceptions=True)
         await svc.stop()
 
-    stored = [e for e in db_events(settings.db, after=start) if e["job_id"] in ids]
+    stored = [e for e in await db_events(settings.db, after=start) if e["job_id"] in ids]
     expected = {
         "all": [e["id"] for e in stored],
         "job filter": [e["id"] for e in stored if e["job_id"] == ids[0]],

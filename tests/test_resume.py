@@ -14,9 +14,10 @@ from httpx_sse import aconnect_sse
 
 from progress_sse.settings import Settings
 
-from .conftest import db_events
 from .helpers import Service, create_job, relay_send, start_service
+from .stored import db_events
 
+STORES = ("sqlite", "postgres")  # every test asking for `db` runs on both (conftest.py)
 JOBS = 4
 POSTS_PER_JOB = 150
 READERS = 6
@@ -109,7 +110,7 @@ async def test_readers_resuming_at_random_points_lose_nothing(service: Service) 
             results = await asyncio.gather(*readers)
             job_results = await asyncio.gather(*per_job)
 
-    stored = db_events(service.settings.db)
+    stored = await db_events(service.settings.db)
     stored_ids = [e["id"] for e in stored]
     assert stored_ids == list(range(1, total + 1))  # contiguous, in commit order
     for seen, reconnects in results:
