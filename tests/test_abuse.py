@@ -28,6 +28,8 @@ def bearer(sub: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {mint_token(SECRET, sub, 'read create', 600)}"}
 
 
+@pytest.mark.sqlite_only("the hub's wake-ups, not the store's (unknown jobs are 404 on both "
+                        "stores in test_api and test_auth); 25 s a run")
 async def test_long_polls_keep_nothing_for_unknown_jobs_or_junk_credentials(
         settings: Settings) -> None:
     """Long polls with junk credentials, unknown or huge ids hold no wake-up; real ones

@@ -132,8 +132,9 @@ async def test_lagging_reader_reads_from_store_beyond_the_tail(settings: Setting
                 await client.post(f"/api/jobs/{job['id']}/progress", json={"progress": i / 2})
             assert svc.ctx.hub.after(1, 10) is None  # the tail no longer reaches back
             seen: list[int] = []
-            async with aconnect_sse(client, "GET", "/api/events",
-                                    headers={"Last-Event-ID": "1"}) as src:
+            async with asyncio.timeout(20), \
+                    aconnect_sse(client, "GET", "/api/events",
+                                 headers={"Last-Event-ID": "1"}) as src:
                 async for ev in src.aiter_sse():
                     assert ev.data and ev.id, f"an event without data or id: {ev}"
                     seen.append(int(ev.id))
