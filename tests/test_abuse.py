@@ -91,6 +91,7 @@ async def _open_unread(port: int, path: str, last_event_id: int) -> asyncio.Stre
 
 
 @pytest.mark.slow
+@pytest.mark.sqlite_only("the RSS of a process on a SQLite file (ProcessService), 12 s")
 async def test_streams_that_do_not_read_hold_a_bounded_amount(tmp_path: Path) -> None:
     """Thirty streams replaying a log of big events to clients that never read hold a few
     hundred KiB each in the server, not the replay; the others are served meanwhile and

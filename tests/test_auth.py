@@ -815,6 +815,7 @@ async def test_dashboard_sign_in_refuses_control_characters_in_the_path(
         await svc.stop()
 
 
+@pytest.mark.sqlite_only("the log of a separate process; redaction is not the store's")
 async def test_access_token_is_redacted_in_every_log_line(tmp_path: Path) -> None:
     """Tokens sent as ?access_token= never reach the service's log, whatever the answer."""
     proc = ProcessService(db=str(tmp_path / "p.db"), port=free_port(),
