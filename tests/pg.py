@@ -10,16 +10,17 @@ users share the server. Outages are a proxy the test controls, never the server.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -29,6 +30,17 @@ from .helpers import ROOT
 ADMIN = os.environ.get("PROGRESS_SSE_TEST_POSTGRES",
                        "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_HOST, PG_PORT = "127.0.0.1", 5432
+# tables `empty` leaves: the applied migrations, and the one-row tables it resets
+KEPT = ("schema_migrations", "event_head", "leases")
+
+T = TypeVar("T")
+
+
+def blocking(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to its end on a loop of its own in another thread: from a sync fixture,
+    without touching the current thread's event loop (the tests' loop may be set)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def dsn_for(name: str, port: int | None = None) -> str:
@@ -84,11 +96,36 @@ async def database() -> AsyncIterator[str]:
 
 def module_database() -> Iterator[str]:
     """A test module's own database, as a fixture: `pg_dsn = module_fixture()`."""
-    name = asyncio.run(create_database())
+    name = blocking(create_database())
     try:
         yield dsn_for(name)
     finally:
-        asyncio.run(drop_database(name))
+        blocking(drop_database(name))
+
+
+async def empty(dsn: str) -> None:
+    """Make the database as a new one is once migrated, fast (~15 ms, where creating,
+    migrating and dropping a database takes ~0.5 s): migrate (nothing to do after the
+    first time), empty every table, reset the head and the leases. Fails at once if a
+    service left running still holds a table."""
+    import asyncpg
+
+    from progress_sse.store.postgres_schema import migrate
+
+    await migrate(dsn)
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        tables = [r[0] for r in await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " AND tablename <> ALL($1::text[])", list(KEPT))]
+        async with conn.transaction():
+            await conn.execute("SET LOCAL lock_timeout = '2s'")
+            await conn.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables)
+                               + " RESTART IDENTITY")
+            await conn.execute("UPDATE event_head SET head = 0, version = 0")
+            await conn.execute("UPDATE leases SET holder = '', until = '-infinity'")
+    finally:
+        await conn.close()
 
 
 def module_fixture() -> Any:

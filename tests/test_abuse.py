@@ -16,9 +16,10 @@ from httpx_sse import aconnect_sse
 from progress_sse.auth import mint_token
 from progress_sse.settings import Settings
 
-from .conftest import db_events
 from .helpers import ProcessService, create_job, free_port, start_service, wait_for
+from .stored import db_events
 
+STORES = ("sqlite", "postgres")  # every test asking for `db` runs on both (conftest.py)
 SECRET = "a-test-secret-that-is-long-enough-0123456789"
 
 
@@ -26,6 +27,8 @@ def bearer(sub: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {mint_token(SECRET, sub, 'read create', 600)}"}
 
 
+@pytest.mark.sqlite_only("the hub's wake-ups, not the store's (unknown jobs are 404 on both "
+                        "stores in test_api and test_auth); 25 s a run")
 async def test_long_polls_keep_nothing_for_unknown_jobs_or_junk_credentials(
         settings: Settings) -> None:
     """Long polls with junk credentials, unknown or huge ids hold no wake-up; real ones
@@ -87,6 +90,7 @@ async def _open_unread(port: int, path: str, last_event_id: int) -> asyncio.Stre
 
 
 @pytest.mark.slow
+@pytest.mark.sqlite_only("the RSS of a process on a SQLite file (ProcessService), 12 s")
 async def test_streams_that_do_not_read_hold_a_bounded_amount(tmp_path: Path) -> None:
     """Thirty streams replaying a log of big events to clients that never read hold a few
     hundred KiB each in the server, not the replay; the others are served meanwhile and
@@ -104,7 +108,7 @@ async def test_streams_that_do_not_read_hold_a_bounded_amount(tmp_path: Path) ->
                                       json={"progress": i / 5, "message": "x" * 1000,
                                             "data": {"blob": blob, "i": i}})
                 assert r.status_code == 200, r.text
-            events = db_events(db)
+            events = await db_events(db)
             assert sum(len(str(e)) for e in events) > 12_000_000
             await client.get("/healthz")
             before = svc.rss_kib()

@@ -1,4 +1,4 @@
-"""The JSON API over a real server and a real SQLite file."""
+"""The JSON API over a real server, on each store."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from starlette.types import ASGIApp
 from progress_sse.app import Service as App
 from progress_sse.settings import Settings
 
-from .conftest import db_events
 from .helpers import Service, create_job, metric, start_service
+from .stored import db_events
 
+STORES = ("sqlite", "postgres")  # every test asking for `db` runs on both (conftest.py)
 STAGES = [{"key": "fetch", "label": "Fetch", "weight": 1},
           {"key": "encode", "label": "Encode", "weight": 3}]
 
@@ -45,7 +46,7 @@ async def test_create_with_client_id_is_idempotent(client: httpx.AsyncClient,
     assert (first.status_code, again.status_code) == (201, 200)
     assert again.json()["job"]["id"] == "export-42"
     assert "worker_token" not in again.json()
-    assert [e["type"] for e in db_events(service.settings.db)] == ["created"]
+    assert [e["type"] for e in await db_events(service.settings.db)] == ["created"]
 
 
 async def test_progress_json_and_form(client: httpx.AsyncClient) -> None:
@@ -80,7 +81,7 @@ async def test_integers_beyond_64_bits_are_refused_not_rounded(
         r = await client.post(url, content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["field"] == "data"
-    assert [e["type"] for e in db_events(service.settings.db)] == ["created"]
+    assert [e["type"] for e in await db_events(service.settings.db)] == ["created"]
     r = await client.post(url, json={"progress": 2, "message": f"order {big}",
                                      "data": {"n": 2**62}})
     assert r.status_code == 200, r.text
@@ -135,13 +136,13 @@ async def test_post_to_finished_job_is_409_and_stores_nothing(
     job = await create_job(client)
     await client.post(f"/api/jobs/{job['id']}/finish", json={"status": "failed",
                                                              "error": "boom"})
-    before = db_events(service.settings.db)
+    before = await db_events(service.settings.db)
     for path, body in (("progress", {"progress": 50}), ("log", {"message": "x"}),
                        ("finish", {"status": "succeeded"})):
         r = await client.post(f"/api/jobs/{job['id']}/{path}", json=body)
         assert r.status_code == 409, path
         assert r.json()["error"]["code"] == "job_finished"
-    assert db_events(service.settings.db) == before
+    assert await db_events(service.settings.db) == before
 
 
 async def test_get_and_list_jobs(client: httpx.AsyncClient) -> None:
@@ -285,7 +286,7 @@ async def test_hot_routes_answer_like_the_router(client: httpx.AsyncClient) -> N
 
 
 async def test_a_crash_in_a_worker_route_is_a_json_500_and_the_service_carries_on(
-        db_path: str) -> None:
+        db: str) -> None:
     """An exception that is not one of ours (a bug) answers like the router would: a 500
     in the error shape, with the request id, logged; the next request is served."""
     async def broken(request: Request) -> Response:
@@ -299,7 +300,7 @@ async def test_a_crash_in_a_worker_route_is_a_json_500_and_the_service_carries_o
         routes[at] = Route("/api/jobs/{job_id}/progress", broken, methods=["POST"])
         return app
 
-    svc = await start_service(Settings(db=db_path), wrap=break_progress)
+    svc = await start_service(Settings(db=db), wrap=break_progress)
     try:
         async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c:
             job = await create_job(c)

@@ -12,7 +12,6 @@ import hmac
 import json
 import re
 import shutil
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -40,7 +39,9 @@ from .helpers import (
     start_service,
     wait_for,
 )
+from .stored import dump, event_count, fetch, stored_job
 
+STORES = ("sqlite", "postgres")  # every test asking for `db` runs on both (conftest.py)
 SECRET = "a-test-secret-that-is-long-enough-0123456789"
 SSE = {"Accept": "text/event-stream"}
 
@@ -68,20 +69,8 @@ RITA, ROOT = token("rita", "read"), token("root", "admin")
 
 
 @pytest.fixture
-def settings(db_path: str) -> Settings:
-    return Settings(db=db_path, keepalive_s=15.0, jwt_secret=SECRET)
-
-
-def event_count(db: str) -> int:
-    with sqlite3.connect(db) as conn:
-        return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-
-
-def stored_job(db: str, job_id: str) -> tuple[Any, ...]:
-    with sqlite3.connect(db) as conn:
-        row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-    assert row is not None
-    return tuple(row)
+def settings(db: str) -> Settings:
+    return Settings(db=db, keepalive_s=15.0, jwt_secret=SECRET)
 
 
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> None:
@@ -255,7 +244,7 @@ async def test_missing_or_bad_credentials_are_401(client: httpx.AsyncClient,
     no_exp = jwt.encode({"sub": "alice", "scope": "read"}, SECRET, algorithm="HS256")
     no_sub = jwt.encode({"scope": "read", "exp": now + 60}, SECRET, algorithm="HS256")
     bad_scope = jwt.encode({"sub": "a", "scope": 5, "exp": now + 60}, SECRET, algorithm="HS256")
-    before = event_count(service.settings.db)
+    before = await event_count(service.settings.db)
     cases: list[dict[str, str]] = [
         {}, {"Authorization": "Basic YTpi"}, {"Authorization": "Bearer"},
         bearer("not-a-jwt"), bearer("a.b.c"), bearer(forged), bearer(unsigned), bearer(expired),
@@ -271,7 +260,7 @@ async def test_missing_or_bad_credentials_are_401(client: httpx.AsyncClient,
             assert r.headers["www-authenticate"].startswith("Bearer"), headers
     r = await client.get("/api/jobs", params={"access_token": forged})
     assert_error(r, 401)
-    assert event_count(service.settings.db) == before
+    assert await event_count(service.settings.db) == before
 
 
 async def test_expiry_is_honoured_with_the_leeway(client: httpx.AsyncClient) -> None:
@@ -287,9 +276,9 @@ async def test_expiry_is_honoured_with_the_leeway(client: httpx.AsyncClient) -> 
     assert 'error="invalid_token"' in r.headers["www-authenticate"]
 
 
-async def test_issuer_and_audience_are_checked(db_path: str) -> None:
+async def test_issuer_and_audience_are_checked(db: str) -> None:
     """With jwt_issuer and jwt_audience set, tokens must carry both, matching."""
-    svc = await start_service(Settings(db=db_path, jwt_secret=SECRET, jwt_issuer="corp",
+    svc = await start_service(Settings(db=db, jwt_secret=SECRET, jwt_issuer="corp",
                                        jwt_audience="progress"))
     try:
         async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c:
@@ -326,7 +315,7 @@ async def test_token_without_the_scope_is_403(client: httpx.AsyncClient,
                                               service: Service) -> None:
     """A read-only token cannot create, control or post as a worker; only admin rotates."""
     job_id, _ = await new_job(client, ALICE)
-    before = event_count(service.settings.db)
+    before = await event_count(service.settings.db)
     assert_error(await client.post("/api/jobs", json={}, headers=bearer(RITA)), 403, "forbidden")
     odd = jwt.encode({"sub": "x", "scope": "admin2 root", "exp": int(time.time()) + 60},
                      SECRET, algorithm="HS256")
@@ -341,7 +330,7 @@ async def test_token_without_the_scope_is_403(client: httpx.AsyncClient,
     assert_error(await client.get("/api/jobs", headers=bearer(only_create)), 403)
     assert_error(await client.post(f"/api/jobs/{job_id}/cancel", json={},
                                    headers=bearer(RITA)), 403)
-    assert event_count(service.settings.db) == before
+    assert await event_count(service.settings.db) == before
 
 
 async def test_scopes_split_on_ascii_spaces_and_commas_only(client: httpx.AsyncClient) -> None:
@@ -413,8 +402,8 @@ async def test_other_users_jobs_are_404_on_every_endpoint(client: httpx.AsyncCli
                           headers={"X-Worker-Token": a_token})
     assert r.status_code == 200
     _, c_token = await new_job(client, CAROL)
-    before = event_count(service.settings.db)
-    state = stored_job(service.settings.db, a_id)
+    before = await event_count(service.settings.db)
+    state = await stored_job(service.settings.db, a_id)
 
     for method, suffix, body, extra in VIEWER_CALLS + WORKER_CALLS:
         r = await call(client, a_id, method, suffix, body, {**extra, **bearer(BOB)})
@@ -436,8 +425,8 @@ async def test_other_users_jobs_are_404_on_every_endpoint(client: httpx.AsyncCli
         r = await call(client, "no-such-job", method, suffix, body, {**extra, **bearer(BOB)})
         assert_error(r, 404)
 
-    assert event_count(service.settings.db) == before
-    assert stored_job(service.settings.db, a_id) == state
+    assert await event_count(service.settings.db) == before
+    assert await stored_job(service.settings.db, a_id) == state
     bobs = (await client.get("/api/jobs", headers=bearer(BOB))).json()["jobs"]
     assert bobs == []
     everyone = (await client.get("/api/jobs", headers=bearer(ROOT))).json()["jobs"]
@@ -504,14 +493,14 @@ async def test_taken_id_answers_409_without_the_job(client: httpx.AsyncClient,
     """Creating an id another user owns is a 409 that names no owner and carries no job;
     the same create by the owner is the idempotent 200."""
     await new_job(client, ALICE, id="shared-1", title="secret title")
-    before = event_count(service.settings.db)
+    before = await event_count(service.settings.db)
     r = await client.post("/api/jobs", json={"id": "shared-1"}, headers=bearer(BOB))
     assert_error(r, 409, "conflict")
     assert "job" not in r.json() and "secret" not in r.text and "alice" not in r.text
     assert_error(await client.get("/api/jobs/shared-1", headers=bearer(BOB)), 404)
     again = await client.post("/api/jobs", json={"id": "shared-1"}, headers=bearer(ALICE))
     assert (again.status_code, again.json()["created"]) == (200, False)
-    assert event_count(service.settings.db) == before
+    assert await event_count(service.settings.db) == before
 
 
 async def test_queue_position_counts_other_owners_jobs_in_the_same_queue(
@@ -563,11 +552,11 @@ async def test_only_the_hash_of_a_worker_token_is_stored(client: httpx.AsyncClie
                                                          service: Service) -> None:
     """The database holds the sha256 of the worker token, never the token."""
     a_id, a_token = await new_job(client, ALICE)
-    with sqlite3.connect(service.settings.db) as conn:
-        (stored,) = conn.execute("SELECT token_hash FROM jobs WHERE id=?", (a_id,)).fetchone()
-        dump = "\n".join(conn.iterdump())
+    [(stored,)] = await fetch(service.settings.db, "SELECT token_hash FROM jobs WHERE id = ?",
+                              a_id)
+    everything = await dump(service.settings.db)
     assert stored == hashlib.sha256(a_token.encode()).hexdigest()
-    assert a_token not in dump
+    assert a_token not in everything
     r = await client.get(f"/api/jobs/{a_id}", headers=bearer(ALICE))
     assert "token" not in r.text
 
@@ -576,12 +565,12 @@ async def test_admin_rotates_a_worker_token(client: httpx.AsyncClient,
                                             service: Service) -> None:
     """After rotation the new token works and the old one is a 401; no event is stored."""
     a_id, old = await new_job(client, ALICE)
-    before = event_count(service.settings.db)
+    before = await event_count(service.settings.db)
     r = await client.post(f"/api/jobs/{a_id}/worker-token", headers=bearer(ROOT))
     assert r.status_code == 200, r.text
     new = r.json()["worker_token"]
     assert r.json()["job_id"] == a_id and new != old
-    assert event_count(service.settings.db) == before
+    assert await event_count(service.settings.db) == before
     assert_error(await client.post(f"/api/jobs/{a_id}/log", json={"message": "x"},
                                    headers={"X-Worker-Token": old}), 401)
     r = await client.post(f"/api/jobs/{a_id}/log", json={"message": "x"},
@@ -592,9 +581,9 @@ async def test_admin_rotates_a_worker_token(client: httpx.AsyncClient,
                                    headers=bearer(ROOT)), 400)
 
 
-async def test_worker_token_is_optional_without_auth_but_checked(db_path: str) -> None:
+async def test_worker_token_is_optional_without_auth_but_checked(db: str) -> None:
     """With auth=none anyone on loopback may post, but a wrong worker token is a 401."""
-    svc = await start_service(Settings(db=db_path))
+    svc = await start_service(Settings(db=db))
     try:
         async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c:
             r = await c.post("/api/jobs", json={})
@@ -604,7 +593,7 @@ async def test_worker_token_is_optional_without_auth_but_checked(db_path: str) -
             for cred in ({"X-Worker-Token": good}, bearer(good)):
                 r = await c.post(f"/api/jobs/{job_id}/log", json={"message": "b"}, headers=cred)
                 assert r.status_code == 200
-            before = event_count(db_path)
+            before = await event_count(db)
             for cred in ({"X-Worker-Token": "wrong"}, bearer("wrong"),
                          {"X-Worker-Token": ""}):
                 r = await c.post(f"/api/jobs/{job_id}/log", json={"message": "c"}, headers=cred)
@@ -615,7 +604,7 @@ async def test_worker_token_is_optional_without_auth_but_checked(db_path: str) -
                 assert_error(r, 401)
                 r = await c.get(f"/api/jobs/{job_id}/control", headers=cred)
                 assert_error(r, 401)
-            assert event_count(db_path) == before
+            assert await event_count(db) == before
             assert_error(await c.post("/api/jobs/nope/log", json={"message": "c"},
                                       headers={"X-Worker-Token": "wrong"}), 404)
     finally:
@@ -626,8 +615,8 @@ async def test_worker_token_is_optional_without_auth_but_checked(db_path: str) -
 
 
 @pytest.fixture
-def quota_settings(db_path: str) -> Settings:
-    return Settings(db=db_path, jwt_secret=SECRET, max_streams_per_user=2)
+def quota_settings(db: str) -> Settings:
+    return Settings(db=db, jwt_secret=SECRET, max_streams_per_user=2)
 
 
 async def test_streams_per_user_are_limited_with_retry_after(quota_settings: Settings) -> None:
@@ -680,11 +669,11 @@ async def test_security_headers_on_every_response(client: httpx.AsyncClient) -> 
     assert responses[4].json()["error"]["code"] == "not_found"
 
 
-async def test_cors_allows_listed_origins_with_credentials(db_path: str) -> None:
+async def test_cors_allows_listed_origins_with_credentials(db: str) -> None:
     """Listed origins get a credentialed CORS answer naming them (never *); others nothing,
     and their preflights a JSON 403. (Starlette's CORSMiddleware answers an allowed
     preflight 200, where our own answered 204: both are what browsers take.)"""
-    svc = await start_service(Settings(db=db_path, jwt_secret=SECRET,
+    svc = await start_service(Settings(db=db, jwt_secret=SECRET,
                                        cors_origins="https://dash.example"))
     try:
         async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c:
@@ -723,7 +712,7 @@ async def test_cross_origin_writes_are_refused(client: httpx.AsyncClient,
     """A POST from another site's page is a 403 and stores nothing; from the service's own
     page, or with no Origin (curl, workers), it goes through."""
     job_id, _ = await new_job(client, ALICE)
-    before = event_count(service.settings.db)
+    before = await event_count(service.settings.db)
     for origin in ("https://evil.example", "null", service.url.replace("127.0.0.1", "localhost")):
         for path in ("/api/jobs", f"/api/jobs/{job_id}/cancel",
                      f"/api/jobs/{job_id}/progress"):
@@ -731,7 +720,7 @@ async def test_cross_origin_writes_are_refused(client: httpx.AsyncClient,
                                                           "Cookie": f"{COOKIE}={ALICE}"})
             assert_error(r, 403, "cross_origin")
             assert r.headers["x-request-id"] and r.headers["x-content-type-options"]
-    assert event_count(service.settings.db) == before
+    assert await event_count(service.settings.db) == before
     r = await client.post("/api/jobs", json={}, headers={"Origin": service.url,
                                                          "Cookie": f"{COOKIE}={ALICE}"})
     assert r.status_code == 201
@@ -741,15 +730,15 @@ async def test_cross_origin_writes_are_refused(client: httpx.AsyncClient,
     assert r.status_code == 201
 
 
-async def test_foreign_host_names_are_refused_without_auth(db_path: str) -> None:
+async def test_foreign_host_names_are_refused_without_auth(db: str) -> None:
     """Without authentication a Host that is a foreign DNS name (DNS rebinding) is refused;
     localhost, IP addresses and single labels are served."""
-    svc = await start_service(Settings(db=db_path))
+    svc = await start_service(Settings(db=db))
     port = svc.settings.port
     try:
         async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c:
             job = (await c.post("/api/jobs", json={})).json()["job"]["id"]
-            before = event_count(db_path)
+            before = await event_count(db)
             for host in (f"attacker.example:{port}", "rebind.attacker.example"):
                 r = await c.get("/api/jobs", headers={"Host": host})
                 assert_error(r, 400, "host_not_allowed")
@@ -761,7 +750,7 @@ async def test_foreign_host_names_are_refused_without_auth(db_path: str) -> None
                                         json={"progress": 1, "message": "m"},
                                         headers={"Host": host})
                     assert_error(r, 400, "host_not_allowed")
-            assert event_count(db_path) == before
+            assert await event_count(db) == before
             for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}",
                          "app.localhost", "b"):
                 assert (await c.get("/api/jobs", headers={"Host": host})).status_code == 200
@@ -812,11 +801,11 @@ async def raw_get(port: int, target: bytes) -> tuple[int, dict[bytes, bytes], by
 
 @pytest.mark.parametrize("http", ["httptools", "h11"])
 async def test_dashboard_sign_in_refuses_control_characters_in_the_path(
-        db_path: str, http: str) -> None:
+        db: str, http: str) -> None:
     """A control character in the path cannot go into the redirect's Location (the server
     refuses the header and drops the connection; urlsplit drops TAB, CR and LF silently):
     400 with the JSON error. Spaces and non-ASCII letters are percent-encoded."""
-    svc = await start_service(Settings(db=db_path, jwt_secret=SECRET), http=http)
+    svc = await start_service(Settings(db=db, jwt_secret=SECRET), http=http)
     query = b"?access_token=" + ALICE.encode()
     try:
         for char in (b"%00", b"%01", b"%09", b"%0B", b"%0C", b"%0D", b"%1F", b"%7F"):
@@ -837,6 +826,7 @@ async def test_dashboard_sign_in_refuses_control_characters_in_the_path(
         await svc.stop()
 
 
+@pytest.mark.sqlite_only("the log of a separate process; redaction is not the store's")
 async def test_access_token_is_redacted_in_every_log_line(tmp_path: Path) -> None:
     """Tokens sent as ?access_token= never reach the service's log, whatever the answer."""
     proc = ProcessService(db=str(tmp_path / "p.db"), port=free_port(),
@@ -879,6 +869,7 @@ async def test_access_token_is_redacted_in_every_log_line(tmp_path: Path) -> Non
 
 
 @pytest.mark.browser
+@pytest.mark.sqlite_only("Chromium's view of the API, whose isolation runs on both stores above")
 async def test_dashboard_signs_in_and_shows_own_jobs_under_the_real_csp(
         client: httpx.AsyncClient, service: Service) -> None:
     """In Chromium, /?access_token= signs in; the page shows alice's jobs only, live, under

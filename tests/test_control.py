@@ -11,8 +11,10 @@ import httpx
 from progress_sse import control_rules, jobs, worker_rules
 from progress_sse.settings import Settings
 
-from .conftest import db_events
 from .helpers import Service, create_job, start_service, wait_for
+from .stored import db_events
+
+STORES = ("sqlite", "postgres")  # every test asking for `db` runs on both (conftest.py)
 
 
 async def post(client: httpx.AsyncClient, job_id: str, what: str, **body: Any) -> httpx.Response:
@@ -121,12 +123,12 @@ async def test_duplicate_seq_stores_nothing_and_answers_the_original(
     job = await create_job(client)
     first = await post(client, job["id"], "progress", progress=10, seq=1)
     await post(client, job["id"], "progress", progress=20, seq=2)
-    before = db_events(service.settings.db)
+    before = await db_events(service.settings.db)
     retry = await post(client, job["id"], "progress", progress=10, seq=1)
     assert retry.status_code == 200
     assert retry.json()["duplicate"] is True
     assert retry.json()["event_id"] == first.json()["event_id"]
-    assert db_events(service.settings.db) == before
+    assert await db_events(service.settings.db) == before
     gap = await post(client, job["id"], "log", message="x", seq=2)  # seq 2 was a progress
     assert gap.json()["duplicate"] is True
 
@@ -141,11 +143,11 @@ async def test_stale_attempt_is_409_and_requeue_starts_a_new_one(
     assert r.json()["job"]["attempt"] == 2
     assert r.json()["job"]["status"] == "queued"
     assert r.json()["job"]["progress"] == 0
-    before = db_events(service.settings.db)
+    before = await db_events(service.settings.db)
     zombie = await post(client, job["id"], "progress", progress=90, attempt=1, seq=3)
     assert zombie.status_code == 409
     assert zombie.json()["error"]["code"] == "stale_attempt"
-    assert db_events(service.settings.db) == before
+    assert await db_events(service.settings.db) == before
     future = await post(client, job["id"], "progress", progress=90, attempt=3)
     assert future.status_code == 409
     fresh = await post(client, job["id"], "progress", progress=5, attempt=2, seq=1)
@@ -185,11 +187,11 @@ async def test_heartbeat_stores_no_event(client: httpx.AsyncClient, service: Ser
     """A heartbeat of a healthy running job changes nothing viewers see."""
     job = await create_job(client)
     await post(client, job["id"], "progress", progress=10)
-    before = db_events(service.settings.db)
+    before = await db_events(service.settings.db)
     r = await post(client, job["id"], "heartbeat")
     assert r.status_code == 200
     assert r.json()["event_id"] is None
-    assert db_events(service.settings.db) == before
+    assert await db_events(service.settings.db) == before
 
 
 async def test_force_cancel_closes_at_once_and_refuses_the_worker(

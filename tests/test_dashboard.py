@@ -19,7 +19,6 @@ import pytest
 from progress_sse.settings import Settings
 
 from .browser import OUTPUT, WATCH_SCRIPT, chromium, new_page, problems, require_browser
-from .conftest import db_events
 from .helpers import (
     ProcessService,
     Service,
@@ -30,6 +29,7 @@ from .helpers import (
     stored_log,
     wait_for,
 )
+from .stored import db_events
 
 require_browser()
 
@@ -209,7 +209,7 @@ async def test_reconnects_after_restart_without_loss(tmp_path: Path) -> None:
             await expect(conn).to_have_attribute("data-state", "live")
 
             first_snapshot = (await page.evaluate("window.__progressSse.snapshotIds"))[0]
-            stored = [e["id"] for e in db_events(db, after=first_snapshot)]
+            stored = [e["id"] for e in await db_events(db, after=first_snapshot)]
             await wait_for(lambda: page.evaluate("window.__progressSse.lastId == "
                                                  f"{stored[-1]}"), what="the last event")
             seen = await page.evaluate("window.__progressSse.seenIds")

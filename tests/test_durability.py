@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import db_events
 from .helpers import (
     ProcessService,
     aiter_sse_lines,
@@ -24,6 +23,7 @@ from .helpers import (
     sse_lines,
     wait_for,
 )
+from .stored import db_events
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ async def test_kill_9_keeps_every_acknowledged_event(proc: ProcessService) -> No
         proc.wait()
         await asyncio.gather(*tasks)
     proc.start()
-    stored = {e["id"]: e for e in db_events(proc.db)}
+    stored = {e["id"]: e for e in await db_events(proc.db)}
     missing = sorted(set(acked) - set(stored))
     assert not missing, f"acknowledged events lost: {missing[:10]}"
     for event_id, (job_id, progress) in acked.items():

@@ -19,8 +19,8 @@ from progress_sse.app import Service as App
 from progress_sse.settings import Settings
 from progress_sse.streams import EventStream
 
-from .conftest import db_events
 from .helpers import Service, create_job, start_service, wait_for
+from .stored import db_events
 
 SSE = {"Accept": "text/event-stream"}
 TAG = b": tagged\n"
@@ -85,7 +85,7 @@ async def read_live(svc: Service, posts: int) -> tuple[bytes, list[int], int]:
                     while f"id: {event_id}\n".encode() not in raw:
                         raw += await anext(chunks)
     ids = [int(line[4:]) for line in raw.decode().splitlines() if line.startswith("id: ")]
-    stored = [e["id"] for e in db_events(svc.settings.db) if e["job_id"] == job["id"]]
+    stored = [e["id"] for e in await db_events(svc.settings.db) if e["job_id"] == job["id"]]
     return raw, ids, stored[-1]
 
 

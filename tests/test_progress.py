@@ -18,6 +18,7 @@ from progress_sse.settings import Settings
 
 from .helpers import create_job, start_service
 
+STORES = ("sqlite", "postgres")  # every test asking for `db` runs on both (conftest.py)
 STAGES = (jobs.Stage("validate", "Validate", 5), jobs.Stage("metadata", "Metadata", 10),
           jobs.Stage("transcript", "Transcript", 20), jobs.Stage("analysis", "Analysis", 15),
           jobs.Stage("summary", "Summary", 40), jobs.Stage("quality", "Quality", 10))

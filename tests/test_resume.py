@@ -13,9 +13,10 @@ from httpx_sse import aconnect_sse
 
 from progress_sse.settings import Settings
 
-from .conftest import db_events
 from .helpers import Service, create_job, relay_send, start_service
+from .stored import db_events
 
+STORES = ("sqlite", "postgres")  # every test asking for `db` runs on both (conftest.py)
 JOBS = 4
 POSTS_PER_JOB = 150
 READERS = 6
@@ -108,7 +109,7 @@ async def test_readers_resuming_at_random_points_lose_nothing(service: Service) 
             results = await asyncio.gather(*readers)
             job_results = await asyncio.gather(*per_job)
 
-    stored = db_events(service.settings.db)
+    stored = await db_events(service.settings.db)
     stored_ids = [e["id"] for e in stored]
     assert stored_ids == list(range(1, total + 1))  # contiguous, in commit order
     for seen, reconnects in results:
@@ -130,8 +131,9 @@ async def test_lagging_reader_reads_from_store_beyond_the_tail(settings: Setting
                 await client.post(f"/api/jobs/{job['id']}/progress", json={"progress": i / 2})
             assert svc.ctx.hub.after(1, 10) is None  # the tail no longer reaches back
             seen: list[int] = []
-            async with aconnect_sse(client, "GET", "/api/events",
-                                    headers={"Last-Event-ID": "1"}) as src:
+            async with asyncio.timeout(20), \
+                    aconnect_sse(client, "GET", "/api/events",
+                                 headers={"Last-Event-ID": "1"}) as src:
                 async for ev in src.aiter_sse():
                     assert ev.data and ev.id, f"an event without data or id: {ev}"
                     seen.append(int(ev.id))

@@ -24,6 +24,7 @@ from progress_sse.settings import Settings
 
 from .helpers import Service
 
+STORES = ("sqlite", "postgres")  # every test asking for `db` runs on both (conftest.py)
 SECRET = "a-test-secret-that-is-long-enough-0123456789"
 JSON, FORM = "application/json", "application/x-www-form-urlencoded"
 # keywords that state no bound of their own (a union's branches are walked one by one)
@@ -216,8 +217,8 @@ async def check(c: httpx.AsyncClient, doc: dict[str, Any]) -> tuple[list[Case], 
 
 
 @pytest.fixture
-def settings(db_path: str) -> Settings:
-    return Settings(db=db_path, jwt_secret=SECRET, stall_check_s=3600)
+def settings(db: str) -> Settings:
+    return Settings(db=db, jwt_secret=SECRET, stall_check_s=3600)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from .helpers import (
     wait_for,
 )
 
+STORES = ("sqlite", "postgres")  # every test asking for `db` runs on both (conftest.py)
 SSE = {"Accept": "text/event-stream"}
 
 
