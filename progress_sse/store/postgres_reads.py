@@ -23,8 +23,9 @@ from .rows import job_from_doc
 T = TypeVar("T")
 # a read of the log spans at most this many times its limit in ids: its cost stays
 # bounded whatever plan the statistics lead to (a table not yet analysed got a bitmap
-# scan of the whole remaining range and a sort on every page: a replay of 100,000 events
-# read 5 million rows, 6k events/s); a sparse filter takes more, cheap, round trips
+# scan of the whole remaining range and a sort on every page: a replay 100,000 events
+# behind read millions of rows, 8.5k events/s); a sparse filter takes more, cheap, round
+# trips
 WINDOW = 4
 LEASE_S = 5.0  # a periodic task's lease: another instance takes it over this long after
 

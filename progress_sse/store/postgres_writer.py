@@ -20,7 +20,9 @@ again on a new connection. A connection lost during COMMIT leaves the outcome un
 `pg_xact_status` of the transaction id settles it on a new connection (the old
 backend is terminated first if it is still there), so a commit is neither lost nor
 repeated. When no connection can be made, every waiting write is answered 503 at once,
-and so is each new one until a connection is made again (tried every RETRY_S).
+and so is each new one until a connection is made again (tried every RETRY_S); the same
+while a lost commit is being settled. Whatever fails in a batch, the writer goes on: it
+is every write's only way to the database.
 """
 
 from __future__ import annotations
