@@ -12,7 +12,7 @@ NODE_STAMP := $(NODE)/node_modules/.installed
 # the programs the browser and interop tests run, and the Debian packages that have them
 SYSTEM_TOOLS := chromium:chromium node:nodejs npm:npm nginx:nginx openssl:openssl
 
-.PHONY: install run test test-lowest-uvicorn test-fast lint format bench bench-eta attack demo browser-deps \
+.PHONY: install run test test-lowest-uvicorn test-fast lint format bench bench-scale bench-eta attack demo browser-deps \
 	system-deps node-deps clean
 
 # the service alone (its runtime dependencies), for `make run` and `make demo`: the test
@@ -64,6 +64,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_service.py
+
+# PostgreSQL (one and two instances) against SQLite: needs a server at 127.0.0.1:5432
+# (or PROGRESS_SSE_BENCH_POSTGRES); see bench/bench_scale.py
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.bench_scale
 
 bench-eta: $(STAMP)
 	$(BIN)/python bench/bench_eta.py

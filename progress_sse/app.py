@@ -38,7 +38,7 @@ from .security import (
 from .settings import Settings
 from .store import factory
 from .store.lock import DatabaseLock
-from .store.postgres_schema import Migrated
+from .store.postgres_schema import Migrated, redacted
 from .streams import STREAM_HOST, StreamHost
 from .uvicorn_direct import check as check_direct_writes
 
@@ -172,7 +172,7 @@ def create_app(settings: Settings | None = None, *,
         stalls = asyncio.create_task(control.watch_stalls(ctx), name="progress-sse-stalls")
         ticks = asyncio.create_task(hub.keep_alive(settings.keepalive_s / 3),
                                     name="progress-sse-keepalive")
-        log.info("service.started", db=settings.db, head=head, auth=settings.auth)
+        log.info("service.started", db=redacted(settings.db), head=head, auth=settings.auth)
         try:
             yield
         finally:

@@ -55,6 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..app import create_app
     from ..server import PortInUse, bind, make_server, tune_collector
     from ..store.factory import prepare
+    from ..store.postgres_schema import redacted
 
     settings = settings_of(args)
     configure_logging(settings.log_format, settings.log_level)
@@ -72,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # here, not in the server's start-up, so a refusal is a message, not a traceback
         with prepare(settings.db) as lock:
             server = make_server(create_app(settings, lock=lock), settings)
-            server.announce = (f"http://{host}:{port}", settings.db)
+            server.announce = (f"http://{host}:{port}", redacted(settings.db))
             tune_collector()
             server.run(sockets=sockets)
     except KeyboardInterrupt:

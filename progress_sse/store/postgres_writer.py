@@ -20,7 +20,9 @@ again on a new connection. A connection lost during COMMIT leaves the outcome un
 `pg_xact_status` of the transaction id settles it on a new connection (the old
 backend is terminated first if it is still there), so a commit is neither lost nor
 repeated. When no connection can be made, every waiting write is answered 503 at once,
-and so is each new one until a connection is made again (tried every RETRY_S).
+and so is each new one until a connection is made again (tried every RETRY_S); the same
+while a lost commit is being settled. Whatever fails in a batch, the writer goes on: it
+is every write's only way to the database.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ from .rows import job_from_doc
 
 log = structlog.get_logger("progress_sse.store.postgres")
 
+# what asyncpg raises when a statement fails or its connection goes. InternalClientError:
+# a connection ended by the server (restart, pg_terminate_backend) can leave asyncpg's
+# protocol mid-operation, and the next statement (the COMMIT) raises it (measured)
+DRIVER_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                 asyncpg.InternalClientError)
 MAX_BATCH = 512
 RETRY_S = 0.5  # between tries to connect while the database cannot be reached
 CONNECT_TIMEOUT_S = 2.0
@@ -173,7 +180,18 @@ class PgWriter:
             if batch:
                 self.batches += 1
                 self.writes += len(batch)
-                await self._commit(batch)
+                try:
+                    await self._commit(batch)
+                except Exception as exc:  # the writer must go on: it is every write's way
+                    log.exception("store.writer_failed", size=len(batch))
+                    self.failed = (asyncio.get_running_loop().time(), str(exc))
+                    if self.conn is not None:
+                        self.conn.terminate()
+                    self.conn = None
+                    self._fail(batch, Unavailable(
+                        f"the store failed during the write ({type(exc).__name__}); it may "
+                        "be stored, once: send it again with the same seq to get its outcome",
+                        headers={"Retry-After": "1"}))
 
     async def _connect(self) -> bool:
         """A new connection, and the ledger read again from what is committed."""
@@ -182,7 +200,7 @@ class PgWriter:
             old.terminate()
         try:
             conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except (*DRIVER_ERRORS, TimeoutError) as exc:
             if self.down is None:
                 log.error("store.database_unreachable", error=str(exc))
             self.down = str(exc) or type(exc).__name__
@@ -194,7 +212,7 @@ class PgWriter:
                 rows = await conn.fetch(
                     "SELECT doc, queue_seq FROM jobs WHERE status = ANY($1::text[])"
                     " ORDER BY queue_seq NULLS LAST, created_seq", list(ACTIVE))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except (*DRIVER_ERRORS, TimeoutError) as exc:
             conn.terminate()
             self.down = str(exc) or type(exc).__name__
             return False
@@ -271,7 +289,7 @@ class PgWriter:
                 await conn.execute(WRITE, *self._args(b, version, seqs), timeout=timeout)
             stage = "commit"
             await asyncio.wait_for(tr.commit(), timeout)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except (*DRIVER_ERRORS, TimeoutError) as exc:
             if not _lost(conn, exc):  # refused: the transaction stored nothing
                 with contextlib.suppress(Exception):
                     await tr.rollback()
@@ -313,9 +331,15 @@ class PgWriter:
                         await asyncio.sleep(0.05)
                 finally:
                     conn.terminate()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    TimeoutError) as exc:
+            except (*DRIVER_ERRORS, TimeoutError) as exc:
                 log.warning("store.settle_failed", xid=xid, error=str(exc))
+                # meanwhile the writes behind this one are answered at once, as when the
+                # writer cannot connect, rather than at their deadline
+                self.down = str(exc) or type(exc).__name__
+                self._fail(list(self.queue), Unavailable(
+                    f"the database cannot be reached ({self.down}); the write was not"
+                    " stored", headers={"Retry-After": "1"}))
+                self.queue.clear()
                 await asyncio.sleep(RETRY_S)
         return None
 
@@ -370,5 +394,5 @@ def _lost(conn: asyncpg.Connection, exc: Exception) -> bool:
     """Whether an error means the connection (and the transaction's answer) is lost,
     rather than the database refusing a statement."""
     return conn.is_closed() or isinstance(exc, (
-        OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-        asyncpg.exceptions.OperatorInterventionError))
+        OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+        asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError))
