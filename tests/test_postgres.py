@@ -13,7 +13,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,8 +23,8 @@ from httpx_sse import aconnect_sse
 
 from progress_sse.settings import Settings
 
-from .helpers import ROOT, Service, create_job, start_service, wait_for
-from .pg import database, module_fixture, query, stored_ids
+from .helpers import ROOT, Service, create_job, free_port, start_service, wait_for
+from .pg import PgProcess, database, module_fixture, query, stored_ids
 
 module_database = module_fixture()
 
@@ -38,7 +39,21 @@ async def instances(dsn: str, n: int, **changes: Any) -> AsyncIterator[list[Serv
         await asyncio.gather(*(s.stop() for s in services), return_exceptions=True)
 
 
-def clients(services: list[Service]) -> list[httpx.AsyncClient]:
+@contextlib.asynccontextmanager
+async def processes(dsn: str, n: int, log_dir: Path, *flags: str
+                    ) -> AsyncIterator[list[PgProcess]]:
+    """`n` real service processes on one database, started at once."""
+    procs = [PgProcess(dsn, free_port(), log_dir) for _ in range(n)]
+    try:
+        for proc in procs:
+            proc.start(*flags, wait=False)
+        await asyncio.gather(*(asyncio.to_thread(p.wait_healthy) for p in procs))
+        yield procs
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(p.stop) for p in procs))
+
+
+def clients(services: Sequence[Service | PgProcess]) -> list[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=200)
     return [httpx.AsyncClient(base_url=s.url, timeout=30, limits=limits) for s in services]
 
@@ -126,15 +141,18 @@ async def hopping_reader(hosts: list[httpx.AsyncClient], path: str, params: dict
 
 
 @pytest.mark.slow
-async def test_posts_on_every_instance_readers_hopping_between_them(pg_dsn: str) -> None:
-    """Posters on three instances at once; readers (every event, one job by filter, one
-    job's stream) change instance at every reconnect, behind a 16-event tail so that
-    most resumes read the store: each sees exactly the stored log, in id order."""
-    async with instances(pg_dsn, 3, tail_size=16, replay_batch=40) as services:
+async def test_posts_on_every_instance_readers_hopping_between_them(
+        pg_dsn: str, tmp_path: Path) -> None:
+    """Three service processes. Posters on all three at once; readers (every event, one
+    job by filter, one job's stream) change instance at every reconnect, behind a
+    16-event tail so that most resumes read the store: each sees exactly the stored
+    log, in id order."""
+    async with processes(pg_dsn, 3, tmp_path, "--tail-size", "16",
+                         "--replay-batch", "40") as services:
         hosts = clients(services)
         try:
             ids = [(await create_job(hosts[i], kind="hop"))["id"] for i in range(2)]
-            start = services[0].ctx.hub.head
+            start = (await hosts[0].get("/healthz")).json()["head"]
             final: dict[str, int] = {}
 
             def after(*job_ids: str) -> Callable[[int], bool]:
@@ -210,10 +228,12 @@ async def test_a_resume_ahead_of_a_lagging_instance_waits_for_it(pg_dsn: str) ->
             await cc.aclose()
 
 
-async def test_a_cancel_on_one_instance_wakes_a_long_poll_on_another(pg_dsn: str) -> None:
-    """A long-poll on B answers promptly when the cancel is posted on A (NOTIFY, then
-    B's tail read): well under the half-second periodic read, in the median."""
-    async with instances(pg_dsn, 2) as (a, b):
+async def test_a_cancel_on_one_instance_wakes_a_long_poll_on_another(
+        pg_dsn: str, tmp_path: Path) -> None:
+    """A long-poll on process B answers promptly when the cancel is posted on process A
+    (NOTIFY, then B's tail read): well under the half-second periodic read, in the
+    median."""
+    async with processes(pg_dsn, 2, tmp_path) as (a, b):
         ca, cb = clients([a, b])
         try:
             delays = []
