@@ -71,12 +71,12 @@ async def cli(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True, text=True, timeout=60)
 
 
-async def test_three_instances_start_at_once_on_an_empty_database() -> None:
-    """Three instances starting together on an empty database all start; the schema is
-    applied once; `progress-sse migrate` then finds nothing to do, and a database newer
-    than the code is refused with a message naming both versions."""
+async def test_three_instances_start_at_once_on_an_empty_database(tmp_path: Path) -> None:
+    """Three service processes starting together on an empty database all start; the
+    schema is applied once; `progress-sse migrate` then finds nothing to do, and a
+    database newer than the code is refused with a message naming both versions."""
     async with database() as dsn:
-        async with instances(dsn, 3) as services:
+        async with processes(dsn, 3, tmp_path) as services:
             for s in services:
                 async with httpx.AsyncClient(base_url=s.url) as c:
                     r = await c.get("/healthz")
@@ -259,11 +259,11 @@ async def test_a_cancel_on_one_instance_wakes_a_long_poll_on_another(
 # ---------------------------------------------------------------- job rules across instances
 
 
-async def test_job_rules_hold_across_instances(pg_dsn: str) -> None:
+async def test_job_rules_hold_across_instances(pg_dsn: str, tmp_path: Path) -> None:
     """The same seq through A then B is stored once; a requeue on A fences the old
     attempt's posts on B; pause on B, acknowledged on A, resumed on B; queue places
     given alternately by A and B follow the order of creation and move up together."""
-    async with instances(pg_dsn, 2) as (a, b):
+    async with processes(pg_dsn, 2, tmp_path) as (a, b):
         ca, cb = clients([a, b])
         try:
             job = await create_job(ca, kind="rules")
@@ -312,10 +312,11 @@ async def test_job_rules_hold_across_instances(pg_dsn: str) -> None:
             await cb.aclose()
 
 
-async def test_one_stalled_event_per_silent_job_with_three_instances(pg_dsn: str) -> None:
+async def test_one_stalled_event_per_silent_job_with_three_instances(
+        pg_dsn: str, tmp_path: Path) -> None:
     """Three instances check for silent workers every 50 ms: each silent job gets one
     `stalled` status event, not one per instance."""
-    async with instances(pg_dsn, 3, stall_check_s=0.05) as services:
+    async with processes(pg_dsn, 3, tmp_path, "--stall-check", "0.05") as services:
         hosts = clients(services)
         try:
             jobs = [await create_job(hosts[i % 3], kind="stall", heartbeat_timeout_s=1)
@@ -341,11 +342,11 @@ async def test_one_stalled_event_per_silent_job_with_three_instances(pg_dsn: str
                 await h.aclose()
 
 
-async def test_retention_keeps_the_newest_events() -> None:
+async def test_retention_keeps_the_newest_events(tmp_path: Path) -> None:
     """With retention_events, the oldest events are pruned (by one instance at a time)
     and a reader older than what is kept starts over with a snapshot."""
     async with database() as dsn:
-        async with instances(dsn, 2, retention_events=50) as (a, b):
+        async with processes(dsn, 2, tmp_path, "--retention-events", "50") as (a, b):
             ca, cb = clients([a, b])
             try:
                 job = await create_job(ca, kind="keep")
