@@ -246,7 +246,7 @@ async def cancel_across(dbs: Databases, rounds: int, busy: bool) -> list[float]:
 async def fill_store(db: str, events: int) -> float:
     """`events` genuine events through the store's write path (Store.submit, thousands
     at a time: group commits), in this process; posts/s."""
-    from progress_sse import jobs
+    from progress_sse import worker_rules
     from progress_sse.auth import ANONYMOUS_USER
     from progress_sse.settings import Settings
     from progress_sse.store import Write
@@ -260,16 +260,17 @@ async def fill_store(db: str, events: int) -> float:
     try:
         ids = [f"j_fill{i:02d}" for i in range(32)]
         for job_id in ids:
-            spec = jobs.NewJob(id=job_id, owner=ANONYMOUS_USER.subject, kind="bench",
+            spec = worker_rules.NewJob(id=job_id, owner=ANONYMOUS_USER.subject, kind="bench",
                                title=job_id, queue="default", stages=(), total=None, meta={},
                                heartbeat_timeout_s=3600, token_hash="-")
-            await store.submit(Write(job_id, lambda j, now, s=spec: jobs.create_job(s, now),
+            await store.submit(Write(job_id, lambda j, now, s=spec: worker_rules.create_job(s, now),
                                      create=True))
         per = (events - len(ids)) // len(ids) + 1
 
         async def progress(job_id: str, i: int) -> None:
-            upd = jobs.ProgressUpdate(progress=i * 100 / per)
-            await store.submit(Write(job_id, lambda j, now: jobs.record_progress(j, upd, now)))
+            upd = worker_rules.ProgressUpdate(progress=i * 100 / per)
+            await store.submit(Write(
+                job_id, lambda j, now: worker_rules.record_progress(j, upd, now)))
 
         for i in range(per):
             await asyncio.gather(*(progress(j, i) for j in ids))

@@ -3,7 +3,7 @@ rows and bytes per read, and together exactly the stored log, whatever the filte
 
 from __future__ import annotations
 
-from progress_sse import jobs
+from progress_sse import worker_rules
 from progress_sse.store import Event, Filter, Write
 from progress_sse.store.postgres import PostgresStore
 from progress_sse.store.postgres_schema import migrate
@@ -15,17 +15,18 @@ module_database = module_fixture()
 
 async def fill(store: PostgresStore, owners: dict[str, str], posts: int) -> None:
     for job_id, owner in owners.items():
-        spec = jobs.NewJob(id=job_id, owner=owner, kind="reads", title=job_id,
+        spec = worker_rules.NewJob(id=job_id, owner=owner, kind="reads", title=job_id,
                            queue="default", stages=(), total=None, meta={},
                            heartbeat_timeout_s=3600, token_hash="-")
-        await store.submit(Write(job_id, lambda j, now, s=spec: jobs.create_job(s, now),
+        await store.submit(Write(job_id, lambda j, now, s=spec: worker_rules.create_job(s, now),
                                  create=True))
     for i in range(posts):
         for job_id in owners:
             # bodies of varied length: the byte bound cuts pages at varied places
-            line = jobs.LogLine(level="info", message="m" * (i * 37 % 900), seq=None,
+            line = worker_rules.LogLine(level="info", message="m" * (i * 37 % 900), seq=None,
                                 attempt=None)
-            await store.submit(Write(job_id, lambda j, now, ln=line: jobs.record_log(j, ln, now)))
+            await store.submit(Write(
+                job_id, lambda j, now, ln=line: worker_rules.record_log(j, ln, now)))
 
 
 async def replay(store: PostgresStore, flt: Filter, head: int, limit: int, max_bytes: int
