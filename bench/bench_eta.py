@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from progress_sse import jobs as rules
+from progress_sse import control_rules, worker_rules
 from progress_sse.eta import (
     EtaState,
     FinishedRun,
@@ -28,6 +28,7 @@ from progress_sse.eta import (
     new_state,
     observe,
 )
+from progress_sse.jobs import Job as LiveJob
 
 CHECKPOINTS = (0.10, 0.25, 0.50, 0.75)
 STEPS = 2000  # simulation steps per nominal duration
@@ -240,11 +241,11 @@ class PauseScores:
     stalled_none: int = 0  # of them, showing no estimate
 
 
-def _post(job: rules.Job, now: float, upd: rules.ProgressUpdate,
-          history: list[FinishedRun]) -> rules.Job:
+def _post(job: LiveJob, now: float, upd: worker_rules.ProgressUpdate,
+          history: list[FinishedRun]) -> LiveJob:
     """One worker post as the store applies it: the rule, then the estimate."""
-    job, _ = rules.record_progress(job, upd, now)
-    return rules.with_estimate(job, now, history, 0.0) if job.status == "running" else job
+    job, _ = worker_rules.record_progress(job, upd, now)
+    return worker_rules.with_estimate(job, now, history, 0.0) if job.status == "running" else job
 
 
 def score_paused(job: Job, pause_at: float, pause_s: float, out: PauseScores) -> None:
@@ -260,8 +261,8 @@ def score_paused(job: Job, pause_at: float, pause_s: float, out: PauseScores) ->
     for t, f, _ in job.obs:
         if not paused and t >= pause_at:
             paused = True
-            live, _ = rules.request_pause(live, None, pause_at)
-            live = _post(live, pause_at, rules.ProgressUpdate(paused=True), [])
+            live, _ = control_rules.request_pause(live, None, pause_at)
+            live = _post(live, pause_at, worker_rules.ProgressUpdate(paused=True), [])
             before = live.public(pause_at)["eta_s"]
             after = live.public(pause_at + pause_s)["eta_s"]
             if before is not None and after is not None:
@@ -270,10 +271,10 @@ def score_paused(job: Job, pause_at: float, pause_s: float, out: PauseScores) ->
                 shown = max(0.0, wall_eta[0] - (pause_at - wall_eta[1]))
                 out.wall_drift.append(min(shown, pause_s))
             resume = pause_at + pause_s
-            live, _ = rules.request_resume(live, None, resume)
-            live = _post(live, resume, rules.ProgressUpdate(progress=live.progress), [])
+            live, _ = control_rules.request_resume(live, None, resume)
+            live = _post(live, resume, worker_rules.ProgressUpdate(progress=live.progress), [])
         now = t + (pause_s if paused else 0.0)
-        live = _post(live, now, rules.ProgressUpdate(progress=100 * f), [])
+        live = _post(live, now, worker_rules.ProgressUpdate(progress=100 * f), [])
         wall = observe(wall, elapsed_s=now, fraction=f, stage=None)
         old = estimate(wall, elapsed_s=now, fraction=f, stage=None, stages=(), total=None,
                        history=())
@@ -292,7 +293,7 @@ def score_paused(job: Job, pause_at: float, pause_s: float, out: PauseScores) ->
     # the worker falls silent: once stalled, no estimate is shown
     last = live.last_post_at or 0.0
     live = live.evolve(heartbeat_timeout_s=10.0)
-    live, _ = rules.mark_stalled(live, last + 11.0)
+    live, _ = control_rules.mark_stalled(live, last + 11.0)
     out.stalled += 1
     out.stalled_none += live.public(last + 11.0)["eta_s"] is None
 
@@ -315,22 +316,23 @@ def issue_case() -> tuple[float | None, float | None]:
     wall, old = new_state(), None
     for t in range(1, 94):
         if t == 51:
-            live, _ = rules.request_pause(live, None, 50.0)
-            live = _post(live, 50.0, rules.ProgressUpdate(paused=True), [])
-            live, _ = rules.request_resume(live, None, 350.0)
-            live = _post(live, 350.0, rules.ProgressUpdate(progress=50.0), [])
+            live, _ = control_rules.request_pause(live, None, 50.0)
+            live = _post(live, 50.0, worker_rules.ProgressUpdate(paused=True), [])
+            live, _ = control_rules.request_resume(live, None, 350.0)
+            live = _post(live, 350.0, worker_rules.ProgressUpdate(progress=50.0), [])
         now = t + (300.0 if t > 50 else 0.0)
-        live = _post(live, now, rules.ProgressUpdate(progress=float(t)), [])
+        live = _post(live, now, worker_rules.ProgressUpdate(progress=float(t)), [])
         wall = observe(wall, elapsed_s=now, fraction=t / 100, stage=None)
         old = estimate(wall, elapsed_s=now, fraction=t / 100, stage=None, stages=(),
                        total=None, history=())
     return live.public(393.0)["eta_s"], old
 
 
-def _started() -> rules.Job:
-    spec = rules.NewJob("b", "o", "bench", "b", "default", (), None, {}, PAUSE_TIMEOUT_S, "h")
-    live, _ = rules.create_job(spec, 0.0)
-    return rules.heartbeat(live, None, 0.0)[0]
+def _started() -> LiveJob:
+    spec = worker_rules.NewJob("b", "o", "bench", "b", "default", (), None, {},
+                               PAUSE_TIMEOUT_S, "h")
+    live, _ = worker_rules.create_job(spec, 0.0)
+    return worker_rules.heartbeat(live, None, 0.0)[0]
 
 
 def report_pauses(seed: int, n: int) -> None:
