@@ -1,4 +1,5 @@
-"""Every bound /openapi.json states for a request body is the bound the service enforces.
+"""Every bound /openapi.json states for a request body, a query parameter or a header is
+the bound the service enforces.
 
 The cases come from the served description itself: for each body (JSON and form) the
 walker finds every constraint (maxLength, pattern, minimum, maximum, maxItems, enum,
@@ -261,3 +262,89 @@ async def test_a_bound_the_service_does_not_enforce_is_caught(
     progress["multipleOf"] = 5
     with pytest.raises(AssertionError, match="multipleOf"):
         list(cases(doc))
+
+
+# ---------------------------------------------------------------- query and header bounds
+
+PARAM_BOUNDS = {"minimum", "maximum", "pattern", "maxItems"}
+PARAM_NOT_BOUNDS = {"type", "title", "description", "default", "items", "format"}
+# values that match the one pattern parameters state (an event id) and values that do not
+ID_PATTERN = "^[0-9]{1,18}$"
+ID_VALUES = (["0", "7", "9" * 18], ["-1", "1.5", "x", "9" * 19, "²"])
+
+
+def param_cases(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], Any, bool]]:
+    """(operation, parameter, value, inside) for each bound a query or header parameter
+    states; path ids are covered by the body bounds (a bad id is a 404)."""
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            for param in op.get("parameters", []):
+                if "$ref" in param:
+                    param = resolve(doc, param)
+                if param["in"] == "path":
+                    continue
+                schema = resolve(doc, param.get("schema", {}))
+                unknown = set(schema) - PARAM_BOUNDS - PARAM_NOT_BOUNDS
+                assert not unknown, f"{method} {path} {param['name']}: {sorted(unknown)}"
+                operation = f"{method.upper()} {path}"
+                integer = schema.get("type") == "integer"
+                for bound, up in (("minimum", False), ("maximum", True)):
+                    if bound in schema:
+                        limit = schema[bound]
+                        yield operation, param, limit, True
+                        yield operation, param, just_beyond(limit, integer, up), False
+                if "pattern" in schema:
+                    assert schema["pattern"] == ID_PATTERN, schema["pattern"]
+                    for inside, values in ((True, ID_VALUES[0]), (False, ID_VALUES[1])):
+                        for value in values:
+                            yield operation, param, value, inside
+                if "maxItems" in schema:
+                    most = schema["maxItems"]
+                    yield operation, param, [f"j{i}" for i in range(most)], True
+                    yield operation, param, [f"j{i}" for i in range(most + 1)], False
+
+
+async def send_param(c: httpx.AsyncClient, operation: str, param: dict[str, Any],
+                     value: Any) -> httpx.Response:
+    """The request with the one parameter, on a finished job (a long poll answers at
+    once); a stream is closed as soon as its status is known. A resume point is a
+    stream's parameter: it is sent to the stream (a job's events as JSON ignore it)."""
+    method, path = operation.split(" ")
+    created = await c.post("/api/jobs", json={})
+    job_id = created.json()["job"]["id"]
+    await c.post(f"/api/jobs/{job_id}/finish", json={"status": "succeeded"})
+    path = path.replace("{job_id}", job_id)
+    text = value if isinstance(value, list) else \
+        (repr(value) if isinstance(value, float) else str(value))
+    params = {param["name"]: text} if param["in"] == "query" else {}
+    headers = {param["name"]: text.encode()} if param["in"] == "header" else {}
+    if param["name"].lower() == "last-event-id" or param["name"] == "last_event_id":
+        headers["Accept"] = b"text/event-stream"
+    async with c.stream(method, path, params=params, headers=headers) as r:
+        if r.status_code < 300:
+            return r
+        await r.aread()
+        return r
+
+
+async def test_every_query_and_header_bound_is_enforced_inside_and_outside(
+        admin: httpx.AsyncClient) -> None:
+    """Each bound a query or header parameter states: just inside is answered, just
+    outside is a 400 naming the parameter."""
+    doc = (await admin.get("/openapi.json")).json()
+    found = list(param_cases(doc))
+    problems = []
+    for operation, param, value, inside in found:
+        r = await send_param(admin, operation, param, value)
+        where = f"{operation} {param['name']}={value!r:.40}"
+        if inside and r.status_code >= 300:
+            problems.append(f"{where}: inside, answered {r.status_code} {r.text[:200]}")
+        elif not inside:
+            if r.status_code != 400:
+                problems.append(f"{where}: outside, answered {r.status_code}")
+            elif r.json()["error"].get("field") != param["name"]:
+                problems.append(f"{where}: the error names {r.json()['error'].get('field')}")
+    assert problems == [], "\n".join(problems[:20])
+    names = {param["name"] for _, param, _, _ in found}
+    assert {"limit", "before", "after", "wait", "job", "Last-Event-ID",
+            "last_event_id"} <= names
