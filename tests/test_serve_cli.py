@@ -100,3 +100,16 @@ def test_make_run_installs_the_service_alone(tmp_path: Path) -> None:
     assert installs and all("[" not in line for line in installs), run
     assert f"{venv}/bin/progress-sse serve" in run
     assert any("'.[test,lint,postgres]'" in line for line in plan("test").splitlines())
+
+
+def test_a_postgresql_dsn_without_the_driver_is_a_message_not_a_traceback() -> None:
+    """`make run` installs the service without asyncpg (the `postgres` extra): a DSN then
+    says what to install, with exit 2, before anything is served."""
+    code = ("import sys; sys.modules['asyncpg'] = None; from progress_sse.cli import main; "
+            "sys.exit(main(['serve', '--db', 'postgresql://postgres@127.0.0.1/none', "
+            "'--port', '0']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, cwd=ROOT)
+    assert done.returncode == 2, done
+    assert "pip install 'progress-sse[postgres]'" in done.stderr
+    assert "Traceback" not in done.stderr

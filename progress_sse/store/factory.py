@@ -4,15 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import ConfigError
 from ..settings import Settings
 from . import Store
 from .lock import DatabaseLock
 from .postgres_schema import Migrated, is_postgres
 
 
+def _require_asyncpg() -> None:
+    """A message, not a traceback, when the PostgreSQL driver is not installed."""
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        raise ConfigError("a postgresql:// database needs the PostgreSQL driver: "
+                          "pip install 'progress-sse[postgres]'") from None
+
+
 def open_store(settings: Settings, on_commit: Callable[[float, int], None]) -> Store:
     """The store `settings.db` names (not started)."""
     if is_postgres(settings.db):
+        _require_asyncpg()
         from .postgres import PostgresStore
 
         return PostgresStore(settings.db, retention_events=settings.retention_events,
@@ -30,6 +41,7 @@ def prepare(db: str) -> DatabaseLock | Migrated:
     """Ready the database for a service: SQLite's file lock and checks, or PostgreSQL's
     migrations (instances share a PostgreSQL database: nothing to lock). Blocking."""
     if is_postgres(db):
+        _require_asyncpg()
         from .postgres_schema import prepare as prepare_postgres
 
         return prepare_postgres(db)
