@@ -90,6 +90,18 @@ class Filter:
     kinds: frozenset[str] | None = None
     statuses: frozenset[str] = field(default_factory=frozenset)
 
+    def constraints(self, job_column: str = "id") -> list[tuple[str, list[str]]]:
+        """(column, allowed values) for each column the filter constrains, for a store's
+        query on the jobs table or (job_column="job_id") the events; each store writes
+        its own placeholders."""
+        found: list[tuple[str, list[str]]] = []
+        for column, values in (("owner", None if self.owner is None else {self.owner}),
+                               (job_column, self.job_ids), ("kind", self.kinds),
+                               ("status", self.statuses or None)):
+            if values is not None:
+                found.append((column, sorted(values)))
+        return found
+
     def matches(self, event: Event) -> bool:
         if self.owner is not None and event.owner != self.owner:
             return False

@@ -173,15 +173,12 @@ class PgReads:
 
 
 def _where(flt: Filter, job_column: str = "id") -> tuple[list[str], list[Any]]:
-    """SQL conditions for a filter, on the jobs table or (job_column="job_id") the events."""
+    """SQL conditions for a filter (see Filter.constraints), each value list one array."""
     where: list[str] = []
     args: list[Any] = []
-    for column, values in (("owner", None if flt.owner is None else {flt.owner}),
-                           (job_column, flt.job_ids), ("kind", flt.kinds),
-                           ("status", flt.statuses or None)):
-        if values is not None:
-            args.append(sorted(values))
-            where.append(f"{column} = ANY(${len(args)}::text[])")
+    for column, values in flt.constraints(job_column):
+        args.append(values)
+        where.append(f"{column} = ANY(${len(args)}::text[])")
     return where, args
 
 

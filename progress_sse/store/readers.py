@@ -196,15 +196,12 @@ def read_head(conn: sqlite3.Connection) -> int:
 
 
 def _where(flt: Filter, job_column: str = "id") -> tuple[list[str], list[Any]]:
-    """SQL conditions for a filter, on the jobs table or (job_column="job_id") the events."""
+    """SQL conditions for a filter (see Filter.constraints), with ? placeholders."""
     where: list[str] = []
     args: list[Any] = []
-    for column, values in (("owner", None if flt.owner is None else {flt.owner}),
-                           (job_column, flt.job_ids), ("kind", flt.kinds),
-                           ("status", flt.statuses or None)):
-        if values is not None:
-            where.append(f"{column} IN ({','.join('?' * len(values))})")
-            args.extend(sorted(values))
+    for column, values in flt.constraints(job_column):
+        where.append(f"{column} IN ({','.join('?' * len(values))})")
+        args.extend(values)
     return where, args
 
 
