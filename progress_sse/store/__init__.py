@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -134,3 +135,20 @@ class Store(Protocol):
     async def check(self) -> None: ...
     async def health(self) -> str | None: ...  # why writes cannot succeed now, or None
     def trouble(self) -> str | None: ...  # the same from what is known, without asking
+
+
+class Caller(Protocol):
+    """A write's caller, waiting on its answer."""
+
+    future: asyncio.Future[WriteResult]
+
+
+def settle(batch: Sequence[Caller], answers: Sequence[WriteResult | Exception]) -> None:
+    """Answer each caller of a committed batch, in order; one gone already is skipped."""
+    for caller, answer in zip(batch, answers, strict=True):
+        if caller.future.done():
+            continue
+        if isinstance(answer, BaseException):
+            caller.future.set_exception(answer)
+        else:
+            caller.future.set_result(answer)

@@ -39,7 +39,7 @@ import structlog
 
 from ..errors import ProgressError, Unavailable
 from ..ledger import HISTORY, Ledger
-from . import Event, Write, WriteResult
+from . import Event, Write, WriteResult, settle
 from .postgres_sync import ACTIVE, LedgerSync, job_row
 from .readers import EVENT_COLS
 from .rows import job_from_doc
@@ -371,13 +371,7 @@ class PgWriter:
 
     def _answer(self, batch: list[Pending], answers: Sequence[WriteResult | ProgressError],
                 events: Sequence[Event]) -> None:
-        for p, answer in zip(batch, answers, strict=True):
-            if p.future.done():
-                continue
-            if isinstance(answer, BaseException):
-                p.future.set_exception(answer)
-            else:
-                p.future.set_result(answer)
+        settle(batch, answers)
         if events:
             try:
                 self._on_events(events)

@@ -31,7 +31,7 @@ import structlog
 
 from ..errors import ProgressError, Unavailable
 from ..ledger import HISTORY, Ledger
-from . import Event, Write, WriteResult
+from . import Event, Write, WriteResult, settle
 from .health import FAILED_HOLD_S, WRITE_TIMEOUT_S, Pending, WriteHealth
 from .health import PROBE_EVERY_S as PROBE_EVERY_S  # re-exported: tests read it here
 from .readers import EVENT_COLS, Readers, SQLiteReads, read_head
@@ -249,13 +249,7 @@ class SQLiteStore(WriteHealth, SQLiteReads):
 
     async def _answer(self, flight: _Flight) -> None:
         """A stored batch: answer its callers, then publish its events."""
-        for p, answer in zip(flight.batch, flight.answers, strict=True):
-            if p.future.done():
-                continue
-            if isinstance(answer, BaseException):
-                p.future.set_exception(answer)
-            else:
-                p.future.set_result(answer)
+        settle(flight.batch, flight.answers)
         waiting = self._waiting
         while waiting and waiting[0].future.done():
             waiting.popleft()  # answered: no deadline to watch for them
