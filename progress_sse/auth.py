@@ -50,8 +50,6 @@ _SUBJECT_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
 _SCOPE_SPLIT = re.compile(r"[ ,]+")
 TIME_CLAIMS = ("exp", "nbf", "iat")
 MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: a later "time" is a mistake or a trick
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _CACHE_KEY = "progress_sse.identity"
 _REALM = 'Bearer realm="progress-sse"'
 _NO_HASH = hashlib.sha256(b"").hexdigest()  # compared against when there is no job
@@ -346,11 +344,3 @@ def mint_token(secret: str, sub: str, scopes: Iterable[str] | str, ttl_s: float,
     if audience:
         claims["aud"] = audience
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from `90`, `90s`, `15m`, `1h` or `7d`; ValueError otherwise."""
-    found = _DURATION_RE.match(text.lower())
-    if found is None:
-        raise ValueError(f"{text!r} is not a duration such as 90s, 15m, 1h or 7d")
-    return float(found.group(1)) * _DURATION_UNITS[found.group(2)]

@@ -10,6 +10,7 @@ name, type, default and description say everything about it once.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -20,7 +21,9 @@ from .errors import ConfigError
 
 PREFIX = "PROGRESS_SSE_"
 # fields with no `serve` flag: a flag's value is visible to every user of the host (ps)
-ENV_ONLY = frozenset({"jwt_secret"})
+ENV_ONLY = frozenset({"jwt_secret", "webhook_secret", "smtp_url"})
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def _upper(value: Any) -> Any:
@@ -29,6 +32,29 @@ def _upper(value: Any) -> Any:
 
 def _lower(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `90`, `90s`, `15m`, `1h` or `7d`; ValueError otherwise."""
+    found = _DURATION.match(text.lower())
+    if found is None:
+        raise ValueError(f"{text!r} is not a duration such as 90s, 15m, 1h or 7d")
+    return float(found.group(1)) * _UNITS[found.group(2)]
+
+
+def _duration(value: Any) -> Any:
+    """A Duration field's text as seconds; a number passes as it is."""
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+# seconds, written as 90, 30s, 15m, 24h or 1d in a flag or variable
+Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+
+
+def is_duration(name: str) -> bool:
+    """Does the field take a Duration (so its flag takes text such as 1d)?"""
+    return any(getattr(m, "func", None) is parse_duration
+               for m in Settings.model_fields[name].metadata)
 
 
 class Settings(BaseSettings):
@@ -70,6 +96,27 @@ class Settings(BaseSettings):
                                   description="its body within this of the end of its head")
     retention_events: int = Field(default=0,
                                   description="keep only the newest N events (0: all)")
+    retention_days: float = Field(
+        default=30.0, ge=0,
+        description="delete events, and jobs finished, longer ago than this (0: keep all)")
+    compact_after: Duration = Field(
+        default=0.0, description="drop a finished job's progress events this long after "
+        "it finished, e.g. 1d (0: never)")
+    # completion notifications (README, "Notifications")
+    webhook_url: str = Field(default="",
+                             description="POST every job's finish to this URL (Standard Webhooks)")
+    webhook_origins: str = Field(
+        default="", description="comma-separated origins a job's own webhook may point at")
+    webhook_secret: str | None = Field(
+        default=None, repr=False, description="whsec_... secret webhooks are signed with")
+    webhook_max_age: Duration = Field(
+        default=86400.0, description="retry a notification for this long, then give up")
+    smtp_url: str | None = Field(
+        default=None, repr=False,
+        description="smtp://user:pass@host:587 for email notifications (STARTTLS if offered)")
+    smtp_from: str = Field(default="", description="the From address of notification mail")
+    public_url: str = Field(
+        default="", description="the dashboard's public URL, for links in notifications")
     estimate_every_s: float = Field(
         default=1.0, description="refresh a running job's estimate at most this often")
     heartbeat_timeout_s: float = Field(

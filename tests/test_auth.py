@@ -25,10 +25,10 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from structlog.testing import capture_logs
 
 from progress_sse.app import create_app
-from progress_sse.auth import COOKIE, mint_token, parse_duration
+from progress_sse.auth import COOKIE, mint_token
 from progress_sse.errors import ConfigError
 from progress_sse.security import CSP
-from progress_sse.settings import Settings
+from progress_sse.settings import Settings, parse_duration
 from progress_sse.stream_quota import StreamQuota
 
 from .helpers import (

@@ -20,7 +20,11 @@ from .helpers import ROOT, ProcessService, free_port
 from .test_cli import cli_env
 
 SECRET = "s" * 40
-TEXT = {"host": "localhost", "auth": "jwt", "cors_origins": "https://a.example"}
+TEXT = {"host": "localhost", "auth": "jwt", "cors_origins": "https://a.example",
+        "webhook_url": "https://hooks.example/progress", "webhook_origins": "https://a.example",
+        "webhook_secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "smtp_url": "smtp://user:pass@127.0.0.1:2525", "smtp_from": "progress@example.com",
+        "public_url": "https://progress.example"}
 
 
 def other_value(name: str) -> Any:
@@ -44,8 +48,8 @@ def as_text(value: Any) -> str:
 
 def test_every_field_is_a_variable_and_a_serve_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each field set through its variable alone, then through its flag alone, comes out
-    as given; only the secret has no flag (a flag's value shows in ps)."""
-    assert ENV_ONLY == {"jwt_secret"}
+    as given; only the secrets have no flag (a flag's value shows in ps)."""
+    assert ENV_ONLY == {"jwt_secret", "webhook_secret", "smtp_url"}
     for name in Settings.model_fields:
         value = other_value(name) if name != "jwt_secret" else SECRET
         with monkeypatch.context() as env:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import Any, Literal, get_args, get_origin
 
 from ..logs import configure_logging
-from ..settings import ENV_ONLY, Settings, env_var, flag
+from ..settings import ENV_ONLY, Settings, env_var, flag, is_duration
 from .common import Parser, UsageError
 
 
@@ -33,6 +33,9 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> 
             options["action"] = argparse.BooleanOptionalAction
         elif get_origin(kind) is Literal:
             options["choices"] = get_args(kind)
+        elif is_duration(name):
+            options["type"] = str
+            options["metavar"] = "DURATION"
         else:
             options["type"] = kind if kind in (int, float) else str
             if name.endswith("_s"):
@@ -88,7 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """Mint a signed viewer/producer token with the service's secret."""
-    from ..auth import mint_token, parse_duration
+    from ..auth import mint_token
+    from ..settings import parse_duration
 
     settings = Settings.load()
     secret = settings.jwt_secret
@@ -147,7 +151,8 @@ def add_service_commands(sub: argparse._SubParsersAction[Parser]) -> None:
         "serve", help="run the service",
         description="Run the service. Every setting is a flag here or an environment "
         "variable (shown in its help); a flag wins over the variable, which wins over the "
-        f"default. {env_var('jwt_secret')} has no flag: other users could read it in ps.")
+        f"default. {', '.join(map(env_var, sorted(ENV_ONLY)))} have no flag: other users "
+        "could read them in ps.")
     add_setting_flags(serve, (name for name in Settings.model_fields if name not in ENV_ONLY))
     serve.set_defaults(func=cmd_serve)
 
