@@ -25,7 +25,7 @@ $(RUN_STAMP): setup.cfg pyproject.toml
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,lint,postgres]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,postgres,celery,arq]'
 	touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP)
@@ -46,7 +46,7 @@ UVICORN_LOWEST := $(shell sed -n 's/.*uvicorn\[standard\]>=\([0-9.]*\),.*/\1/p' 
 VENV_LOWEST := .venv-uvicorn-$(UVICORN_LOWEST)
 test-lowest-uvicorn: $(NODE_STAMP)
 	test -x $(VENV_LOWEST)/bin/python || $(PYTHON) -m venv $(VENV_LOWEST)
-	$(VENV_LOWEST)/bin/python -m pip install --quiet -e '.[test,postgres]' \
+	$(VENV_LOWEST)/bin/python -m pip install --quiet -e '.[test,postgres,celery,arq]' \
 	    'uvicorn[standard]==$(UVICORN_LOWEST)'
 	$(VENV_LOWEST)/bin/python -c 'import uvicorn; print("uvicorn", uvicorn.__version__)'
 	$(VENV_LOWEST)/bin/python -m pytest -q

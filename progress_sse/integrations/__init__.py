@@ -1,0 +1,1 @@
+"""Task queues whose tasks report progress with one decorator (Celery, ARQ)."""

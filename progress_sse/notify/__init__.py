@@ -1,0 +1,1 @@
+"""Completion notifications: webhooks and email, delivered from a durable outbox."""
