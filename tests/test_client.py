@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -17,8 +18,10 @@ import httpx
 import pytest
 
 from progress_sse.client import (
+    APIError,
     AsyncProgressClient,
     Cancelled,
+    NotRecorded,
     ProgressClient,
     StaleAttemptError,
 )
@@ -444,3 +447,19 @@ async def test_heartbeat_keeps_a_busy_worker_from_stalling(
     events = await stored_log(client, ids[0])
     assert not any(e.get("stalled") for e in events), events
     assert events[-1]["job"]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("error", [
+    APIError(409, "stale_attempt", "attempt 1 was superseded", "attempt"),
+    StaleAttemptError(409, "stale_attempt", "superseded"),
+    NotRecorded("j1", status="succeeded", progress_posts=2, log_lines=1, dropped_logs=0,
+                waited=30.0),
+    Cancelled("j1", "user asked"),
+])
+def test_errors_survive_pickling(error: Exception) -> None:
+    """Celery and ARQ pickle a task's exception: the SDK's must come back whole (they
+    have constructors a plain unpickle cannot call)."""
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error)
+    assert str(back) == str(error)
+    assert back.__dict__ == error.__dict__

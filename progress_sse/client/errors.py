@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def _count(n: int, what: str) -> str:
     return f"{n} {what}" + ("" if n == 1 else "s")
 
 
-class ProgressClientError(Exception):
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]
+             ) -> BaseException:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class _Picklable(Exception):
+    """Rebuilt from its message and attributes, not its constructor's arguments: task
+    queues (Celery, ARQ) pickle a task's exception, and the default rebuild calls the
+    constructor with the message alone, which fails for these and hides the error."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+class ProgressClientError(_Picklable):
     """Base of every error the SDK raises."""
 
 
@@ -60,7 +79,7 @@ class StaleAttemptError(APIError):
     """The job was requeued: this worker's attempt was superseded, so it must stop."""
 
 
-class Cancelled(Exception):
+class Cancelled(_Picklable):
     """A cancel was requested for the job. Raised by `checkpoint()`; the job's block swallows it."""
 
     def __init__(self, job_id: str | None, reason: str | None = None) -> None:
