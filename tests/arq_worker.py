@@ -1,0 +1,65 @@
+"""The ARQ worker that tests/test_arq.py runs as a process: `arq tests.arq_worker.WorkerSettings`.
+
+Its queue, concurrency, abort switch and job timeout come from the environment, so each
+test run has a queue of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.worker import Retry
+
+from progress_sse.client import AsyncJob
+from progress_sse.integrations.arq import progress_job
+
+
+@progress_job(kind="import", stages=["read", "write"])
+async def count(ctx: dict[Any, Any], job: AsyncJob, n: int, delay: float) -> dict[str, int]:
+    """Count to n, one progress post a step, obeying cancel and pause."""
+    await job.stage("read")
+    for i in range(n):
+        await asyncio.sleep(delay)
+        await job.progress(current=i + 1, total=n, message=f"row {i + 1}")
+        await job.checkpoint()
+    await job.stage("write")
+    return {"rows": n}
+
+
+@progress_job(kind="hold")
+async def hold(ctx: dict[Any, Any], job: AsyncJob, tries: int = 1_000) -> str:
+    """Run until cancelled, on the first `tries` tries; later tries return at once."""
+    if ctx["job_try"] > tries:
+        return f"try {ctx['job_try']}"
+    await job.progress(1, message=f"holding (try {ctx['job_try']})")
+    while True:
+        await job.checkpoint()
+        await asyncio.sleep(0.05)
+
+
+@progress_job(kind="boom")
+async def boom(ctx: dict[Any, Any], job: AsyncJob) -> None:
+    await job.progress(10)
+    raise ValueError("boom: row 7 is not a number")
+
+
+@progress_job(kind="flaky")
+async def flaky(ctx: dict[Any, Any], job: AsyncJob) -> dict[str, int]:
+    """Ask ARQ for a retry on the first try."""
+    await job.progress(current=ctx["job_try"], total=2, message=f"try {ctx['job_try']}")
+    if ctx["job_try"] == 1:
+        raise Retry(defer=0.5)
+    return {"tries": ctx["job_try"]}
+
+
+class WorkerSettings:
+    functions = [count, hold, boom, flaky]
+    redis_settings = RedisSettings(database=int(os.environ.get("ARQ_TEST_REDIS_DB", "3")))
+    queue_name = os.environ.get("ARQ_TEST_QUEUE", "arq:queue")
+    max_jobs = int(os.environ.get("ARQ_TEST_MAX_JOBS", "10"))
+    allow_abort_jobs = os.environ.get("ARQ_TEST_ABORT") == "1"
+    job_timeout = float(os.environ.get("ARQ_TEST_JOB_TIMEOUT", "300"))
+    poll_delay = 0.1

@@ -1,0 +1,297 @@
+"""ARQ functions tracked with progress_job: a real service, the real Redis, a real arq worker.
+
+Each test has a queue of its own in Redis database 3, and deletes the keys it made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.jobs import Job as ArqJob
+from arq.jobs import JobStatus
+
+from progress_sse.client import AsyncProgressClient
+from progress_sse.integrations.arq import Handover, enqueue, handover_key
+from tests import arq_worker
+from tests.helpers import ROOT, Service, free_port, wait_for
+
+REDIS_DB = 3
+
+
+@dataclass
+class Arq:
+    """One test's ARQ: its queue, a pool on it, and the workers it started."""
+
+    queue: str
+    pool: ArqRedis
+    tmp: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+
+    def start_worker(self, service_url: str, **env: str) -> subprocess.Popen[bytes]:
+        """An `arq` worker process on this queue, reporting to the service."""
+        log = open(self.tmp / f"worker-{len(self.workers)}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "arq", "tests.arq_worker.WorkerSettings"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PROGRESS_SSE_URL": service_url,
+                 "ARQ_TEST_QUEUE": self.queue, "ARQ_TEST_REDIS_DB": str(REDIS_DB), **env})
+        log.close()
+        self.workers.append(proc)
+        return proc
+
+    def log(self) -> str:
+        return "\n".join(p.read_text() for p in sorted(self.tmp.glob("worker-*.log")))
+
+    async def enqueue(self, function: Any, *args: Any, **kwargs: Any) -> ArqJob:
+        job = await enqueue(self.pool, function, *args, _queue_name=self.queue, **kwargs)
+        assert job is not None
+        self.job_ids.append(job.job_id)
+        return job
+
+
+@pytest.fixture
+async def arq(tmp_path: Path) -> AsyncIterator[Arq]:
+    queue = f"arq:test-{uuid.uuid4().hex[:12]}"
+    pool = await create_pool(RedisSettings(database=REDIS_DB), default_queue_name=queue)
+    ctx = Arq(queue, pool, tmp_path)
+    try:
+        yield ctx
+    finally:
+        for proc in ctx.workers:
+            _stop(proc)
+        keys = [queue, f"{queue}:health-check"]
+        for job_id in ctx.job_ids:
+            keys += [f"arq:{kind}:{job_id}" for kind in ("job", "result", "retry", "in-progress")]
+            keys.append(handover_key(job_id))
+        await pool.delete(*keys)
+        if ctx.job_ids:
+            await pool.zrem("arq:abort", *ctx.job_ids)
+        await pool.aclose()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture
+async def pc(service: Service) -> AsyncIterator[AsyncProgressClient]:
+    async with AsyncProgressClient(service.url) as client:
+        yield client
+
+
+async def _job(pc: AsyncProgressClient, job_id: str) -> dict[str, Any]:
+    return await pc.get(job_id)
+
+
+async def _until(pc: AsyncProgressClient, job_id: str, check: Callable[[dict[str, Any]], bool],
+                 arq: Arq, timeout: float = 20.0, what: str = "") -> dict[str, Any]:
+    """Wait until the job satisfies `check`; the job then. The worker's log on failure."""
+    seen: dict[str, Any] = {}
+
+    async def ok() -> bool:
+        nonlocal seen
+        try:
+            seen = await pc.get(job_id)
+        except Exception:  # not created yet
+            return False
+        return check(seen)
+
+    try:
+        await wait_for(ok, timeout=timeout, interval=0.05, what=what or f"job {job_id}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the job: {seen}; the worker: {arq.log()[-3000:]}") from exc
+    return seen
+
+
+def _finished(job: dict[str, Any]) -> bool:
+    return job["status"] in ("succeeded", "failed", "cancelled")
+
+
+async def _history(pc: AsyncProgressClient, job_id: str) -> list[dict[str, Any]]:
+    answer = await pc.request("GET", f"/api/jobs/{job_id}/events", params={"limit": "1000"})
+    events: list[dict[str, Any]] = answer["events"]
+    return events
+
+
+def _statuses(events: list[dict[str, Any]]) -> list[str]:
+    """The job's statuses in the order the events show them, repeats folded."""
+    out: list[str] = []
+    for event in events:
+        status = event["job"]["status"]
+        if not out or out[-1] != status:
+            out.append(status)
+    return out
+
+
+async def test_enqueued_job_runs_to_success(arq: Arq, pc: AsyncProgressClient,
+                                            service: Service) -> None:
+    """Enqueue creates the job queued on the ARQ queue; the worker runs it to succeeded."""
+    arq_job = await arq.enqueue(arq_worker.count, 3, 0.15, _title="batch.csv", _progress=pc)
+    job = await _job(pc, arq_job.job_id)
+    assert (job["status"], job["queue"], job["kind"], job["title"]) == (
+        "queued", arq.queue, "import", "batch.csv")
+    assert [s["key"] for s in job["stages"]] == ["read", "write"]
+    # the worker token waits in a key of its own, not among the job's arguments
+    token = Handover.loads(await arq.pool.get(handover_key(arq_job.job_id))).token
+    assert token
+    info = await arq_job.info()
+    assert info is not None and token not in repr((info.args, info.kwargs))
+
+    arq.start_worker(service.url)
+    job = await _until(pc, arq_job.job_id, _finished, arq)
+    assert job["status"] == "succeeded", job
+    assert job["result"] == {"rows": 3}
+    assert await arq_job.result(timeout=10) == {"rows": 3}
+    events = await _history(pc, arq_job.job_id)
+    assert _statuses(events) == ["queued", "running", "succeeded"]
+    rows = [(e["job"]["current"], e["message"]) for e in events if e.get("message")]
+    assert rows == [(1, "row 1"), (2, "row 2"), (3, "row 3")]
+    assert await arq.pool.exists(handover_key(arq_job.job_id)) == 0
+
+
+async def test_queue_position_while_the_worker_is_busy(arq: Arq, pc: AsyncProgressClient,
+                                                       service: Service) -> None:
+    """With max_jobs=1 busy, a second job waits queued at place 1, then runs."""
+    arq.start_worker(service.url, ARQ_TEST_MAX_JOBS="1")
+    busy = await arq.enqueue(arq_worker.hold, _progress=pc)
+    await _until(pc, busy.job_id, lambda j: j["status"] == "running", arq)
+    waiting = await arq.enqueue(arq_worker.count, 2, 0.05, _progress=pc)
+    job = await _job(pc, waiting.job_id)
+    assert (job["status"], job["queue_position"]) == ("queued", 1)
+    await pc.cancel(busy.job_id)
+    job = await _until(pc, waiting.job_id, _finished, arq)
+    assert job["status"] == "succeeded"
+
+
+async def test_raising_function_ends_failed(arq: Arq, pc: AsyncProgressClient,
+                                            service: Service) -> None:
+    """A function that raises ends its job failed, with the error; ARQ sees the raise."""
+    arq.start_worker(service.url)
+    arq_job = await arq.enqueue(arq_worker.boom, _progress=pc)
+    job = await _until(pc, arq_job.job_id, _finished, arq)
+    assert job["status"] == "failed"
+    assert "boom: row 7 is not a number" in job["error"]
+    with pytest.raises(ValueError, match="row 7"):
+        await arq_job.result(timeout=10)
+
+
+async def test_dashboard_cancel_ends_the_function(arq: Arq, pc: AsyncProgressClient,
+                                                  service: Service) -> None:
+    """A cancel from the dashboard ends the function at its checkpoint; the job is cancelled."""
+    arq.start_worker(service.url)
+    arq_job = await arq.enqueue(arq_worker.hold, _progress=pc)
+    await _until(pc, arq_job.job_id, lambda j: j["status"] == "running", arq)
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        answer = await http.post(f"/api/jobs/{arq_job.job_id}/cancel", json={"reason": "no"})
+    assert answer.status_code == 202
+    job = await _until(pc, arq_job.job_id, _finished, arq)
+    assert job["status"] == "cancelled"
+    assert await arq_job.result(timeout=10) is None  # the function ended, ARQ is done
+    assert await arq_job.status() == JobStatus.complete
+
+
+async def test_cancel_while_queued_never_runs_the_function(arq: Arq, pc: AsyncProgressClient,
+                                                           service: Service) -> None:
+    """A job cancelled while queued is cancelled at once; its worker does not run it."""
+    arq_job = await arq.enqueue(arq_worker.boom, _progress=pc)
+    await pc.cancel(arq_job.job_id)
+    arq.start_worker(service.url)
+    assert await arq_job.result(timeout=15) is None  # boom would have raised
+    job = await _job(pc, arq_job.job_id)
+    assert job["status"] == "cancelled" and job["progress"] == 0
+
+
+async def test_retry_is_a_new_attempt(arq: Arq, pc: AsyncProgressClient,
+                                      service: Service) -> None:
+    """ARQ's Retry requeues the job: the second try is attempt 2, and attempt 1 is fenced off."""
+    arq.start_worker(service.url)
+    arq_job = await arq.enqueue(arq_worker.flaky, _progress=pc)
+    job = await _until(pc, arq_job.job_id, _finished, arq)
+    assert (job["status"], job["attempt"], job["result"]) == ("succeeded", 2, {"tries": 2})
+    events = await _history(pc, arq_job.job_id)
+    assert _statuses(events) == ["queued", "running", "queued", "running", "succeeded"]
+    requeued = [e for e in events if e["type"] == "status" and e.get("attempt") == 2]
+    assert requeued and "ARQ retry" in requeued[0]["reason"]
+    # the first try's late post is refused
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        late = await http.post(f"/api/jobs/{arq_job.job_id}/log",
+                               json={"message": "late", "attempt": 1, "seq": 99})
+    assert late.status_code == 409
+    assert late.json()["error"]["code"] in ("stale_attempt", "job_finished")
+
+
+async def test_arq_abort_ends_cancelled(arq: Arq, pc: AsyncProgressClient,
+                                        service: Service) -> None:
+    """ARQ's Job.abort() cancels the function's task; the job ends cancelled."""
+    arq.start_worker(service.url, ARQ_TEST_ABORT="1")
+    arq_job = await arq.enqueue(arq_worker.hold, _progress=pc)
+    await _until(pc, arq_job.job_id, lambda j: j["status"] == "running", arq)
+    assert await arq_job.abort(timeout=15) is True
+    job = await _until(pc, arq_job.job_id, _finished, arq)
+    assert job["status"] == "cancelled"
+    assert "ARQ worker cancelled the function" in (job["error"] or job["control_reason"] or "")
+
+
+async def test_job_timeout_ends_cancelled(arq: Arq, pc: AsyncProgressClient,
+                                          service: Service) -> None:
+    """ARQ's job timeout cancels the function; the job ends cancelled, saying how long it ran."""
+    arq.start_worker(service.url, ARQ_TEST_JOB_TIMEOUT="1")
+    arq_job = await arq.enqueue(arq_worker.hold, _progress=pc)
+    job = await _until(pc, arq_job.job_id, _finished, arq)
+    assert job["status"] == "cancelled"
+    with pytest.raises(asyncio.TimeoutError):
+        await arq_job.result(timeout=10)
+
+
+async def test_service_down_at_enqueue(arq: Arq, pc: AsyncProgressClient, service: Service,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the service away, enqueue still enqueues; the worker creates the job and runs it."""
+    monkeypatch.setenv("PROGRESS_SSE_URL", f"http://127.0.0.1:{free_port()}")
+    started = asyncio.get_running_loop().time()
+    arq_job = await arq.enqueue(arq_worker.count, 2, 0.05, _title="offline")
+    assert asyncio.get_running_loop().time() - started < 5
+    assert await arq_job.status() == JobStatus.queued
+    handover = Handover.loads(await arq.pool.get(handover_key(arq_job.job_id)))
+    assert handover.token is None and handover.spec is not None
+    assert handover.spec.queue == arq.queue
+    arq.start_worker(service.url)
+    job = await _until(pc, arq_job.job_id, _finished, arq)
+    assert (job["status"], job["queue"], job["title"], job["result"]) == (
+        "succeeded", arq.queue, "offline", {"rows": 2})
+
+
+async def test_lost_worker_is_fenced_off_by_the_next_try(arq: Arq, pc: AsyncProgressClient,
+                                                        service: Service) -> None:
+    """A worker killed mid-job: ARQ runs the job again, as attempt 2; attempt 1 is refused."""
+    lost = arq.start_worker(service.url, ARQ_TEST_JOB_TIMEOUT="1")
+    arq_job = await arq.enqueue(arq_worker.hold, 1, _progress=pc)
+    await _until(pc, arq_job.job_id, lambda j: j["status"] == "running", arq)
+    lost.kill()
+    lost.wait(5)
+    arq.start_worker(service.url, ARQ_TEST_JOB_TIMEOUT="1")
+    # ARQ takes the job again once its in-progress key expires (job timeout + 10 s)
+    job = await _until(pc, arq_job.job_id, _finished, arq, timeout=30)
+    assert (job["status"], job["attempt"], job["result"]) == ("succeeded", 2, "try 2")
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        late = await http.post(f"/api/jobs/{arq_job.job_id}/progress",
+                               json={"progress": 50, "attempt": 1, "seq": 99})
+    assert late.status_code == 409
