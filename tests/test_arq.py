@@ -63,7 +63,8 @@ class Arq:
 
 
 @pytest.fixture
-async def arq(tmp_path: Path) -> AsyncIterator[Arq]:
+async def arq(tmp_path: Path, service: Service) -> AsyncIterator[Arq]:
+    """Torn down before the service, so that stopping workers can still report."""
     queue = f"arq:test-{uuid.uuid4().hex[:12]}"
     pool = await create_pool(RedisSettings(database=REDIS_DB), default_queue_name=queue)
     ctx = Arq(queue, pool, tmp_path)
@@ -71,7 +72,7 @@ async def arq(tmp_path: Path) -> AsyncIterator[Arq]:
         yield ctx
     finally:
         for proc in ctx.workers:
-            _stop(proc)
+            await _stop(proc)
         keys = [queue, f"{queue}:health-check"]
         for job_id in ctx.job_ids:
             keys += [f"arq:{kind}:{job_id}" for kind in ("job", "result", "retry", "in-progress")]
@@ -82,14 +83,15 @@ async def arq(tmp_path: Path) -> AsyncIterator[Arq]:
         await pool.aclose()
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+async def _stop(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then SIGKILL after 10 s; waited for off the loop, where the service runs."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(10)
+            await asyncio.to_thread(proc.wait, 10)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(5)
+    return await asyncio.to_thread(proc.wait, 5)
 
 
 @pytest.fixture
@@ -286,7 +288,7 @@ async def test_lost_worker_is_fenced_off_by_the_next_try(arq: Arq, pc: AsyncProg
     arq_job = await arq.enqueue(arq_worker.hold, 1, _progress=pc)
     await _until(pc, arq_job.job_id, lambda j: j["status"] == "running", arq)
     lost.kill()
-    lost.wait(5)
+    await asyncio.to_thread(lost.wait, 5)
     arq.start_worker(service.url, ARQ_TEST_JOB_TIMEOUT="1")
     # ARQ takes the job again once its in-progress key expires (job timeout + 10 s)
     job = await _until(pc, arq_job.job_id, _finished, arq, timeout=30)
@@ -295,3 +297,31 @@ async def test_lost_worker_is_fenced_off_by_the_next_try(arq: Arq, pc: AsyncProg
         late = await http.post(f"/api/jobs/{arq_job.job_id}/progress",
                                json={"progress": 50, "attempt": 1, "seq": 99})
     assert late.status_code == 409
+
+
+async def test_worker_shutdown_runs_the_job_again(arq: Arq, pc: AsyncProgressClient,
+                                                  service: Service) -> None:
+    """SIGTERM to the worker: the job shows cancelled, and the next worker runs attempt 2."""
+    first = arq.start_worker(service.url)
+    arq_job = await arq.enqueue(arq_worker.hold, 1, _progress=pc)
+    await _until(pc, arq_job.job_id, lambda j: j["status"] == "running", arq)
+    assert await _stop(first) == 0
+    job = await _job(pc, arq_job.job_id)
+    assert (job["status"], job["attempt"]) == ("cancelled", 1)
+    assert "worker shutdown" in job["error"]
+    assert await arq_job.status() == JobStatus.queued  # ARQ keeps it for another try
+    arq.start_worker(service.url)
+    job = await _until(pc, arq_job.job_id, lambda j: j["attempt"] == 2 and _finished(j), arq)
+    assert (job["status"], job["result"]) == ("succeeded", "try 2")
+
+
+async def test_dashboard_requeue_runs_the_new_attempt(arq: Arq, pc: AsyncProgressClient,
+                                                      service: Service) -> None:
+    """A requeue from the dashboard fences the running try off, and ARQ runs the job again."""
+    arq.start_worker(service.url)
+    arq_job = await arq.enqueue(arq_worker.hold, 1, _progress=pc)
+    await _until(pc, arq_job.job_id, lambda j: j["status"] == "running", arq)
+    await pc.request("POST", f"/api/jobs/{arq_job.job_id}/requeue", json={"reason": "again"})
+    job = await _until(pc, arq_job.job_id, _finished, arq)
+    assert (job["status"], job["attempt"], job["result"]) == ("succeeded", 2, "try 2")
+    assert await arq_job.result(timeout=10) == "try 2"

@@ -64,6 +64,8 @@ HANDOVER_PREFIX = "progress-sse:arq:"
 HANDOVER_TTL_S = 2 * 86_400  # beyond ARQ's own keys (a job expires after a day by default)
 START_RETRY_S = 10.0  # a try that could not reach the service runs again this much later
 ENQUEUE_TIMEOUT_S = 2.0  # enqueue waits at most about this long for an unreachable service
+FINISH_TIMEOUT_S = 30.0  # a worker's finish retries this long while the service is away
+INTERRUPTED_FINISH_S = 5.0  # ARQ waits for a cancelled function: record the cancel this fast
 
 JobFunction = Callable[Concatenate[dict[Any, Any], AsyncJob, P], Awaitable[R]]
 
@@ -218,7 +220,8 @@ def progress_job(*, kind: str | None = None, title: str = "",
     The create fields are those of `AsyncProgressClient.create` (`kind` defaults to the
     function's name). The worker finds the service in `ctx["progress_sse_url"]` and
     `ctx["progress_sse_token"]` (WorkerSettings.ctx), else $PROGRESS_SSE_URL and
-    $PROGRESS_SSE_TOKEN.
+    $PROGRESS_SSE_TOKEN; `ctx["progress_sse_finish_timeout"]` bounds how long a finish
+    waits for an unreachable service (FINISH_TIMEOUT_S).
     """
 
     def decorate(fn: JobFunction[P, R]) -> ProgressFunction[P, R]:
@@ -251,8 +254,10 @@ class _Run:
         self.redis: ArqRedis = ctx["redis"]
 
     async def run(self, body: Callable[[AsyncJob], Awaitable[R]]) -> R | None:
-        async with AsyncProgressClient(self.ctx.get("progress_sse_url"),
-                                       token=self.ctx.get("progress_sse_token")) as pc:
+        async with AsyncProgressClient(
+                self.ctx.get("progress_sse_url"), token=self.ctx.get("progress_sse_token"),
+                finish_timeout=float(self.ctx.get("progress_sse_finish_timeout",
+                                                  FINISH_TIMEOUT_S))) as pc:
             handover = Handover.loads(await self.redis.get(handover_key(self.job_id)))
             try:
                 token, attempt = await self._start(pc, handover)
@@ -336,9 +341,10 @@ class _Run:
     async def _interrupted(self, job: AsyncJob, ran: float) -> None:
         """ARQ cancelled the function: an abort, a job timeout or a worker shutdown."""
         try:
-            await job.finish("cancelled", error=f"the ARQ worker cancelled the function after "
-                             f"{ran:.1f}s (an abort, a job timeout or a worker shutdown)")
-        except ProgressClientError as exc:
+            await asyncio.wait_for(job.finish(
+                "cancelled", error=f"the ARQ worker cancelled the function after {ran:.1f}s "
+                "(an abort, a job timeout or a worker shutdown)"), INTERRUPTED_FINISH_S)
+        except (ProgressClientError, TimeoutError) as exc:
             log.warning("job %s: could not record the cancel (%s)", self.job_id, exc)
 
 
