@@ -25,7 +25,7 @@ from arq.jobs import JobStatus
 from progress_sse.client import AsyncProgressClient
 from progress_sse.integrations.arq import Handover, enqueue, handover_key
 from tests import arq_worker
-from tests.helpers import ROOT, Service, free_port, wait_for
+from tests.helpers import ROOT, ProcessService, Service, free_port, wait_for
 
 REDIS_DB = 3
 
@@ -325,3 +325,27 @@ async def test_dashboard_requeue_runs_the_new_attempt(arq: Arq, pc: AsyncProgres
     job = await _until(pc, arq_job.job_id, _finished, arq)
     assert (job["status"], job["attempt"], job["result"]) == ("succeeded", 2, "try 2")
     assert await arq_job.result(timeout=10) == "try 2"
+
+
+async def test_service_down_during_the_function(arq: Arq, tmp_path: Path) -> None:
+    """The service killed mid-job and back a second later: the function runs on, and the
+    job ends succeeded with its last progress."""
+    svc = ProcessService(db=str(tmp_path / "outage.db"), port=free_port())
+    await asyncio.to_thread(svc.start)
+    try:
+        arq.start_worker(svc.url)
+        async with AsyncProgressClient(svc.url) as pc:
+            arq_job = await arq.enqueue(arq_worker.count, 30, 0.1, _progress=pc)
+            await _until(pc, arq_job.job_id, lambda j: (j["current"] or 0) >= 5, arq)
+            svc.signal(signal.SIGKILL)
+            await asyncio.to_thread(svc.wait)
+            await asyncio.sleep(1.0)  # the outage: the worker posts into its outbox meanwhile
+            assert await arq_job.status() == JobStatus.in_progress
+            await asyncio.to_thread(svc.start)
+            job = await _until(pc, arq_job.job_id, _finished, arq)
+            assert (job["status"], job["result"]) == ("succeeded", {"rows": 30})
+            assert await arq_job.result(timeout=10) == {"rows": 30}
+            last = [e["message"] for e in await _history(pc, arq_job.job_id) if e.get("message")]
+            assert last[-1] == "row 30"  # sent after the outage, from the outbox or the loop
+    finally:
+        await asyncio.to_thread(svc.stop)
