@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from arq.connections import RedisSettings
-from arq.worker import Retry
+from arq.worker import Retry, func
 
 from progress_sse.client import AsyncJob
 from progress_sse.integrations.arq import progress_job
@@ -42,8 +42,15 @@ async def hold(ctx: dict[Any, Any], job: AsyncJob, tries: int = 1_000) -> str:
 
 @progress_job(kind="boom")
 async def boom(ctx: dict[Any, Any], job: AsyncJob) -> None:
-    await job.progress(10)
+    """Raise before any post, as work that fails early does."""
     raise ValueError("boom: row 7 is not a number")
+
+
+@progress_job(kind="stubborn", max_tries=2)
+async def stubborn(ctx: dict[Any, Any], job: AsyncJob) -> None:
+    """Ask for a retry on every try; ARQ allows two."""
+    await job.progress(current=ctx["job_try"], total=2)
+    raise Retry(defer=0.2)
 
 
 @progress_job(kind="flaky")
@@ -56,7 +63,7 @@ async def flaky(ctx: dict[Any, Any], job: AsyncJob) -> dict[str, int]:
 
 
 class WorkerSettings:
-    functions = [count, hold, boom, flaky]
+    functions = [count, hold, boom, flaky, func(stubborn, max_tries=2)]
     redis_settings = RedisSettings(database=int(os.environ.get("ARQ_TEST_REDIS_DB", "3")))
     queue_name = os.environ.get("ARQ_TEST_QUEUE", "arq:queue")
     max_jobs = int(os.environ.get("ARQ_TEST_MAX_JOBS", "10"))

@@ -241,6 +241,16 @@ async def test_retry_is_a_new_attempt(arq: Arq, pc: AsyncProgressClient,
     assert late.json()["error"]["code"] in ("stale_attempt", "job_finished")
 
 
+async def test_retry_on_the_last_try_ends_failed(arq: Arq, pc: AsyncProgressClient,
+                                                 service: Service) -> None:
+    """A Retry on the last of max_tries ends the job failed, not queued for a try never run."""
+    arq.start_worker(service.url)
+    arq_job = await arq.enqueue(arq_worker.stubborn, _progress=pc)
+    job = await _until(pc, arq_job.job_id, lambda j: j["attempt"] == 2 and _finished(j), arq)
+    assert job["status"] == "failed"
+    assert "try 2 of 2 asked ARQ for a retry" in job["error"]
+
+
 async def test_arq_abort_ends_cancelled(arq: Arq, pc: AsyncProgressClient,
                                         service: Service) -> None:
     """ARQ's Job.abort() cancels the function's task; the job ends cancelled."""

@@ -65,6 +65,7 @@ HANDOVER_TTL_S = 2 * 86_400  # beyond ARQ's own keys (a job expires after a day 
 START_RETRY_S = 10.0  # a try that could not reach the service runs again this much later
 ENQUEUE_TIMEOUT_S = 2.0  # enqueue waits at most about this long for an unreachable service
 FINISH_TIMEOUT_S = 30.0  # a worker's finish retries this long while the service is away
+ARQ_MAX_TRIES = 5  # ARQ's default max_tries
 INTERRUPTED_FINISH_S = 5.0  # ARQ waits for a cancelled function: record the cancel this fast
 
 JobFunction = Callable[Concatenate[dict[Any, Any], AsyncJob, P], Awaitable[R]]
@@ -213,7 +214,7 @@ async def _abandon(pc: AsyncProgressClient | None, job_id: str, reason: str) -> 
 def progress_job(*, kind: str | None = None, title: str = "",
                  stages: Sequence[StageSpec] | None = None, total: float | None = None,
                  meta: Mapping[str, Any] | None = None,
-                 heartbeat_timeout_s: float | None = None
+                 heartbeat_timeout_s: float | None = None, max_tries: int = ARQ_MAX_TRIES
                  ) -> Callable[[JobFunction[P, R]], ProgressFunction[P, R]]:
     """Make `async def f(ctx, job, ...)` an ARQ function whose job reports to progress-sse.
 
@@ -222,6 +223,9 @@ def progress_job(*, kind: str | None = None, title: str = "",
     `ctx["progress_sse_token"]` (WorkerSettings.ctx), else $PROGRESS_SSE_URL and
     $PROGRESS_SSE_TOKEN; `ctx["progress_sse_finish_timeout"]` bounds how long a finish
     waits for an unreachable service (FINISH_TIMEOUT_S).
+
+    `max_tries` is ARQ's for this function (its default is 5): a `Retry` raised on the
+    last try ends the job `failed` rather than queued for a try ARQ will not run.
     """
 
     def decorate(fn: JobFunction[P, R]) -> ProgressFunction[P, R]:
@@ -230,7 +234,8 @@ def progress_job(*, kind: str | None = None, title: str = "",
                        heartbeat_timeout_s=heartbeat_timeout_s)
 
         async def run(ctx: dict[Any, Any], *args: P.args, **kwargs: P.kwargs) -> R | None:
-            return await _Run(ctx, spec).run(lambda job: fn(ctx, job, *args, **kwargs))
+            return await _Run(ctx, spec, max_tries).run(
+                lambda job: fn(ctx, job, *args, **kwargs))
 
         run.__name__ = fn.__name__
         run.__qualname__ = fn.__qualname__
@@ -246,9 +251,10 @@ def progress_job(*, kind: str | None = None, title: str = "",
 class _Run:
     """One ARQ try of a decorated function: its job from start to outcome."""
 
-    def __init__(self, ctx: dict[Any, Any], spec: JobSpec) -> None:
+    def __init__(self, ctx: dict[Any, Any], spec: JobSpec, max_tries: int) -> None:
         self.ctx = ctx
         self.spec = spec
+        self.max_tries = max_tries
         self.job_id = str(ctx["job_id"])
         self.job_try = int(ctx.get("job_try") or 1)
         self.redis: ArqRedis = ctx["redis"]
@@ -310,7 +316,11 @@ class _Run:
                 try:
                     value = await body(job)
                 except Retry as exc:
-                    await self._retry(pc, job, exc)
+                    if self.job_try >= self.max_tries:
+                        await job.finish("failed", error=f"try {self.job_try} of "
+                                         f"{self.max_tries} asked ARQ for a retry: {exc!r}")
+                    else:
+                        await self._retry(pc, job, exc)
                     raise
                 except asyncio.CancelledError:
                     await self._interrupted(job, time.monotonic() - started)
