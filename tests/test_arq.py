@@ -40,12 +40,13 @@ class Arq:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=list)
 
-    def start_worker(self, service_url: str, **env: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, service_url: str, settings: str = "tests.arq_worker.WorkerSettings",
+                     cwd: Path = ROOT, **env: str) -> subprocess.Popen[bytes]:
         """An `arq` worker process on this queue, reporting to the service."""
         log = open(self.tmp / f"worker-{len(self.workers)}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "arq", "tests.arq_worker.WorkerSettings"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            [str(Path(sys.executable).with_name("arq")), settings],
+            cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(ROOT), "PROGRESS_SSE_URL": service_url,
                  "ARQ_TEST_QUEUE": self.queue, "ARQ_TEST_REDIS_DB": str(REDIS_DB), **env})
         log.close()
@@ -359,3 +360,39 @@ async def test_service_down_during_the_function(arq: Arq, tmp_path: Path) -> Non
             assert last[-1] == "row 30"  # sent after the outage, from the outbox or the loop
     finally:
         await asyncio.to_thread(svc.stop)
+
+
+def _readme_file(name: str) -> str:
+    doc = (ROOT / "README.md").read_text()
+    return doc.split(f"<!-- tested: {name}")[1].split("```python\n")[1].split("```")[0]
+
+
+async def test_readme_example_runs(arq: Arq, service: Service, tmp_path: Path) -> None:
+    """The README's tasks.py and enqueue.py, run as written with `arq` and `python` (only
+    the Redis database and the queue changed, to keep test runs apart)."""
+    ours = f"RedisSettings(database={REDIS_DB})"
+    tasks = _readme_file("arq-tasks").replace("RedisSettings()", ours)
+    tasks += f"    queue_name = {arq.queue!r}\n"
+    producer = _readme_file("arq-enqueue").replace(
+        "create_pool(RedisSettings())", f"create_pool({ours}, default_queue_name={arq.queue!r})")
+    assert ours in tasks and arq.queue in producer
+    (tmp_path / "tasks.py").write_text(tasks)
+    (tmp_path / "enqueue.py").write_text(producer)
+    arq.start_worker(service.url, "tasks.WorkerSettings", cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PROGRESS_SSE_URL": service.url}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "enqueue.py", cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 0, (err.decode(), arq.log())
+    job_id, result = out.decode().split("\n")[:2]
+    arq.job_ids.append(job_id)
+    assert result == "{'rows': 30}"
+    async with AsyncProgressClient(service.url) as pc:
+        job = await pc.get(job_id)
+    assert (job["status"], job["kind"], job["title"], job["queue"], job["result"]) == (
+        "succeeded", "import", "batch.csv", arq.queue, {"rows": 30})
