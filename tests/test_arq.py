@@ -396,3 +396,22 @@ async def test_readme_example_runs(arq: Arq, service: Service, tmp_path: Path) -
         job = await pc.get(job_id)
     assert (job["status"], job["kind"], job["title"], job["queue"], job["result"]) == (
         "succeeded", "import", "batch.csv", arq.queue, {"rows": 30})
+
+
+async def test_service_down_when_the_try_starts(arq: Arq, tmp_path: Path) -> None:
+    """A worker that cannot reach the service puts the try off with Retry; the next try,
+    with the service back, creates the job and runs it (as attempt 2, the ARQ try)."""
+    svc = ProcessService(db=str(tmp_path / "late.db"), port=free_port())
+    arq.start_worker(svc.url)
+    async with AsyncProgressClient(svc.url, retries=0) as producer:
+        arq_job = await arq.enqueue(arq_worker.count, 2, 0.05, _progress=producer)
+    try:
+        await wait_for(lambda: "retrying job in 10.00s" in arq.log(), timeout=30,
+                       what="the try put off")
+        await asyncio.to_thread(svc.start)
+        async with AsyncProgressClient(svc.url) as pc:
+            job = await _until(pc, arq_job.job_id, _finished, arq, timeout=30)
+        assert (job["status"], job["attempt"], job["queue"], job["result"]) == (
+            "succeeded", 2, arq.queue, {"rows": 2})
+    finally:
+        await asyncio.to_thread(svc.stop)
