@@ -22,10 +22,12 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.jobs import Job as ArqJob
 from arq.jobs import JobStatus
 
-from progress_sse.client import AsyncProgressClient
+from progress_sse.auth import mint_token
+from progress_sse.client import APIError, AsyncProgressClient
 from progress_sse.integrations.arq import Handover, enqueue, handover_key
+from progress_sse.settings import Settings
 from tests import arq_worker
-from tests.helpers import ROOT, ProcessService, Service, free_port, wait_for
+from tests.helpers import ROOT, ProcessService, Service, free_port, start_service, wait_for
 
 REDIS_DB = 3
 
@@ -415,3 +417,43 @@ async def test_service_down_when_the_try_starts(arq: Arq, tmp_path: Path) -> Non
             "succeeded", 2, arq.queue, {"rows": 2})
     finally:
         await asyncio.to_thread(svc.stop)
+
+
+async def test_with_authentication_the_worker_uses_its_ctx_token(arq: Arq, tmp_path: Path
+                                                                  ) -> None:
+    """With JWT authentication, a worker with a create-scope token in its ctx (nothing in
+    its environment) runs the job, posts with the handed-over worker token, and requeues."""
+    secret = "a-test-secret-that-is-long-enough-0123456789"
+    svc = await start_service(Settings(db=str(tmp_path / "auth.db"), jwt_secret=secret))
+    alice = mint_token(secret, "alice", "read create", 600)
+    try:
+        arq.start_worker(svc.url, ARQ_TEST_CTX_TOKEN=alice)
+        async with AsyncProgressClient(svc.url, token=alice) as pc:
+            arq_job = await arq.enqueue(arq_worker.flaky, _progress=pc)
+            job = await _until(pc, arq_job.job_id, _finished, arq)
+            assert (job["status"], job["attempt"], job["result"]) == (
+                "succeeded", 2, {"tries": 2})
+        async with AsyncProgressClient(svc.url, token=mint_token(secret, "bob", "read", 600)
+                                       ) as bob:
+            with pytest.raises(APIError) as refused:
+                await bob.get(arq_job.job_id)
+            assert refused.value.status_code == 404
+    finally:
+        await svc.stop()
+
+
+async def test_the_worker_posts_with_the_handed_over_worker_token(arq: Arq, tmp_path: Path
+                                                                  ) -> None:
+    """A worker whose own token may only read still reports: its posts carry the job's
+    worker token, which enqueue left in Redis."""
+    secret = "a-test-secret-that-is-long-enough-0123456789"
+    svc = await start_service(Settings(db=str(tmp_path / "auth.db"), jwt_secret=secret))
+    try:
+        arq.start_worker(svc.url, ARQ_TEST_CTX_TOKEN=mint_token(secret, "alice", "read", 600))
+        alice = mint_token(secret, "alice", "read create", 600)
+        async with AsyncProgressClient(svc.url, token=alice) as pc:
+            arq_job = await arq.enqueue(arq_worker.count, 2, 0.05, _progress=pc)
+            job = await _until(pc, arq_job.job_id, _finished, arq)
+        assert (job["status"], job["result"]) == ("succeeded", {"rows": 2})
+    finally:
+        await svc.stop()
