@@ -62,8 +62,14 @@ async def flaky(ctx: dict[Any, Any], job: AsyncJob) -> dict[str, int]:
     return {"tries": ctx["job_try"]}
 
 
+@progress_job(kind="big")
+async def big(ctx: dict[Any, Any], job: AsyncJob) -> str:
+    """Return more than the service stores as a result (16 KiB)."""
+    return "x" * 20_000
+
+
 class WorkerSettings:
-    functions = [count, hold, boom, flaky, func(stubborn, max_tries=2)]
+    functions = [count, hold, boom, flaky, big, func(stubborn, max_tries=2)]
     redis_settings = RedisSettings(database=int(os.environ.get("ARQ_TEST_REDIS_DB", "3")))
     queue_name = os.environ.get("ARQ_TEST_QUEUE", "arq:queue")
     max_jobs = int(os.environ.get("ARQ_TEST_MAX_JOBS", "10"))

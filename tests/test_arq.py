@@ -187,6 +187,19 @@ async def test_queue_position_while_the_worker_is_busy(arq: Arq, pc: AsyncProgre
     assert job["status"] == "succeeded"
 
 
+async def test_a_result_the_service_refuses_still_succeeds(
+        arq: Arq, pc: AsyncProgressClient, service: Service) -> None:
+    """A return value over the service's limit: the job succeeds without it, the log says
+    why, and ARQ keeps the value."""
+    arq.start_worker(service.url)
+    arq_job = await arq.enqueue(arq_worker.big, _progress=pc)
+    job = await _until(pc, arq_job.job_id, _finished, arq)
+    assert (job["status"], job["result"]) == ("succeeded", None)
+    assert await arq_job.result(timeout=10) == "x" * 20_000
+    logs = [e["message"] for e in await _history(pc, arq_job.job_id) if e["type"] == "log"]
+    assert any(m.startswith("the result was not stored") for m in logs), logs
+
+
 async def test_raising_function_ends_failed(arq: Arq, pc: AsyncProgressClient,
                                             service: Service) -> None:
     """A function that raises ends its job failed, with the error; ARQ sees the raise."""

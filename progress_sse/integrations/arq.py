@@ -29,6 +29,7 @@ Choices that may look odd but are deliberate:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -151,8 +152,9 @@ async def enqueue(redis: ArqRedis, function: ProgressFunction[..., Any] | str, *
 
     The progress job's id is the ARQ job's `job_id`. None, as ARQ's `enqueue_job`
     answers, when a job with `_job_id` already exists. `_progress` is the client to
-    create with (default: $PROGRESS_SSE_URL and $PROGRESS_SSE_TOKEN, waiting at most
-    about ENQUEUE_TIMEOUT_S for an unreachable service, then enqueueing anyway).
+    create with (default: $PROGRESS_SSE_URL and $PROGRESS_SSE_TOKEN, with one retry and
+    a timeout of ENQUEUE_TIMEOUT_S, so an unreachable service delays the enqueue by at
+    most about twice that).
     """
     name = function if isinstance(function, str) else function.__qualname__
     spec = JobSpec(kind=name) if isinstance(function, str) else function.progress_spec
@@ -160,13 +162,13 @@ async def enqueue(redis: ArqRedis, function: ProgressFunction[..., Any] | str, *
     spec = dataclasses.replace(spec, queue=_queue_name or redis.default_queue_name,
                                title=spec.title if _title is None else _title)
     handover = await _create(_progress, spec, job_id)
-    if handover.token is not None or handover.spec is not None:
-        await _save(redis, job_id, handover)
     try:
+        if handover.token is not None or handover.spec is not None:
+            await _save(redis, job_id, handover)
         job = await redis.enqueue_job(name, *args, _job_id=job_id, _queue_name=spec.queue,
                                       _defer_until=_defer_until, _defer_by=_defer_by,
                                       _expires=_expires, **kwargs)
-    except BaseException:
+    except Exception:
         if handover.token is not None:  # do not leave a job queued that nobody will run
             await _abandon(_progress, job_id, "could not be enqueued in ARQ")
         raise
@@ -181,7 +183,7 @@ async def _create(pc: AsyncProgressClient | None, spec: JobSpec, job_id: str) ->
         if pc is not None:
             created = await spec.create(pc, job_id)
         else:
-            async with AsyncProgressClient(retries=2, backoff=0.25,
+            async with AsyncProgressClient(retries=1, backoff=0.25,
                                            timeout=ENQUEUE_TIMEOUT_S) as own:
                 created = await spec.create(own, job_id)
     except ServiceUnavailable as exc:
@@ -317,8 +319,8 @@ class _Run:
                     value = await body(job)
                 except Retry as exc:
                     if self.job_try >= self.max_tries:
-                        await job.finish("failed", error=f"try {self.job_try} of "
-                                         f"{self.max_tries} asked ARQ for a retry: {exc!r}")
+                        await self._record(job, "failed", f"try {self.job_try} of "
+                                           f"{self.max_tries} asked ARQ for a retry: {exc!r}")
                     else:
                         await self._retry(pc, job, exc)
                     raise
@@ -331,6 +333,12 @@ class _Run:
             raise Retry(defer=0) from exc
         except ServiceUnavailable as exc:  # the finish was not recorded: the work stands
             log.warning("job %s: %s", self.job_id, exc)
+        except APIError as exc:  # the service refused the result (too large, say)
+            if exc.field != "result":
+                raise
+            with contextlib.suppress(ProgressClientError):
+                await job.log(f"the result was not stored: {exc.message}", level="warning")
+            await self._record(job, "succeeded", None)
         return value
 
     async def _retry(self, pc: AsyncProgressClient, job: AsyncJob, exc: Retry) -> None:
@@ -351,11 +359,20 @@ class _Run:
     async def _interrupted(self, job: AsyncJob, ran: float) -> None:
         """ARQ cancelled the function: an abort, a job timeout or a worker shutdown."""
         try:
-            await asyncio.wait_for(job.finish(
-                "cancelled", error=f"the ARQ worker cancelled the function after {ran:.1f}s "
-                "(an abort, a job timeout or a worker shutdown)"), INTERRUPTED_FINISH_S)
-        except (ProgressClientError, TimeoutError) as exc:
-            log.warning("job %s: could not record the cancel (%s)", self.job_id, exc)
+            async with asyncio.timeout(INTERRUPTED_FINISH_S):
+                await self._record(job, "cancelled", f"the ARQ worker cancelled the function "
+                                   f"after {ran:.1f}s (an abort, a job timeout or a worker "
+                                   "shutdown)")
+        except TimeoutError:
+            log.warning("job %s: could not record the cancel in %gs", self.job_id,
+                        INTERRUPTED_FINISH_S)
+
+    async def _record(self, job: AsyncJob, status: str, error: str | None) -> None:
+        """Finish the job; a finish the service did not record is logged, not raised."""
+        try:
+            await job.finish(status, error=error)
+        except ProgressClientError as exc:
+            log.warning("job %s: could not record %s (%s)", self.job_id, status, exc)
 
 
 def _is_json(value: Any) -> bool:
