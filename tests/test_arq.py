@@ -279,6 +279,21 @@ async def test_arq_abort_ends_cancelled(arq: Arq, pc: AsyncProgressClient,
     assert "ARQ worker cancelled the function" in (job["error"] or job["control_reason"] or "")
 
 
+async def test_arq_abort_before_start_ends_cancelled(arq: Arq, pc: AsyncProgressClient,
+                                                     service: Service) -> None:
+    """Job.abort() on a job no worker has taken yet: ARQ never runs it, and the job that
+    enqueue made is cancelled rather than left queued."""
+    arq_job = await arq.enqueue(arq_worker.boom, _progress=pc)
+    aborting = asyncio.ensure_future(arq_job.abort(timeout=15))
+    await wait_for(lambda: arq.pool.zscore("arq:abort", arq_job.job_id), what="the abort")
+    job = await _job(pc, arq_job.job_id)
+    assert (job["status"], job["control_reason"]) == (
+        "cancelled", "aborted in ARQ before it started")
+    arq.start_worker(service.url, ARQ_TEST_ABORT="1")
+    assert await aborting is True
+    assert "aborted before start" in arq.log()  # ARQ never called the function
+
+
 async def test_job_timeout_ends_cancelled(arq: Arq, pc: AsyncProgressClient,
                                           service: Service) -> None:
     """ARQ's job timeout cancels the function; the job ends cancelled, saying how long it ran."""

@@ -42,12 +42,14 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 from arq.connections import ArqRedis
 from arq.jobs import Job as ArqJob
+from arq.jobs import JobStatus
 from arq.worker import Retry
 
 from ..client import (
     APIError,
     AsyncJob,
     AsyncProgressClient,
+    Cancelled,
     CreatedJob,
     ProgressClientError,
     ServiceUnavailable,
@@ -141,17 +143,42 @@ async def _save(redis: ArqRedis, job_id: str, handover: Handover) -> None:
 # ---------------------------------------------------------------- the producer
 
 
+class ProgressArqJob(ArqJob):
+    """ARQ's Job, as `enqueue` answers it: `abort()` also cancels a job still waiting.
+
+    ARQ never calls the function of a job aborted before a worker takes it, so its
+    worker could not end the job; this does, before asking ARQ to abort.
+    """
+
+    __slots__ = ("_service",)
+
+    def __init__(self, job: ArqJob, redis: ArqRedis, queue_name: str,
+                 service: tuple[str | None, str | None]) -> None:
+        super().__init__(job.job_id, redis, _queue_name=queue_name,
+                         _deserializer=redis.job_deserializer)
+        self._service = service
+
+    async def abort(self, *, timeout: float | None = None, poll_delay: float = 0.5) -> bool:
+        if await self.status() in (JobStatus.deferred, JobStatus.queued):
+            url, token = self._service
+            async with AsyncProgressClient(url, token=token, retries=1,
+                                           timeout=ENQUEUE_TIMEOUT_S) as pc:
+                await _abandon(pc, self.job_id, "aborted in ARQ before it started")
+        return await super().abort(timeout=timeout, poll_delay=poll_delay)
+
+
 async def enqueue(redis: ArqRedis, function: ProgressFunction[..., Any] | str, *args: Any,
                   _job_id: str | None = None, _queue_name: str | None = None,
                   _defer_until: datetime | None = None,
                   _defer_by: int | float | timedelta | None = None,
                   _expires: int | float | timedelta | None = None,
                   _title: str | None = None, _progress: AsyncProgressClient | None = None,
-                  **kwargs: Any) -> ArqJob | None:
+                  **kwargs: Any) -> ProgressArqJob | None:
     """Create the job (`queued`, the ARQ queue as its `queue`), then enqueue it in ARQ.
 
     The progress job's id is the ARQ job's `job_id`. None, as ARQ's `enqueue_job`
-    answers, when a job with `_job_id` already exists. `_progress` is the client to
+    answers, when a job with `_job_id` already exists; its `abort()` also cancels
+    the job while it waits (ProgressArqJob). `_progress` is the client to
     create with (default: $PROGRESS_SSE_URL and $PROGRESS_SSE_TOKEN, with one retry and
     a timeout of ENQUEUE_TIMEOUT_S, so an unreachable service delays the enqueue by at
     most about twice that).
@@ -159,22 +186,26 @@ async def enqueue(redis: ArqRedis, function: ProgressFunction[..., Any] | str, *
     name = function if isinstance(function, str) else function.__qualname__
     spec = JobSpec(kind=name) if isinstance(function, str) else function.progress_spec
     job_id = _job_id or uuid.uuid4().hex
-    spec = dataclasses.replace(spec, queue=_queue_name or redis.default_queue_name,
+    queue = _queue_name or redis.default_queue_name
+    spec = dataclasses.replace(spec, queue=queue,
                                title=spec.title if _title is None else _title)
     handover = await _create(_progress, spec, job_id)
     try:
         if handover.token is not None or handover.spec is not None:
             await _save(redis, job_id, handover)
-        job = await redis.enqueue_job(name, *args, _job_id=job_id, _queue_name=spec.queue,
+        job = await redis.enqueue_job(name, *args, _job_id=job_id, _queue_name=queue,
                                       _defer_until=_defer_until, _defer_by=_defer_by,
                                       _expires=_expires, **kwargs)
     except Exception:
         if handover.token is not None:  # do not leave a job queued that nobody will run
             await _abandon(_progress, job_id, "could not be enqueued in ARQ")
         raise
-    log.info("arq job %s enqueued on %s; progress job %s", job_id, spec.queue,
+    if job is None:
+        return None
+    log.info("arq job %s enqueued on %s; progress job %s", job_id, queue,
              "created" if handover.spec is None else "to be created by its worker")
-    return job
+    service = (None, None) if _progress is None else (_progress.url, _progress.token)
+    return ProgressArqJob(job, redis, queue, service)
 
 
 async def _create(pc: AsyncProgressClient | None, spec: JobSpec, job_id: str) -> Handover:
@@ -371,7 +402,7 @@ class _Run:
         """Finish the job; a finish the service did not record is logged, not raised."""
         try:
             await job.finish(status, error=error)
-        except ProgressClientError as exc:
+        except (ProgressClientError, Cancelled) as exc:  # Cancelled: it was, meanwhile
             log.warning("job %s: could not record %s (%s)", self.job_id, status, exc)
 
 
