@@ -227,6 +227,21 @@ async def test_dashboard_cancel_ends_the_function(arq: Arq, pc: AsyncProgressCli
     assert await arq_job.status() == JobStatus.complete
 
 
+async def test_dashboard_pause_holds_the_function(arq: Arq, pc: AsyncProgressClient,
+                                                  service: Service) -> None:
+    """A pause holds the function at its checkpoint until it is resumed."""
+    arq.start_worker(service.url)
+    arq_job = await arq.enqueue(arq_worker.count, 40, 0.05, _progress=pc)
+    await _until(pc, arq_job.job_id, lambda j: (j["current"] or 0) >= 2, arq)
+    await pc.pause(arq_job.job_id)
+    held = await _until(pc, arq_job.job_id, lambda j: j["status"] == "paused", arq)
+    await asyncio.sleep(0.5)  # a while paused: the function must not move meanwhile
+    assert (await _job(pc, arq_job.job_id))["current"] == held["current"] < 40
+    await pc.resume(arq_job.job_id)
+    job = await _until(pc, arq_job.job_id, _finished, arq)
+    assert (job["status"], job["result"]) == ("succeeded", {"rows": 40})
+
+
 async def test_cancel_while_queued_never_runs_the_function(arq: Arq, pc: AsyncProgressClient,
                                                            service: Service) -> None:
     """A job cancelled while queued is cancelled at once; its worker does not run it."""

@@ -20,6 +20,8 @@ Choices that may look odd but are deliberate:
 * ARQ stops a function by cancelling its task for an abort, a job timeout and a worker
   shutdown alike, and the function cannot tell which: all three end the job `cancelled`,
   saying how long it ran. After a shutdown ARQ runs the job again; that try requeues it.
+  A job aborted before any worker took it never reaches a function, so the Job that
+  `enqueue` answers cancels it itself (ProgressArqJob).
 * The service being unreachable never fails the user's job: enqueue still enqueues (the
   worker creates the job when it starts), posts wait in the SDK's outbox, and a finish
   that could not be recorded is logged, not raised. Only a start with the service away
