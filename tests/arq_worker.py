@@ -68,8 +68,14 @@ async def big(ctx: dict[Any, Any], job: AsyncJob) -> str:
     return "x" * 20_000
 
 
+@progress_job(kind="odd")
+async def odd(ctx: dict[Any, Any], job: AsyncJob) -> set[int]:
+    """Return what ARQ keeps (it pickles) but JSON has no word for."""
+    return {1, 2}
+
+
 class WorkerSettings:
-    functions = [count, hold, boom, flaky, big, func(stubborn, max_tries=2)]
+    functions = [count, hold, boom, flaky, big, odd, func(stubborn, max_tries=2)]
     redis_settings = RedisSettings(database=int(os.environ.get("ARQ_TEST_REDIS_DB", "3")))
     queue_name = os.environ.get("ARQ_TEST_QUEUE", "arq:queue")
     max_jobs = int(os.environ.get("ARQ_TEST_MAX_JOBS", "10"))

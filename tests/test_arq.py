@@ -189,8 +189,8 @@ async def test_queue_position_while_the_worker_is_busy(arq: Arq, pc: AsyncProgre
 
 async def test_a_result_the_service_refuses_still_succeeds(
         arq: Arq, pc: AsyncProgressClient, service: Service) -> None:
-    """A return value over the service's limit: the job succeeds without it, the log says
-    why, and ARQ keeps the value."""
+    """A return value over the service's limit, or not JSON: the job succeeds without it,
+    its log says why, and ARQ keeps the value."""
     arq.start_worker(service.url)
     arq_job = await arq.enqueue(arq_worker.big, _progress=pc)
     job = await _until(pc, arq_job.job_id, _finished, arq)
@@ -198,6 +198,12 @@ async def test_a_result_the_service_refuses_still_succeeds(
     assert await arq_job.result(timeout=10) == "x" * 20_000
     logs = [e["message"] for e in await _history(pc, arq_job.job_id) if e["type"] == "log"]
     assert any(m.startswith("the result was not stored") for m in logs), logs
+    arq_job = await arq.enqueue(arq_worker.odd, _progress=pc)
+    job = await _until(pc, arq_job.job_id, _finished, arq)
+    assert (job["status"], job["result"]) == ("succeeded", None)
+    assert await arq_job.result(timeout=10) == {1, 2}
+    logs = [e["message"] for e in await _history(pc, arq_job.job_id) if e["type"] == "log"]
+    assert logs == ["the result was not stored: a set is not JSON"]
 
 
 async def test_raising_function_ends_failed(arq: Arq, pc: AsyncProgressClient,
@@ -337,6 +343,7 @@ async def test_service_down_at_enqueue(arq: Arq, pc: AsyncProgressClient, servic
         "succeeded", arq.queue, "offline", {"rows": 2})
 
 
+@pytest.mark.slow
 async def test_lost_worker_is_fenced_off_by_the_next_try(arq: Arq, pc: AsyncProgressClient,
                                                         service: Service) -> None:
     """A worker killed mid-job: ARQ runs the job again, as attempt 2; attempt 1 is refused."""
@@ -443,6 +450,7 @@ async def test_readme_example_runs(arq: Arq, service: Service, tmp_path: Path) -
         "succeeded", "import", "batch.csv", arq.queue, {"rows": 30})
 
 
+@pytest.mark.slow
 async def test_service_down_when_the_try_starts(arq: Arq, tmp_path: Path) -> None:
     """A worker that cannot reach the service puts the try off with Retry; the next try,
     with the service back, creates the job and runs it (as attempt 2, the ARQ try)."""

@@ -360,7 +360,11 @@ class _Run:
                 except asyncio.CancelledError:
                     await self._interrupted(job, time.monotonic() - started)
                     raise
-                job.result = value if _is_json(value) else None
+                if _is_json(value):
+                    job.result = value
+                else:
+                    await job.log(f"the result was not stored: a {type(value).__name__} is "
+                                  "not JSON", level="warning")
         except StaleAttemptError as exc:  # requeued from the dashboard: run the new attempt
             log.info("job %s: this try was fenced off (%s); ARQ runs it again", self.job_id, exc)
             raise Retry(defer=0) from exc
