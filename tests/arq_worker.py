@@ -82,5 +82,6 @@ class WorkerSettings:
     allow_abort_jobs = os.environ.get("ARQ_TEST_ABORT") == "1"
     job_timeout = float(os.environ.get("ARQ_TEST_JOB_TIMEOUT", "300"))
     poll_delay = 0.1
-    ctx = ({"progress_sse_token": os.environ["ARQ_TEST_CTX_TOKEN"]}
-           if "ARQ_TEST_CTX_TOKEN" in os.environ else {})
+    ctx = {key: os.environ[name] for key, name in (
+        ("progress_sse_token", "ARQ_TEST_CTX_TOKEN"),
+        ("progress_sse_finish_timeout", "ARQ_TEST_FINISH_TIMEOUT")) if name in os.environ}

@@ -508,3 +508,21 @@ async def test_the_worker_posts_with_the_handed_over_worker_token(arq: Arq, tmp_
         assert (job["status"], job["result"]) == ("succeeded", {"rows": 2})
     finally:
         await svc.stop()
+
+
+async def test_a_finish_the_service_never_records_keeps_the_result(arq: Arq,
+                                                                  tmp_path: Path) -> None:
+    """The service gone for good mid-job: the function ends, its finish is given up after
+    the worker's finish timeout, and ARQ still records the function's result."""
+    svc = ProcessService(db=str(tmp_path / "gone.db"), port=free_port())
+    await asyncio.to_thread(svc.start)
+    try:
+        arq.start_worker(svc.url, ARQ_TEST_FINISH_TIMEOUT="1")
+        async with AsyncProgressClient(svc.url) as pc:
+            arq_job = await arq.enqueue(arq_worker.count, 4, 0.2, _progress=pc)
+            await _until(pc, arq_job.job_id, lambda j: (j["current"] or 0) >= 1, arq)
+        svc.signal(signal.SIGKILL)
+        await asyncio.to_thread(svc.wait)
+        assert await arq_job.result(timeout=20) == {"rows": 4}
+    finally:
+        await asyncio.to_thread(svc.stop)
