@@ -230,6 +230,12 @@ def _execute(task: ProgressTask, fn: Callable[..., Any], args: tuple[Any, ...],
             job.__exit__(None, None, None)
             raise Ignore() from None
         except BaseException as exc:
+            if _autoretried(task, request, exc):  # autoretry_for calls retry() next
+                with contextlib.suppress(ProgressClientError):
+                    job.log(f"attempt {job.attempt} raised {exc!r}; Celery retries it",
+                            level="warning")
+                job.__exit__(StaleAttemptError, _superseded(job), None)
+                raise
             if not job.__exit__(type(exc), exc, exc.__traceback__):
                 raise
             # checkpoint() obeyed a cancel
@@ -306,6 +312,20 @@ def _delivered_queue(request: _Request) -> str | None:
     info = request.delivery_info or {}
     queue = info.get("routing_key")
     return str(queue) if queue else None
+
+
+def _autoretried(task: ProgressTask, request: _Request, exc: BaseException) -> bool:
+    """Whether Celery's autoretry (which wraps this run) will retry on `exc`: then the
+    requeue, not a failure, ends this attempt."""
+    retry_on = tuple(getattr(task, "autoretry_for", ()) or ())
+    never = tuple(getattr(task, "dont_autoretry_for", ()) or ())
+    if not retry_on or not isinstance(exc, retry_on) or (never and isinstance(exc, never)):
+        return False
+    limit = getattr(task, "override_max_retries", None)
+    if limit is None:
+        kwargs = getattr(task, "retry_kwargs", None) or {}
+        limit = kwargs["max_retries"] if "max_retries" in kwargs else task.max_retries
+    return limit is None or request.retries < int(limit)
 
 
 def _superseded(job: Job) -> StaleAttemptError:

@@ -1,0 +1,337 @@
+"""Celery tasks tracked with one decorator: a real service process, the Redis broker
+(database 2, queues named for this run) and real `celery worker` processes that import
+tests/celery_tasks.py.
+
+Warnings: none of Celery's or kombu's reach pytest here (the producer side sends and
+reads results without one); the worker's own (SecurityWarning when run as root) go to
+its log, not to this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from celery import states
+
+from .helpers import ROOT, ProcessService, free_port
+
+pytestmark = pytest.mark.slow
+
+BROKER = "redis://127.0.0.1:6379/2"  # the ARQ tests use database 3
+
+
+def until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll `check` until it answers something true; fail with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Worker:
+    """A `celery worker` process on one queue; killed with its children on stop."""
+
+    def __init__(self, queue: str, pool: str, env: dict[str, str], logs: Path) -> None:
+        self.log_path = logs / f"worker-{queue}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.celery_tasks", "worker",
+             "-P", pool, "-c", "1", "-Q", queue, "-n", f"{queue}@%h", "--loglevel=INFO",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        until(lambda: self.proc.poll() is not None or b" ready." in self.log_path.read_bytes(),
+              30, "the worker to be ready")
+        assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its pool's children too
+        self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def redis_broker() -> str:
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=2).close()
+    except OSError as exc:
+        pytest.skip(f"no Redis at 127.0.0.1:6379 ({exc})")
+    return BROKER
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("celery")
+
+
+@pytest.fixture(scope="module")
+def psse(logs: Path) -> Iterator[ProcessService]:
+    svc = ProcessService(db=str(logs / "progress.db"), port=free_port())
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def run_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="module")
+def worker_env(psse: ProcessService, logs: Path, redis_broker: str, run_id: str
+               ) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PSSE_CELERY_BROKER": redis_broker,
+            "PSSE_CELERY_QUEUE": f"psse-{run_id}", "PSSE_CELERY_NOTES": str(logs),
+            "PROGRESS_SSE_URL": psse.url}
+
+
+@pytest.fixture(scope="module")
+def solo(worker_env: dict[str, str], logs: Path, run_id: str) -> Iterator[Worker]:
+    worker = Worker(f"psse-{run_id}", "solo", worker_env, logs)
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="module")
+def prefork(worker_env: dict[str, str], logs: Path, run_id: str) -> Iterator[Worker]:
+    worker = Worker(f"psse-{run_id}-prefork", "prefork", worker_env, logs)
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def tasks(psse: ProcessService, solo: Worker, run_id: str) -> Iterator[Any]:
+    """tests/celery_tasks.py, its app sending to this run's queue and service."""
+    from . import celery_tasks
+
+    conf = celery_tasks.app.conf
+    conf.update(task_default_queue=f"psse-{run_id}", progress_sse_url=psse.url)
+    yield celery_tasks
+    with contextlib.suppress(Exception):
+        import redis
+
+        redis.Redis.from_url(BROKER).delete(f"psse-{run_id}", f"psse-{run_id}-prefork")
+
+
+@pytest.fixture
+def api(psse: ProcessService) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=psse.url, timeout=10) as client:
+        yield client
+
+
+def job_of(api: httpx.Client, job_id: str) -> dict[str, Any]:
+    r = api.get(f"/api/jobs/{job_id}")
+    assert r.status_code == 200, r.text
+    job: dict[str, Any] = r.json()["job"]
+    return job
+
+
+def events_of(api: httpx.Client, job_id: str) -> list[dict[str, Any]]:
+    r = api.get(f"/api/jobs/{job_id}/events", params={"limit": 1000})
+    assert r.status_code == 200, r.text
+    events: list[dict[str, Any]] = r.json()["events"]
+    return events
+
+
+def status_is(api: httpx.Client, job_id: str, *statuses: str) -> Callable[[], bool]:
+    def check() -> bool:
+        r = api.get(f"/api/jobs/{job_id}")
+        return r.status_code == 200 and r.json()["job"]["status"] in statuses
+    return check
+
+
+def test_job_follows_the_task(tasks: Any, api: httpx.Client, run_id: str) -> None:
+    """Enqueue creates the job queued under the task id; the worker's progress and return
+    value end it succeeded with the value as its result."""
+    result = tasks.count.delay(3, 0.15)
+    assert result.get(timeout=30) == {"rows": 3}
+    events = events_of(api, result.id)
+    created = events[0]
+    assert created["type"] == "created"
+    assert created["job"]["status"] == "queued"
+    assert created["job"]["queue"] == f"psse-{run_id}"
+    assert created["job"]["kind"] == "count"
+    progress = [e for e in events if e["type"] == "progress" and e["job"]["current"]]
+    currents = [e["job"]["current"] for e in progress]  # throttled: a step may merge
+    assert currents == sorted(currents) and currents[-1] == 3 and len(currents) >= 2
+    assert all(e["job"]["status"] == "running" for e in progress)
+    assert events[-1]["type"] == "finished"
+    job = job_of(api, result.id)
+    assert job["status"] == "succeeded" and job["result"] == {"rows": 3}
+
+
+def test_the_token_is_not_in_the_arguments(tasks: Any) -> None:
+    """The hand-over travels in a header: the task's arguments are the caller's alone."""
+    sent: list[dict[str, Any]] = []
+
+    from celery.signals import before_task_publish
+
+    def note(headers: dict[str, Any], body: Any, **_: Any) -> None:
+        sent.append({"headers": headers, "body": body})
+
+    before_task_publish.connect(note, weak=False)
+    try:
+        result = tasks.count.delay(1)
+    finally:
+        before_task_publish.disconnect(note)
+    assert result.get(timeout=30) == {"rows": 1}
+    header = sent[0]["headers"]["progress_sse"]
+    assert header["attempt"] == 1 and header["token"]
+    assert list(sent[0]["body"][0]) == [1] and sent[0]["body"][1] == {}
+    assert header["token"] not in json.dumps(sent[0]["headers"]["argsrepr"])
+
+
+def test_unstorable_return_value(tasks: Any, api: httpx.Client) -> None:
+    """A return value the service cannot store still succeeds the job, without a result,
+    and its log says why; the task's own result is untouched."""
+    result = tasks.huge.delay()
+    assert result.get(timeout=30) == {"id": 2**70}
+    job = job_of(api, result.id)
+    assert job["status"] == "succeeded" and job["result"] is None
+    logs = [e for e in events_of(api, result.id) if e["type"] == "log"]
+    assert "not stored as the job's result" in logs[0]["message"]
+
+
+def test_queue_position_while_the_worker_is_busy(tasks: Any, api: httpx.Client,
+                                                 logs: Path) -> None:
+    """A second job waits queued at position 1 while the solo worker runs the first."""
+    first = tasks.hold.delay("busy", 30)
+    until(status_is(api, first.id, "running"), what="the first job to run")
+    second = tasks.count.delay(1)
+    waiting = until(lambda: (j := job_of(api, second.id))["queue_position"] == 1 and j,
+                    what="queue position 1")
+    assert waiting["status"] == "queued"
+    assert api.post(f"/api/jobs/{first.id}/cancel").status_code == 202
+    assert second.get(timeout=30) == {"rows": 1}
+    assert job_of(api, first.id)["status"] == "cancelled"
+
+
+def test_raising_task_fails_the_job(tasks: Any, api: httpx.Client) -> None:
+    """An exception fails the job with its message, and the task with the exception."""
+    result = tasks.boom.delay()
+    with pytest.raises(ValueError, match="disk full"):
+        result.get(timeout=30)
+    job = job_of(api, result.id)
+    assert job["status"] == "failed" and job["error"] == "disk full"
+    assert result.state == states.FAILURE
+
+
+def test_dashboard_cancel_ends_the_task(tasks: Any, api: httpx.Client) -> None:
+    """A viewer's cancel ends the body at its checkpoint: the job is cancelled, the task
+    REVOKED (not a failure), and the worker goes on to the next task."""
+    result = tasks.hold.delay("cancel", 60)
+    until(status_is(api, result.id, "running"), what="the job to run")
+    r = api.post(f"/api/jobs/{result.id}/cancel", json={"reason": "not needed"})
+    assert r.status_code == 202
+    until(status_is(api, result.id, "cancelled"), what="the job to be cancelled")
+    until(lambda: result.state == states.REVOKED, what="the task to be REVOKED")
+    assert tasks.count.delay(1).get(timeout=30) == {"rows": 1}
+
+
+def test_cancel_while_queued_skips_the_body(tasks: Any, api: httpx.Client,
+                                            logs: Path) -> None:
+    """A job cancelled before a worker takes it never runs its body."""
+    first = tasks.hold.delay("ahead", 30)
+    until(status_is(api, first.id, "running"), what="the first job to run")
+    second = tasks.hold.delay("never", 30)
+    assert api.post(f"/api/jobs/{second.id}/cancel").status_code == 200
+    api.post(f"/api/jobs/{first.id}/cancel")
+    until(lambda: second.state == states.REVOKED, what="the second task to be REVOKED")
+    assert not (logs / "never.pid").exists()
+    assert job_of(api, second.id)["status"] == "cancelled"
+
+
+def test_retry_is_a_new_attempt(tasks: Any, api: httpx.Client, logs: Path) -> None:
+    """autoretry_for requeues the job: attempt 2 runs and succeeds, attempt 1 did not
+    fail the job, and its late posts are refused."""
+    result = tasks.flaky.delay("retry")
+    assert result.get(timeout=30) == {"attempt": 2}
+    job = job_of(api, result.id)
+    assert job["attempt"] == 2 and job["status"] == "succeeded"
+    events = events_of(api, result.id)
+    assert not [e for e in events if e["type"] == "finished" and e["job"]["attempt"] == 1]
+    requeued = [e for e in events if e["type"] == "status" and e["job"]["attempt"] == 2
+                and e["job"]["status"] == "queued"]
+    assert requeued, events
+    first = json.loads((logs / "retry.json").read_text())
+    late = api.post(f"/api/jobs/{result.id}/log",
+                    headers={"X-Worker-Token": first["token"]},
+                    json={"message": "late", "attempt": 1, "seq": first["seq"] + 100})
+    assert late.status_code == 409, late.text
+
+
+def test_revoke_terminate_on_prefork(tasks: Any, api: httpx.Client, prefork: Worker,
+                                     run_id: str, logs: Path) -> None:
+    """revoke(terminate=True) kills the prefork child and cancels the job; a plain revoke
+    of a task still waiting cancels its job when the worker comes to it."""
+    queue = f"psse-{run_id}-prefork"
+    running = tasks.hold.apply_async(("terminate", 60), queue=queue)
+    until(status_is(api, running.id, "running"), what="the job to run")
+    child = int((logs / "terminate.pid").read_text())
+    waiting = tasks.count.apply_async((1,), queue=queue)
+    assert job_of(api, waiting.id)["queue"] == queue
+    tasks.app.control.revoke(waiting.id)
+    tasks.app.control.revoke(running.id, terminate=True)
+    until(status_is(api, running.id, "cancelled"), what="the running job to be cancelled")
+    assert "terminated" in job_of(api, running.id)["error"]
+    until(status_is(api, waiting.id, "cancelled"), what="the waiting job to be cancelled")
+    assert job_of(api, waiting.id)["error"] == "Celery: revoked"
+    assert running.state == states.REVOKED and waiting.state == states.REVOKED
+
+    def gone() -> bool:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    until(gone, what="the child to be killed")
+
+
+def test_revoke_terminate_on_solo_runs_on(tasks: Any, api: httpx.Client) -> None:
+    """The solo pool cannot stop the task it runs: terminate only lands once it is over,
+    and the job ends as the body decides."""
+    result = tasks.hold.delay("solo", 1.5)
+    until(status_is(api, result.id, "running"), what="the job to run")
+    tasks.app.control.revoke(result.id, terminate=True)
+    assert result.get(timeout=30) == "held"
+    assert job_of(api, result.id)["status"] == "succeeded"
+
+
+def test_service_down_at_enqueue(tasks: Any, api: httpx.Client, psse: ProcessService,
+                                 solo: Worker, run_id: str) -> None:
+    """With the service down, enqueue still enqueues at once; the worker creates the job
+    (same id, the decorator's fields) once the service is back, and finishes it."""
+    retries = solo.log_path.read_bytes().count(b"retrying POST /api/jobs")
+    psse.stop()
+    try:
+        started = time.monotonic()
+        result = tasks.count.delay(2)
+        assert time.monotonic() - started < 3
+        until(lambda: solo.log_path.read_bytes().count(b"retrying POST /api/jobs") > retries,
+              what="the worker to try the create while the service is down")
+    finally:
+        psse.start()
+    assert result.get(timeout=60) == {"rows": 2}
+    job = job_of(api, result.id)
+    assert job["status"] == "succeeded" and job["result"] == {"rows": 2}
+    assert job["kind"] == "count" and job["queue"] == f"psse-{run_id}"
+    assert [s["key"] for s in job["stages"]] == ["work"]
