@@ -68,7 +68,7 @@ def hold(job: Job, name: str, seconds: float = 60.0) -> str:
 
 
 @progress_task(app, kind="flaky", autoretry_for=(ConnectionError,), max_retries=2,
-               default_retry_delay=0)
+               default_retry_delay=1)
 def flaky(job: Job, name: str) -> dict[str, Any]:
     """Fail the first attempt (after a post of its own); succeed on the retry."""
     job.progress(current=1, total=2, message=f"attempt {job.attempt}")

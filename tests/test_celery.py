@@ -263,6 +263,9 @@ def test_retry_is_a_new_attempt(tasks: Any, api: httpx.Client, logs: Path) -> No
     """autoretry_for requeues the job: attempt 2 runs and succeeds, attempt 1 did not
     fail the job, and its late posts are refused."""
     result = tasks.flaky.delay("retry")
+    waits = until(lambda: (j := job_of(api, result.id))["attempt"] == 2 and j,
+                  what="attempt 2")
+    assert waits["status"] == "queued"  # during the retry's countdown: requeued at once
     assert result.get(timeout=30) == {"attempt": 2}
     job = job_of(api, result.id)
     assert job["attempt"] == 2 and job["status"] == "succeeded"
@@ -270,7 +273,7 @@ def test_retry_is_a_new_attempt(tasks: Any, api: httpx.Client, logs: Path) -> No
     assert not [e for e in events if e["type"] == "finished" and e["job"]["attempt"] == 1]
     requeued = [e for e in events if e["type"] == "status" and e["job"]["attempt"] == 2
                 and e["job"]["status"] == "queued"]
-    assert requeued, events
+    assert [e["reason"] for e in requeued] == ["Celery retry 1"], events
     first = json.loads((logs / "retry.json").read_text())
     late = api.post(f"/api/jobs/{result.id}/log",
                     headers={"X-Worker-Token": first["token"]},
@@ -278,32 +281,49 @@ def test_retry_is_a_new_attempt(tasks: Any, api: httpx.Client, logs: Path) -> No
     assert late.status_code == 409, late.text
 
 
+def pid_gone(pid: int) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    return check
+
+
 def test_revoke_terminate_on_prefork(tasks: Any, api: httpx.Client, prefork: Worker,
                                      run_id: str, logs: Path) -> None:
-    """revoke(terminate=True) kills the prefork child and cancels the job; a plain revoke
-    of a task still waiting cancels its job when the worker comes to it."""
+    """revoke(terminate=True) stops the prefork child (SIGTERM: the body sees SystemExit)
+    and the job ends cancelled, by the child's handle or the worker's task_revoked,
+    whichever comes first; a plain revoke of a task still waiting cancels its job when
+    the worker comes to it, without running it."""
     queue = f"psse-{run_id}-prefork"
-    running = tasks.hold.apply_async(("terminate", 60), queue=queue)
+    running = tasks.hold.apply_async(("sigterm", 60), queue=queue)
     until(status_is(api, running.id, "running"), what="the job to run")
-    child = int((logs / "terminate.pid").read_text())
-    waiting = tasks.count.apply_async((1,), queue=queue)
+    waiting = tasks.hold.apply_async(("revoked", 60), queue=queue)
     assert job_of(api, waiting.id)["queue"] == queue
     tasks.app.control.revoke(waiting.id)
     tasks.app.control.revoke(running.id, terminate=True)
     until(status_is(api, running.id, "cancelled"), what="the running job to be cancelled")
-    assert "terminated" in job_of(api, running.id)["error"]
+    assert job_of(api, running.id)["error"] in ("Celery: terminated (15)",
+                                                 "worker interrupted (SystemExit)")
     until(status_is(api, waiting.id, "cancelled"), what="the waiting job to be cancelled")
     assert job_of(api, waiting.id)["error"] == "Celery: revoked"
-    assert running.state == states.REVOKED and waiting.state == states.REVOKED
+    assert not (logs / "revoked.pid").exists()
+    until(lambda: running.state == waiting.state == states.REVOKED, what="REVOKED tasks")
 
-    def gone() -> bool:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            return True
-        return False
 
-    until(gone, what="the child to be killed")
+def test_revoke_sigkill_on_prefork(tasks: Any, api: httpx.Client, prefork: Worker,
+                                   run_id: str, logs: Path) -> None:
+    """A child killed outright (signal="SIGKILL") cannot report: the worker's
+    task_revoked ends the job cancelled."""
+    running = tasks.hold.apply_async(("sigkill", 60), queue=f"psse-{run_id}-prefork")
+    until(status_is(api, running.id, "running"), what="the job to run")
+    child = int((logs / "sigkill.pid").read_text())
+    tasks.app.control.revoke(running.id, terminate=True, signal="SIGKILL")
+    until(status_is(api, running.id, "cancelled"), what="the job to be cancelled")
+    assert job_of(api, running.id)["error"] == "Celery: terminated (9)"
+    until(pid_gone(child), what="the child to be killed")
 
 
 def test_revoke_terminate_on_solo_runs_on(tasks: Any, api: httpx.Client) -> None:
@@ -326,8 +346,9 @@ def test_service_down_at_enqueue(tasks: Any, api: httpx.Client, psse: ProcessSer
         started = time.monotonic()
         result = tasks.count.delay(2)
         assert time.monotonic() - started < 3
-        until(lambda: solo.log_path.read_bytes().count(b"retrying POST /api/jobs") > retries,
-              what="the worker to try the create while the service is down")
+        # past one create's own retries (5): the worker keeps trying until it is back
+        until(lambda: solo.log_path.read_bytes().count(b"retrying POST /api/jobs")
+              > retries + 6, what="the worker to try the create while the service is down")
     finally:
         psse.start()
     assert result.get(timeout=60) == {"rows": 2}
