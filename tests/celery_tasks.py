@@ -27,6 +27,9 @@ app.conf.update(
     result_expires=600,
     progress_sse_start_timeout=30,
 )
+if "PSSE_CELERY_VISIBILITY" in os.environ:  # how soon Redis gives a lost task to another
+    app.conf.broker_transport_options = {
+        "visibility_timeout": float(os.environ["PSSE_CELERY_VISIBILITY"])}
 
 
 def _notes() -> Path:
@@ -55,9 +58,8 @@ def huge(job: Job) -> dict[str, int]:
     return {"id": 2**70}
 
 
-@progress_task(app, kind="hold")
-def hold(job: Job, name: str, seconds: float = 60.0) -> str:
-    """Run until cancelled or `seconds` pass; note the worker's pid when it starts."""
+def _hold(job: Job, name: str, seconds: float) -> str:
+    """Run until cancelled or `seconds` pass; note the process's pid when it starts."""
     (_notes() / f"{name}.pid").write_text(str(os.getpid()))
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -65,6 +67,17 @@ def hold(job: Job, name: str, seconds: float = 60.0) -> str:
         job.checkpoint()
         time.sleep(0.05)
     return "held"
+
+
+@progress_task(app, kind="hold")
+def hold(job: Job, name: str, seconds: float = 60.0) -> str:
+    return _hold(job, name, seconds)
+
+
+@progress_task(app, kind="hold", acks_late=True, heartbeat_timeout_s=2)
+def hold_late(job: Job, name: str, seconds: float = 60.0) -> str:
+    """`hold`, acknowledged only once it ends: a lost worker's task is delivered again."""
+    return _hold(job, name, seconds)
 
 
 @progress_task(app, kind="flaky", autoretry_for=(ConnectionError,), max_retries=2,

@@ -128,7 +128,7 @@ def tasks(psse: ProcessService, solo: Worker, run_id: str) -> Iterator[Any]:
     with contextlib.suppress(Exception):
         import redis
 
-        redis.Redis.from_url(BROKER).delete(f"psse-{run_id}", f"psse-{run_id}-prefork")
+        redis.Redis.from_url(BROKER).delete(*(f"psse-{run_id}{end}" for end in ("", "-prefork", "-lost")))
 
 
 @pytest.fixture
@@ -334,6 +334,31 @@ def test_revoke_terminate_on_solo_runs_on(tasks: Any, api: httpx.Client) -> None
     tasks.app.control.revoke(result.id, terminate=True)
     assert result.get(timeout=30) == "held"
     assert job_of(api, result.id)["status"] == "succeeded"
+
+
+def test_worker_lost_with_acks_late(tasks: Any, api: httpx.Client, worker_env: dict[str, str],
+                                    logs: Path, run_id: str) -> None:
+    """A worker killed mid-task: the job stalls after its heartbeat timeout; with acks_late
+    Redis delivers the task again (after the visibility timeout) and it runs as attempt 2."""
+    queue = f"psse-{run_id}-lost"
+    env = {**worker_env, "PSSE_CELERY_VISIBILITY": "2"}
+    first = Worker(queue, "solo", env, logs)
+    try:
+        result = tasks.hold_late.apply_async(("lost", 3), queue=queue)
+        until(status_is(api, result.id, "running"), what="the job to run")
+    finally:
+        first.stop()
+    until(lambda: job_of(api, result.id)["stalled"], what="the job to stall")
+    second = Worker(queue, "solo", env, logs)
+    try:
+        assert result.get(timeout=60) == "held"
+    finally:
+        second.stop()
+    job = job_of(api, result.id)
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    again = [e for e in events_of(api, result.id) if e["type"] == "status"
+             and e["job"]["attempt"] == 2 and e["job"]["status"] == "queued"]
+    assert [e["reason"] for e in again] == ["the task was delivered again"]
 
 
 def test_service_down_at_enqueue(tasks: Any, api: httpx.Client, psse: ProcessService,
