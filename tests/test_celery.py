@@ -128,7 +128,8 @@ def tasks(psse: ProcessService, solo: Worker, run_id: str) -> Iterator[Any]:
     with contextlib.suppress(Exception):
         import redis
 
-        redis.Redis.from_url(BROKER).delete(*(f"psse-{run_id}{end}" for end in ("", "-prefork", "-lost")))
+        queues = (f"psse-{run_id}{end}" for end in ("", "-prefork", "-lost"))
+        redis.Redis.from_url(BROKER).delete(*queues)
 
 
 @pytest.fixture
