@@ -25,6 +25,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     result_expires=600,
+    result_extended=True,  # the stored result holds the arguments: the token must not be there
     progress_sse_start_timeout=30,
 )
 if "PSSE_CELERY_VISIBILITY" in os.environ:  # how soon Redis gives a lost task to another

@@ -198,6 +198,27 @@ def test_the_token_is_not_in_the_arguments(tasks: Any) -> None:
     assert header["attempt"] == 1 and header["token"]
     assert list(sent[0]["body"][0]) == [1] and sent[0]["body"][1] == {}
     assert header["token"] not in json.dumps(sent[0]["headers"]["argsrepr"])
+    stored = tasks.app.backend.get_task_meta(result.id)
+    assert stored["args"] == [1]  # result_extended: what the result backend (and Flower) show
+    assert header["token"] not in json.dumps(stored, default=str)
+
+
+def test_per_call_fields(tasks: Any, api: httpx.Client) -> None:
+    """apply_async(progress_sse={...}) sets create fields for one call."""
+    result = tasks.count.apply_async((1,), progress_sse={"title": "March export",
+                                                         "meta": {"month": 3}})
+    assert result.get(timeout=30) == {"rows": 1}
+    job = job_of(api, result.id)
+    assert job["title"] == "March export" and job["meta"] == {"month": 3}
+    assert job["kind"] == "count"
+
+
+def test_wrong_arguments_create_no_job(tasks: Any, api: httpx.Client) -> None:
+    """A call that does not fit the body's arguments raises at once, and leaves no job."""
+    task_id = str(uuid.uuid4())
+    with pytest.raises(TypeError, match="n"):
+        tasks.count.apply_async((), task_id=task_id)
+    assert api.get(f"/api/jobs/{task_id}").status_code == 404
 
 
 def test_unstorable_return_value(tasks: Any, api: httpx.Client) -> None:
