@@ -81,6 +81,14 @@ def hold_late(job: Job, name: str, seconds: float = 60.0) -> str:
     return _hold(job, name, seconds)
 
 
+@progress_task(app, kind="hold", acks_late=True)
+def hold_once(job: Job, name: str, seconds: float = 60.0) -> str:
+    """`hold_late` on the first attempt; later attempts return at once."""
+    if job.attempt == 1:
+        _hold(job, name, seconds)
+    return f"attempt {job.attempt}"
+
+
 @progress_task(app, kind="flaky", autoretry_for=(ConnectionError,), max_retries=2,
                default_retry_delay=1)
 def flaky(job: Job, name: str) -> dict[str, Any]:

@@ -48,14 +48,15 @@ def until(check: Callable[[], Any], timeout: float = 20.0, what: str = "conditio
 class Worker:
     """A `celery worker` process on one queue; killed with its children on stop."""
 
-    def __init__(self, queue: str, pool: str, env: dict[str, str], logs: Path) -> None:
-        self.log_path = logs / f"worker-{queue}.log"
+    def __init__(self, queue: str, pool: str, env: dict[str, str], logs: Path,
+                 app: str = "tests.celery_tasks", cwd: Path = ROOT) -> None:
+        self.log_path = logs / f"worker-{queue}-{uuid.uuid4().hex[:6]}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.celery_tasks", "worker",
-             "-P", pool, "-c", "1", "-Q", queue, "-n", f"{queue}@%h", "--loglevel=INFO",
+            [sys.executable, "-m", "celery", "-A", app, "worker", "--loglevel=INFO",
+             "-P", pool, "-c", "1", "-Q", queue, "-n", f"{queue}@%h",
              "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
         until(lambda: self.proc.poll() is not None or b" ready." in self.log_path.read_bytes(),
               30, "the worker to be ready")
@@ -117,6 +118,9 @@ def prefork(worker_env: dict[str, str], logs: Path, run_id: str) -> Iterator[Wor
     worker.stop()
 
 
+QUEUE_ENDS = ("", "-prefork", "-lost", "-twice", "-readme")
+
+
 @pytest.fixture
 def tasks(psse: ProcessService, solo: Worker, run_id: str) -> Iterator[Any]:
     """tests/celery_tasks.py, its app sending to this run's queue and service."""
@@ -124,12 +128,24 @@ def tasks(psse: ProcessService, solo: Worker, run_id: str) -> Iterator[Any]:
 
     conf = celery_tasks.app.conf
     conf.update(task_default_queue=f"psse-{run_id}", progress_sse_url=psse.url)
-    yield celery_tasks
-    with contextlib.suppress(Exception):
-        import redis
+    return celery_tasks
 
-        queues = (f"psse-{run_id}{end}" for end in ("", "-prefork", "-lost"))
-        redis.Redis.from_url(BROKER).delete(*queues)
+
+@pytest.fixture(scope="module", autouse=True)
+def clean_broker(run_id: str) -> Iterator[None]:
+    """Leave nothing of this run in database 2: its queues, their bindings, and the
+    messages killed workers left unacknowledged (never another run's)."""
+    yield
+    import redis
+
+    queues = {f"psse-{run_id}{end}" for end in QUEUE_ENDS}
+    with redis.Redis.from_url(BROKER) as r:
+        r.delete(*queues, *(f"_kombu.binding.{q}" for q in queues))
+        for tag, raw in r.hgetall("unacked").items():
+            with contextlib.suppress(ValueError, IndexError):
+                if json.loads(raw)[2] in queues:
+                    r.hdel("unacked", tag)
+                    r.zrem("unacked_index", tag)
 
 
 @pytest.fixture
@@ -381,6 +397,74 @@ def test_worker_lost_with_acks_late(tasks: Any, api: httpx.Client, worker_env: d
     again = [e for e in events_of(api, result.id) if e["type"] == "status"
              and e["job"]["attempt"] == 2 and e["job"]["status"] == "queued"]
     assert [e["reason"] for e in again] == ["the task was delivered again"]
+
+
+def test_second_delivery_fences_off_the_first(tasks: Any, api: httpx.Client,
+                                              worker_env: dict[str, str], logs: Path,
+                                              run_id: str) -> None:
+    """A task still running when Redis hands it to a second worker (past the visibility
+    timeout): the second runs it as attempt 2, and the first stops at its next post
+    without touching the task's state."""
+    queue = f"psse-{run_id}-twice"
+    env = {**worker_env, "PSSE_CELERY_VISIBILITY": "1"}
+    first = Worker(queue, "solo", env, logs)
+    second = None
+    try:
+        result = tasks.hold_once.apply_async(("twice", 40), queue=queue)
+        sent = time.monotonic()
+        until(status_is(api, result.id, "running"), what="the first delivery to run")
+        # a worker gives back messages past their visibility timeout when it starts (and
+        # then every 100 s): start the second once the first delivery is past it
+        until(lambda: time.monotonic() - sent > 1.5, what="the visibility timeout")
+        second = Worker(queue, "solo", env, logs)
+        assert result.get(timeout=40) == "attempt 2"
+        until(lambda: b"ignored" in first.log_path.read_bytes(),
+              what="the first execution to end quietly (Ignore)")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    job = job_of(api, result.id)
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    assert result.state == states.SUCCESS
+
+
+def test_signature_creates_the_job(tasks: Any, api: httpx.Client) -> None:
+    """A signature's delay goes through the same enqueue."""
+    result = tasks.count.s(1).delay()
+    assert job_of(api, result.id)["kind"] == "count"
+    assert result.get(timeout=30) == {"rows": 1}
+
+
+def test_readme_example(psse: ProcessService, api: httpx.Client, worker_env: dict[str, str],
+                        logs: Path, run_id: str, tmp_path: Path) -> None:
+    """The README's Celery example runs as written: its worker command and its enqueue."""
+    doc = (ROOT / "README.md").read_text()
+    block = doc.split("<!-- tested: celery-example")[1]
+    code = block.split("```python\n")[1].split("```")[0]
+    commands = block.split("```sh\n")[1].split("```")[0].strip().splitlines()
+    queue = f"psse-{run_id}-readme"
+    code = code.replace("redis://127.0.0.1:6379/0", BROKER).replace(
+        "http://127.0.0.1:8000", psse.url)
+    (tmp_path / "tasks.py").write_text(f"{code}\napp.conf.task_default_queue = {queue!r}\n")
+    assert commands[0] == "celery -A tasks worker --loglevel=INFO"
+    env = {k: v for k, v in worker_env.items() if k != "PROGRESS_SSE_URL"}
+    worker = Worker(queue, "prefork", env, logs, app="tasks", cwd=tmp_path)
+    try:
+        enqueue = commands[1].removeprefix("python ")
+        assert enqueue.startswith("-c '") and enqueue.endswith("'")
+        out = subprocess.run([sys.executable, "-c", enqueue[4:-1]], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    finally:
+        worker.stop()
+    job_id, value = out.splitlines()
+    assert value == "{'rows': 5}"
+    job = job_of(api, job_id)
+    assert job["status"] == "succeeded" and job["result"] == {"rows": 5}
+    assert job["kind"] == "export" and job["queue"] == queue
+    assert [s["key"] for s in job["stages"]] == ["query", "write"]
+    messages = [e["job"]["message"] for e in events_of(api, job_id) if e["type"] == "progress"]
+    assert "row 5 of 5" in messages
 
 
 def test_service_down_at_enqueue(tasks: Any, api: httpx.Client, psse: ProcessService,

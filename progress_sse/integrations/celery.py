@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import random
@@ -140,6 +141,8 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     *rest: Any, **options: Any) -> Any:
+        if self.typing:  # Celery checks the arguments too, but only after the create
+            self.__header__(*(args or ()), **(kwargs or {}))
         task_id = task_id or _new_id()
         fields = options.pop(OPTION, None) or {}
         headers = dict(options.get("headers") or {})
@@ -151,7 +154,17 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
                     "queue": _queue_name(self, options, args, kwargs)}
             handoff = self._create(task_id, spec)
         options["headers"] = {**headers, HEADER: handoff.header()}
-        return super().apply_async(args, kwargs, task_id, *rest, **options)
+        try:
+            return super().apply_async(args, kwargs, task_id, *rest, **options)
+        except Exception as exc:  # not enqueued (the broker is down): no job waits for it
+            if earlier is None and handoff.attempt is not None:
+                self._abandon(task_id, exc)
+            raise
+
+    def _abandon(self, task_id: str, exc: Exception) -> None:
+        with contextlib.suppress(ProgressClientError), \
+                _client(self.app, retries=0, timeout=ENQUEUE_TIMEOUT_S) as pc:
+            pc.cancel(task_id, reason=f"not enqueued: {exc!r}"[:200])
 
     def progress_spec(self) -> dict[str, Any]:
         """The create fields from the decorator, with the task's name as kind and title."""
@@ -201,6 +214,10 @@ def progress_task(app: Celery, **fields: Any) -> Callable[[Callable[..., Any]], 
         def run(task: ProgressTask, *args: Any, **kwargs: Any) -> Any:
             return _execute(task, fn, args, kwargs)
 
+        # Celery reads the arguments a call must match from here: the body's, whose first
+        # (`job`) stands where a bound task's `self` would
+        run.__dict__["__signature__"] = inspect.signature(fn)
+
         return app.task(run, bind=True, base=ProgressTask, progress_fields=create,
                         **options)
 
@@ -226,8 +243,10 @@ def _execute(task: ProgressTask, fn: Callable[..., Any], args: tuple[Any, ...],
         except Retry:  # apply_async requeued the job: this attempt ends without a finish
             job.__exit__(StaleAttemptError, _superseded(job), None)
             raise
-        except StaleAttemptError:  # a newer execution owns the job and the task's state
-            job.__exit__(None, None, None)
+        except (StaleAttemptError, JobFinishedError):
+            # a newer execution of the task owns the job (and may have finished it): this
+            # one ends without a finish and leaves the task's state to that one
+            job.__exit__(StaleAttemptError, _superseded(job), None)
             raise Ignore() from None
         except BaseException as exc:
             if _autoretried(task, request, exc):  # autoretry_for calls retry() next
@@ -329,8 +348,9 @@ def _autoretried(task: ProgressTask, request: _Request, exc: BaseException) -> b
 
 
 def _superseded(job: Job) -> StaleAttemptError:
-    return StaleAttemptError(409, "stale_attempt", f"attempt {job.attempt} was superseded "
-                             "by a Celery retry", "attempt")
+    """What ends a handle without a finish: its attempt is another's now."""
+    return StaleAttemptError(409, "stale_attempt", f"attempt {job.attempt} was superseded",
+                             "attempt")
 
 
 def _storable(job: Job, value: Any) -> Any:
