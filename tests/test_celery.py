@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import kombu
+import kombu.exceptions
 import pytest
 from celery import states
 
@@ -227,6 +229,19 @@ def test_per_call_fields(tasks: Any, api: httpx.Client) -> None:
     job = job_of(api, result.id)
     assert job["title"] == "March export" and job["meta"] == {"month": 3}
     assert job["kind"] == "count"
+
+
+def test_broker_refusal_cancels_the_job(tasks: Any, api: httpx.Client) -> None:
+    """A message the broker did not take leaves no job waiting for it: the job created
+    for it is cancelled, saying why, and the error reaches the caller."""
+    task_id = str(uuid.uuid4())
+    with kombu.Connection(f"redis://127.0.0.1:{free_port()}/2") as down, \
+            pytest.raises(kombu.exceptions.OperationalError):
+        tasks.count.apply_async((1,), task_id=task_id, retry=False,
+                                producer=tasks.app.amqp.Producer(down))
+    job = job_of(api, task_id)
+    assert job["status"] == "cancelled"
+    assert job["control_reason"].startswith("not enqueued: OperationalError")
 
 
 def test_wrong_arguments_create_no_job(tasks: Any, api: httpx.Client) -> None:
