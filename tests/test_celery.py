@@ -60,9 +60,13 @@ class Worker:
              "--without-gossip", "--without-mingle", "--without-heartbeat"],
             cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
-        until(lambda: self.proc.poll() is not None or b" ready." in self.log_path.read_bytes(),
-              30, "the worker to be ready")
-        assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+        try:
+            until(lambda: self.proc.poll() is not None
+                  or b" ready." in self.log_path.read_bytes(), 30, "the worker to be ready")
+            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -47,6 +47,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -138,6 +139,26 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
     """A Celery task whose enqueue creates (or, on a retry, requeues) its job."""
 
     progress_fields: Mapping[str, Any] = {}
+    _clients: dict[tuple[int, bool], ProgressClient] | None = None
+
+    def producer_client(self) -> ProgressClient:
+        """The client enqueue uses: one try, briefly (the message goes out regardless)."""
+        return self._client(producer=True)
+
+    def worker_client(self) -> ProgressClient:
+        """The client the task's executions use: the SDK's retries and timeouts."""
+        return self._client(producer=False)
+
+    def _client(self, *, producer: bool) -> ProgressClient:
+        """One per process, kept on the task as Celery suggests for resources (a client
+        costs ~40 ms to make, mostly its TLS context); a forked child makes its own."""
+        if self._clients is None:
+            self._clients = {}
+        key = (os.getpid(), producer)
+        if key not in self._clients:
+            options = {"retries": 1, "timeout": ENQUEUE_TIMEOUT_S} if producer else {}
+            self._clients[key] = _client(self.app, **options)
+        return self._clients[key]
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     *rest: Any, **options: Any) -> Any:
@@ -162,9 +183,8 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
             raise
 
     def _abandon(self, task_id: str, exc: Exception) -> None:
-        with contextlib.suppress(ProgressClientError), \
-                _client(self.app, retries=0, timeout=ENQUEUE_TIMEOUT_S) as pc:
-            pc.cancel(task_id, reason=f"not enqueued: {exc!r}"[:200])
+        with contextlib.suppress(ProgressClientError):
+            self.producer_client().cancel(task_id, reason=f"not enqueued: {exc!r}"[:200])
 
     def progress_spec(self) -> dict[str, Any]:
         """The create fields from the decorator, with the task's name as kind and title."""
@@ -172,8 +192,7 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
 
     def _create(self, task_id: str, spec: dict[str, Any]) -> _Handoff:
         try:
-            with _client(self.app, retries=1, timeout=ENQUEUE_TIMEOUT_S) as pc:
-                created = pc.create(id=task_id, **spec)
+            created = self.producer_client().create(id=task_id, **spec)
         except ProgressClientError as exc:
             log.warning("job %s: not created at enqueue (%s); the worker creates it", task_id,
                         exc)
@@ -184,9 +203,8 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
         """Start the job's next attempt, so the retried execution's posts are its own."""
         expected = (earlier.attempt or 1) + 1
         try:
-            with _client(self.app, retries=1, timeout=ENQUEUE_TIMEOUT_S) as pc:
-                answer = pc.request("POST", f"/api/jobs/{task_id}/requeue",
-                                    json={"reason": f"Celery retry {retries}"})
+            answer = self.producer_client().request(
+                "POST", f"/api/jobs/{task_id}/requeue", json={"reason": f"Celery retry {retries}"})
             attempt = int(answer["job"]["attempt"])
         except ProgressClientError as exc:  # the worker requeues when it starts
             log.warning("job %s: not requeued at retry (%s)", task_id, exc)
@@ -231,42 +249,42 @@ def _execute(task: ProgressTask, fn: Callable[..., Any], args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> Any:
     """Run the body with its job attached, and finish the job by how the body ended."""
     request = cast(_Request, task.request)
-    with _client(task.app) as pc:
-        try:
-            job = _start(task, pc, request)
-        except _Skip as skip:
-            if skip.revoked:
-                _store_revoked(task, request, "cancelled from progress-sse before it started")
-            raise Ignore() from None
-        try:
-            value = fn(job, *args, **kwargs)
-        except Retry:  # apply_async requeued the job: this attempt ends without a finish
+    pc = task.worker_client()
+    try:
+        job = _start(task, pc, request)
+    except _Skip as skip:
+        if skip.revoked:
+            _store_revoked(task, request, "cancelled from progress-sse before it started")
+        raise Ignore() from None
+    try:
+        value = fn(job, *args, **kwargs)
+    except Retry:  # apply_async requeued the job: this attempt ends without a finish
+        job.__exit__(StaleAttemptError, _superseded(job), None)
+        raise
+    except (StaleAttemptError, JobFinishedError):
+        # a newer execution of the task owns the job (and may have finished it): this
+        # one ends without a finish and leaves the task's state to that one
+        job.__exit__(StaleAttemptError, _superseded(job), None)
+        raise Ignore() from None
+    except BaseException as exc:
+        if _autoretried(task, request, exc):  # autoretry_for calls retry() next
+            with contextlib.suppress(ProgressClientError):
+                job.log(f"attempt {job.attempt} raised {exc!r}; Celery retries it",
+                        level="warning")
             job.__exit__(StaleAttemptError, _superseded(job), None)
             raise
-        except (StaleAttemptError, JobFinishedError):
-            # a newer execution of the task owns the job (and may have finished it): this
-            # one ends without a finish and leaves the task's state to that one
-            job.__exit__(StaleAttemptError, _superseded(job), None)
-            raise Ignore() from None
-        except BaseException as exc:
-            if _autoretried(task, request, exc):  # autoretry_for calls retry() next
-                with contextlib.suppress(ProgressClientError):
-                    job.log(f"attempt {job.attempt} raised {exc!r}; Celery retries it",
-                            level="warning")
-                job.__exit__(StaleAttemptError, _superseded(job), None)
-                raise
-            if not job.__exit__(type(exc), exc, exc.__traceback__):
-                raise
-            # checkpoint() obeyed a cancel
-            _store_revoked(task, request, job.control.reason or "cancelled from progress-sse")
-            raise Ignore() from None
-        job.result = _storable(job, value)
-        try:
-            job.__exit__(None, None, None)
-        except (NotRecorded, APIError) as exc:
-            log.warning("job %s: the finish was not recorded (%s); the task succeeded",
-                        job.id, exc)
-        return value
+        if not job.__exit__(type(exc), exc, exc.__traceback__):
+            raise
+        # checkpoint() obeyed a cancel
+        _store_revoked(task, request, job.control.reason or "cancelled from progress-sse")
+        raise Ignore() from None
+    job.result = _storable(job, value)
+    try:
+        job.__exit__(None, None, None)
+    except (NotRecorded, APIError) as exc:
+        log.warning("job %s: the finish was not recorded (%s); the task succeeded",
+                    job.id, exc)
+    return value
 
 
 class _Skip(Exception):
@@ -379,12 +397,11 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = Fals
     req = cast(_Request, request)
     handoff = _Handoff.read(req.get(HEADER)) or _Handoff()
     why = "expired" if expired else f"terminated ({signum})" if terminated else "revoked"
+    body: dict[str, Any] = {"status": "cancelled", "error": f"Celery: {why}"}
+    if handoff.attempt is not None:
+        body["attempt"] = handoff.attempt
     try:
-        with _client(sender.app, retries=2, timeout=ENQUEUE_TIMEOUT_S) as pc:
-            body: dict[str, Any] = {"status": "cancelled", "error": f"Celery: {why}"}
-            if handoff.attempt is not None:
-                body["attempt"] = handoff.attempt
-            pc.post_worker(req.id, "finish", body, token=handoff.token)
+        sender.producer_client().post_worker(req.id, "finish", body, token=handoff.token)
     except ProgressClientError as exc:
         log.info("job %s: not finished after the revoke (%s)", req.id, exc)
 
