@@ -28,6 +28,8 @@ import kombu.exceptions
 import pytest
 from celery import states
 
+from progress_sse.client import APIError
+
 from .helpers import ROOT, ProcessService, free_port
 
 pytestmark = pytest.mark.slow
@@ -246,6 +248,28 @@ def test_broker_refusal_cancels_the_job(tasks: Any, api: httpx.Client) -> None:
     job = job_of(api, task_id)
     assert job["status"] == "cancelled"
     assert job["control_reason"].startswith("not enqueued: OperationalError")
+
+
+def test_refused_create_raises_at_enqueue(tasks: Any, api: httpx.Client) -> None:
+    """Create fields the service refuses raise at enqueue (unlike an outage), and nothing
+    is sent."""
+    task_id = str(uuid.uuid4())
+    with pytest.raises(APIError, match="stages"):
+        tasks.count.apply_async((1,), task_id=task_id, progress_sse={"stages": ["a", "a"]})
+    assert api.get(f"/api/jobs/{task_id}").status_code == 404
+    assert tasks.app.backend.get_task_meta(task_id)["status"] == states.PENDING
+
+
+def test_expired_task_cancels_its_job(tasks: Any, api: httpx.Client) -> None:
+    """A task whose `expires` passed while it waited is not run; its job ends cancelled."""
+    first = tasks.hold.delay("before-expiry", 30)
+    until(status_is(api, first.id, "running"), what="the first job to run")
+    expiring = tasks.count.apply_async((1,), expires=0.5)
+    sent = time.monotonic()
+    until(lambda: time.monotonic() - sent > 1, what="the expiry")
+    api.post(f"/api/jobs/{first.id}/cancel")
+    until(status_is(api, expiring.id, "cancelled"), what="the expired job to be cancelled")
+    assert job_of(api, expiring.id)["error"] == "Celery: expired"
 
 
 def test_wrong_arguments_create_no_job(tasks: Any, api: httpx.Client) -> None:

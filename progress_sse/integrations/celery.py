@@ -67,9 +67,9 @@ from ..client import (
     NotRecorded,
     ProgressClient,
     ProgressClientError,
-    ServiceUnavailable,
     StaleAttemptError,
 )
+from ..client.protocol import _unreachable
 from ..schema import _document
 
 __all__ = ["CREATE_FIELDS", "HEADER", "ProgressTask", "progress_task"]
@@ -139,26 +139,22 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
     """A Celery task whose enqueue creates (or, on a retry, requeues) its job."""
 
     progress_fields: Mapping[str, Any] = {}
-    _clients: dict[tuple[int, bool], ProgressClient] | None = None
+    _progress_clients: dict[tuple[int, bool], ProgressClient] | None = None
 
-    def producer_client(self) -> ProgressClient:
-        """The client enqueue uses: one try, briefly (the message goes out regardless)."""
-        return self._client(producer=True)
+    def progress_client(self, *, producer: bool = False) -> ProgressClient:
+        """The client for enqueue (`producer`: one try, briefly, since the message goes
+        out regardless) or for the task's executions (the SDK's retries and timeouts).
 
-    def worker_client(self) -> ProgressClient:
-        """The client the task's executions use: the SDK's retries and timeouts."""
-        return self._client(producer=False)
-
-    def _client(self, *, producer: bool) -> ProgressClient:
-        """One per process, kept on the task as Celery suggests for resources (a client
-        costs ~40 ms to make, mostly its TLS context); a forked child makes its own."""
-        if self._clients is None:
-            self._clients = {}
+        One of each per process, kept on the task as Celery suggests for resources (a
+        client costs ~40 ms to make, mostly its TLS context); a forked child makes its own.
+        """
+        if self._progress_clients is None:
+            self._progress_clients = {}
         key = (os.getpid(), producer)
-        if key not in self._clients:
+        if key not in self._progress_clients:
             options = {"retries": 1, "timeout": ENQUEUE_TIMEOUT_S} if producer else {}
-            self._clients[key] = _client(self.app, **options)
-        return self._clients[key]
+            self._progress_clients[key] = _client(self.app, **options)
+        return self._progress_clients[key]
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     *rest: Any, **options: Any) -> Any:
@@ -184,7 +180,8 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
 
     def _abandon(self, task_id: str, exc: Exception) -> None:
         with contextlib.suppress(ProgressClientError):
-            self.producer_client().cancel(task_id, reason=f"not enqueued: {exc!r}"[:200])
+            self.progress_client(producer=True).cancel(
+                task_id, reason=f"not enqueued: {exc!r}"[:200])
 
     def progress_spec(self) -> dict[str, Any]:
         """The create fields from the decorator, with the task's name as kind and title."""
@@ -192,8 +189,10 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
 
     def _create(self, task_id: str, spec: dict[str, Any]) -> _Handoff:
         try:
-            created = self.producer_client().create(id=task_id, **spec)
+            created = self.progress_client(producer=True).create(id=task_id, **spec)
         except ProgressClientError as exc:
+            if not _unreachable(exc):  # refused (a bad field, a bad token): say so now
+                raise
             log.warning("job %s: not created at enqueue (%s); the worker creates it", task_id,
                         exc)
             return _Handoff(spec=spec)
@@ -203,7 +202,7 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
         """Start the job's next attempt, so the retried execution's posts are its own."""
         expected = (earlier.attempt or 1) + 1
         try:
-            answer = self.producer_client().request(
+            answer = self.progress_client(producer=True).request(
                 "POST", f"/api/jobs/{task_id}/requeue", json={"reason": f"Celery retry {retries}"})
             attempt = int(answer["job"]["attempt"])
         except ProgressClientError as exc:  # the worker requeues when it starts
@@ -249,7 +248,7 @@ def _execute(task: ProgressTask, fn: Callable[..., Any], args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> Any:
     """Run the body with its job attached, and finish the job by how the body ended."""
     request = cast(_Request, task.request)
-    pc = task.worker_client()
+    pc = task.progress_client()
     try:
         job = _start(task, pc, request)
     except _Skip as skip:
@@ -308,7 +307,11 @@ def _start(task: ProgressTask, pc: ProgressClient, request: _Request) -> Job:
         except (StaleAttemptError, JobFinishedError) as exc:  # changed meanwhile
             log.info("job %s: %s; the delivery is skipped", request.id, exc)
             raise _Skip() from None
-        except ServiceUnavailable as exc:
+        except ProgressClientError as exc:
+            if not _unreachable(exc):
+                log.error("job %s: the service refused it (%s); the task runs unreported",
+                          request.id, exc)
+                return _Unreported(pc, request.id)
             if time.monotonic() >= deadline:
                 log.warning("job %s: the service stayed unreachable (%s); the task runs "
                             "unreported", request.id, exc)
@@ -401,7 +404,8 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = Fals
     if handoff.attempt is not None:
         body["attempt"] = handoff.attempt
     try:
-        sender.producer_client().post_worker(req.id, "finish", body, token=handoff.token)
+        sender.progress_client(producer=True).post_worker(req.id, "finish", body,
+                                                          token=handoff.token)
     except ProgressClientError as exc:
         log.info("job %s: not finished after the revoke (%s)", req.id, exc)
 
