@@ -29,15 +29,16 @@ Choices that may look odd but are deliberate:
   `cancelled` and the Celery task is stored REVOKED (as `revoke` would) and ends with
   Ignore: not a failure, and never retried (autoretry lets Ignore through).
 * `revoke()` reaches a job through the worker's `task_revoked` signal, which finishes
-  it `cancelled`: at once for a task still queued or reserved; for a running one only
-  where `terminate=True` can stop it (prefork: the child is killed). The solo and
-  threads pools cannot terminate a running task; it runs on.
-* Reporting never breaks the task. Enqueue tries the service once, briefly, and
-  enqueues anyway; the worker then creates the job (same id, the create fields from
-  the header) when it starts, waiting for the service up to
-  `progress_sse_start_timeout` seconds (default 60), after which the body runs with a
-  job that reports nothing. During the body the SDK keeps posts until the service is
-  back; a finish it could not record is logged, and the task's outcome stands.
+  it `cancelled`: for a task still waiting, when a worker comes to its message; for a
+  running one only where `terminate=True` can stop it (prefork: the child is killed).
+  The solo and threads pools cannot terminate a running task; it runs on.
+* An outage never breaks the task. Enqueue tries the service once, briefly, and
+  enqueues anyway (a refusal, though, raises: the create's fields or token are
+  wrong); the worker then creates the job (same id, the create fields from the header)
+  when it starts, waiting for the service up to `progress_sse_start_timeout` seconds
+  (default 60), after which the body runs with a job that reports nothing. During the
+  body the SDK keeps posts until the service is back; a finish it could not record is
+  logged, and the task's outcome stands.
 """
 
 from __future__ import annotations
