@@ -510,6 +510,38 @@ def test_readme_example(psse: ProcessService, api: httpx.Client, worker_env: dic
     assert "row 5 of 5" in messages
 
 
+def test_service_down_during_the_task(tasks: Any, api: httpx.Client, psse: ProcessService,
+                                      solo: Worker) -> None:
+    """The service gone mid-task: the task goes on, and its progress and finish reach the
+    job once the service is back."""
+    result = tasks.count.delay(8, 0.25)
+    until(lambda: (job_of(api, result.id)["current"] or 0) >= 1, what="the first step")
+    lost = solo.log_path.read_bytes().count(b"the service is unreachable")
+    psse.stop()
+    try:
+        until(lambda: solo.log_path.read_bytes().count(b"the service is unreachable") > lost,
+              what="the worker to miss the service")
+    finally:
+        psse.start()
+    assert result.get(timeout=60) == {"rows": 8}
+    until(status_is(api, result.id, "succeeded"), what="the job to succeed")
+    job = job_of(api, result.id)
+    assert job["current"] == 8 and job["result"] == {"rows": 8}
+
+
+def test_always_eager(tasks: Any, api: httpx.Client) -> None:
+    """Under task_always_eager the task runs in the caller, and its job with it."""
+    tasks.app.conf.task_always_eager = True
+    try:
+        result = tasks.count.delay(2)
+    finally:
+        tasks.app.conf.task_always_eager = False
+    assert result.get() == {"rows": 2}
+    job = job_of(api, result.id)
+    assert job["status"] == "succeeded" and job["result"] == {"rows": 2}
+    assert job["attempt"] == 1
+
+
 def test_service_down_at_enqueue(tasks: Any, api: httpx.Client, psse: ProcessService,
                                  solo: Worker, run_id: str) -> None:
     """With the service down, enqueue still enqueues at once; the worker creates the job

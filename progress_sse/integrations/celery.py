@@ -297,7 +297,7 @@ class _Skip(Exception):
 
 def _start(task: ProgressTask, pc: ProgressClient, request: _Request) -> Job:
     """The job attached for this delivery; raises _Skip when it must not run."""
-    handoff = _Handoff.read(request.get(HEADER)) or _Handoff()
+    handoff = _Handoff.read(_header(request)) or _Handoff()
     spec = dict(handoff.spec or {**task.progress_spec(), "queue": _delivered_queue(request)})
     deadline = time.monotonic() + float(_config(task.app, "progress_sse_start_timeout")
                                         or DEFAULT_START_TIMEOUT_S)
@@ -347,6 +347,12 @@ def _attach(pc: ProgressClient, job_id: str, handoff: _Handoff, spec: dict[str, 
     attached = pc.attach(job_id, token=token, attempt=attempt)
     attached.__enter__()
     return attached
+
+
+def _header(request: _Request) -> Any:
+    """The hand-over: a message header is an attribute of the request; under
+    `task_always_eager` (apply) it is only in the request's `headers`."""
+    return request.get(HEADER) or (request.get("headers") or {}).get(HEADER)
 
 
 def _delivered_queue(request: _Request) -> str | None:
@@ -399,7 +405,7 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = Fals
     if not isinstance(sender, ProgressTask) or request is None:
         return
     req = cast(_Request, request)
-    handoff = _Handoff.read(req.get(HEADER)) or _Handoff()
+    handoff = _Handoff.read(_header(req)) or _Handoff()
     why = "expired" if expired else f"terminated ({signum})" if terminated else "revoked"
     body: dict[str, Any] = {"status": "cancelled", "error": f"Celery: {why}"}
     if handoff.attempt is not None:
