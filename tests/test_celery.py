@@ -241,7 +241,8 @@ def test_broker_refusal_cancels_the_job(tasks: Any, api: httpx.Client) -> None:
     """A message the broker did not take leaves no job waiting for it: the job created
     for it is cancelled, saying why, and the error reaches the caller."""
     task_id = str(uuid.uuid4())
-    with kombu.Connection(f"redis://127.0.0.1:{free_port()}/2") as down, \
+    with kombu.Connection(f"redis://127.0.0.1:{free_port()}/2", transport_options={
+            "max_retries": 1, "interval_start": 0, "interval_step": 0.1}) as down, \
             pytest.raises(kombu.exceptions.OperationalError):
         tasks.count.apply_async((1,), task_id=task_id, retry=False,
                                 producer=tasks.app.amqp.Producer(down))
