@@ -58,14 +58,13 @@ from typing import Any, Literal, Protocol, cast
 from celery import Celery, Task
 from celery.exceptions import Ignore, Retry
 from celery.signals import task_revoked
+from celery.utils import uuid
 
 from ..client import (
     OUTAGE_RETRY_CAP_S,
-    APIError,
     Control,
     Job,
     JobFinishedError,
-    NotRecorded,
     ProgressClient,
     ProgressClientError,
     StaleAttemptError,
@@ -161,7 +160,7 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
                     *rest: Any, **options: Any) -> Any:
         if self.typing:  # Celery checks the arguments too, but only after the create
             self.__header__(*(args or ()), **(kwargs or {}))
-        task_id = task_id or _new_id()
+        task_id = task_id or str(uuid())
         fields = options.pop(OPTION, None) or {}
         headers = dict(options.get("headers") or {})
         earlier = _Handoff.read(headers.get(HEADER))
@@ -210,12 +209,6 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
             log.warning("job %s: not requeued at retry (%s)", task_id, exc)
             attempt = expected
         return _Handoff(attempt, earlier.token, earlier.spec)
-
-
-def _new_id() -> str:
-    from celery.utils import uuid
-
-    return str(uuid())
 
 
 def progress_task(app: Celery, **fields: Any) -> Callable[[Callable[..., Any]], Any]:
@@ -281,7 +274,7 @@ def _execute(task: ProgressTask, fn: Callable[..., Any], args: tuple[Any, ...],
     job.result = _storable(job, value)
     try:
         job.__exit__(None, None, None)
-    except (NotRecorded, APIError) as exc:
+    except ProgressClientError as exc:  # not recorded, or refused: the task's result stands
         log.warning("job %s: the finish was not recorded (%s); the task succeeded",
                     job.id, exc)
     return value
