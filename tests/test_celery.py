@@ -28,6 +28,7 @@ import kombu.exceptions
 import pytest
 from celery import states
 
+from progress_sse.auth import mint_token
 from progress_sse.client import APIError
 
 from .helpers import ROOT, ProcessService, free_port
@@ -126,7 +127,7 @@ def prefork(worker_env: dict[str, str], logs: Path, run_id: str) -> Iterator[Wor
     worker.stop()
 
 
-QUEUE_ENDS = ("", "-prefork", "-lost", "-twice", "-readme")
+QUEUE_ENDS = ("", "-prefork", "-lost", "-twice", "-readme", "-auth")
 
 
 @pytest.fixture
@@ -541,6 +542,47 @@ def test_always_eager(tasks: Any, api: httpx.Client) -> None:
     job = job_of(api, result.id)
     assert job["status"] == "succeeded" and job["result"] == {"rows": 2}
     assert job["attempt"] == 1
+
+
+def test_workers_under_authentication(tasks: Any, worker_env: dict[str, str], logs: Path,
+                                      run_id: str) -> None:
+    """With authentication on, a worker needs the producer's token (its subject's jobs):
+    with it the job is tracked to its end; without it the service refuses the worker,
+    and the task still runs, unreported."""
+    secret = "s" * 40
+    svc = ProcessService(db=str(logs / "auth.db"), port=free_port(),
+                         env={"PROGRESS_SSE_JWT_SECRET": secret})
+    svc.start()
+    queue = f"psse-{run_id}-auth"
+    producer = mint_token(secret, "alice", "read create", 600)
+    env = {k: v for k, v in worker_env.items() if not k.startswith("PROGRESS_SSE_")}
+    env["PROGRESS_SSE_URL"] = svc.url
+    conf = tasks.app.conf
+    conf.update(progress_sse_url=svc.url, progress_sse_token=producer)
+
+    def job(job_id: str) -> dict[str, Any]:
+        r = httpx.get(f"{svc.url}/api/jobs/{job_id}",
+                      headers={"Authorization": f"Bearer {producer}"})
+        assert r.status_code == 200, r.text
+        found: dict[str, Any] = r.json()["job"]
+        return found
+
+    try:
+        for token, outcome in ((None, "queued"), (producer, "succeeded")):
+            worker = Worker(queue, "solo", {**env, **({"PROGRESS_SSE_TOKEN": token}
+                                                      if token else {})}, logs)
+            try:
+                result = tasks.count.apply_async((2,), queue=queue)
+                assert result.get(timeout=30) == {"rows": 2}
+            finally:
+                worker.stop()
+            assert job(result.id)["status"] == outcome
+        assert b"the service refused it (401" in next(
+            p for p in logs.glob(f"worker-{queue}-*.log")
+            if b"refused" in p.read_bytes()).read_bytes()
+    finally:
+        conf.update(progress_sse_token=None)
+        svc.stop()
 
 
 def test_service_down_at_enqueue(tasks: Any, api: httpx.Client, psse: ProcessService,

@@ -116,14 +116,9 @@ class _Handoff:
 
 
 def _config(app: Celery, name: str) -> Any:
+    """A setting of the app: `progress_sse_url` and `progress_sse_token` (None: the SDK
+    reads $PROGRESS_SSE_URL and $PROGRESS_SSE_TOKEN), `progress_sse_start_timeout`."""
     return cast(Mapping[str, Any], app.conf).get(name)
-
-
-def _client(app: Celery, **options: Any) -> ProgressClient:
-    """A client for the app's service: `progress_sse_url` and `progress_sse_token` from its
-    config, else $PROGRESS_SSE_URL and $PROGRESS_SSE_TOKEN (the SDK reads them)."""
-    return ProgressClient(_config(app, "progress_sse_url"),
-                          token=_config(app, "progress_sse_token"), **options)
 
 
 def _queue_name(task: Task, options: Mapping[str, Any], args: Any, kwargs: Any) -> str:
@@ -139,21 +134,24 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
     """A Celery task whose enqueue creates (or, on a retry, requeues) its job."""
 
     progress_fields: Mapping[str, Any] = {}
-    _progress_clients: dict[tuple[int, bool], ProgressClient] | None = None
+    _progress_clients: dict[tuple[Any, ...], ProgressClient] | None = None
 
     def progress_client(self, *, producer: bool = False) -> ProgressClient:
         """The client for enqueue (`producer`: one try, briefly, since the message goes
         out regardless) or for the task's executions (the SDK's retries and timeouts).
 
-        One of each per process, kept on the task as Celery suggests for resources (a
-        client costs ~40 ms to make, mostly its TLS context); a forked child makes its own.
+        One of each per process and configuration, kept on the task as Celery suggests
+        for resources (a client costs ~40 ms to make, mostly its TLS context); a forked
+        child makes its own.
         """
         if self._progress_clients is None:
             self._progress_clients = {}
-        key = (os.getpid(), producer)
+        url, token = _config(self.app, "progress_sse_url"), _config(self.app, "progress_sse_token")
+        key = (os.getpid(), producer, url, token)
         if key not in self._progress_clients:
-            options = {"retries": 1, "timeout": ENQUEUE_TIMEOUT_S} if producer else {}
-            self._progress_clients[key] = _client(self.app, **options)
+            self._progress_clients[key] = (
+                ProgressClient(url, token=token, retries=1, timeout=ENQUEUE_TIMEOUT_S)
+                if producer else ProgressClient(url, token=token))
         return self._progress_clients[key]
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
