@@ -27,6 +27,7 @@ import kombu
 import kombu.exceptions
 import pytest
 from celery import states
+from celery.exceptions import TaskRevokedError
 
 from progress_sse.auth import mint_token
 from progress_sse.client import APIError
@@ -326,6 +327,8 @@ def test_dashboard_cancel_ends_the_task(tasks: Any, api: httpx.Client) -> None:
     assert r.status_code == 202
     until(status_is(api, result.id, "cancelled"), what="the job to be cancelled")
     until(lambda: result.state == states.REVOKED, what="the task to be REVOKED")
+    with pytest.raises(TaskRevokedError, match="not needed"):
+        result.get(timeout=5)
     assert tasks.count.delay(1).get(timeout=30) == {"rows": 1}
 
 

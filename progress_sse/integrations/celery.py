@@ -150,7 +150,7 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
         key = (os.getpid(), producer, url, token)
         if key not in self._progress_clients:
             self._progress_clients[key] = (
-                ProgressClient(url, token=token, retries=1, timeout=ENQUEUE_TIMEOUT_S)
+                ProgressClient(url, token=token, retries=0, timeout=ENQUEUE_TIMEOUT_S)
                 if producer else ProgressClient(url, token=token))
         return self._progress_clients[key]
 
