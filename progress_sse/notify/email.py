@@ -79,6 +79,8 @@ class SmtpServer:
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
             if name == "verify" and value.lower() in _YES | _NO:
                 verify = value.lower() in _YES
+            elif name == "verify":
+                raise ConfigError(f"the SMTP URL's verify takes yes or no, not {value!r}")
             elif name == "cafile" and Path(value).is_file():
                 cafile = value
             elif name == "cafile":
@@ -124,7 +126,7 @@ def compose(*, job: Mapping[str, Any], sender: str, to: Sequence[str], public_ur
     `message_id` makes the Message-ID stable across attempts (a key such as the
     delivery's id, or a whole `<...@...>`), so a retried mail is recognised as the same."""
     name = _one_line(str(job.get("title") or job["id"]))
-    status = str(job.get("status", ""))
+    status = _one_line(str(job.get("status", "")))
     lines = _facts(job, name, public_url)
     message = EmailMessage()
     message["From"] = _one_line(sender)
