@@ -18,6 +18,7 @@ from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
+from .notify.email import SmtpServer, check_address
 
 PREFIX = "PROGRESS_SSE_"
 # fields with no `serve` flag: a flag's value is visible to every user of the host (ps)
@@ -175,6 +176,7 @@ class Settings(BaseSettings):
             raise ConfigError("; ".join(_explain(error, given) for error in exc.errors())
                               ) from None
         settings.validate_security()
+        settings.validate_email()
         return settings
 
     def validate_security(self) -> None:
@@ -195,6 +197,32 @@ class Settings(BaseSettings):
                     or parts.path or parts.query or parts.fragment or "*" in origin:
                 raise ConfigError(f"cors_origins: {origin!r} is not an origin such as "
                                   "https://dash.example.com (no wildcards, no path)")
+
+    def validate_email(self) -> None:
+        """Refuse an SMTP URL that does not parse, or mail with no From address."""
+        if self.public_url:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ConfigError(f"public_url: {self.public_url!r} is not a URL such as "
+                                  "https://progress.example.com")
+        if not self.smtp_url:
+            return
+        try:
+            SmtpServer.parse(self.smtp_url)
+        except ConfigError as exc:
+            raise ConfigError(f"{env_var('smtp_url')}: {exc}") from None
+        if not self.smtp_from:
+            raise ConfigError(f"{env_var('smtp_url')} needs a From address: set "
+                              f"{env_var('smtp_from')} (or {flag('smtp_from')})")
+        try:
+            check_address(self.smtp_from)
+        except ValueError as exc:
+            raise ConfigError(f"smtp_from: {exc}") from None
+
+    @property
+    def smtp_server(self) -> SmtpServer | None:
+        """Where notification mail goes; None when SMTP is not configured."""
+        return SmtpServer.parse(self.smtp_url) if self.smtp_url else None
 
     @property
     def loopback(self) -> bool:
