@@ -1,0 +1,266 @@
+"""Completion webhooks through the durable outbox, against a real HTTP receiver on a
+loopback port (tests/webhook_receiver.py) and real service processes: retried across
+restarts and delivered once, signed as Standard Webhooks say; delivered after a kill -9
+right after the finish; a hanging receiver slows neither posts nor other receivers;
+the SSRF rules; two instances on one PostgreSQL database send each delivery once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+
+from progress_sse.errors import ConfigError
+from progress_sse.settings import Settings
+
+from .helpers import Service, create_job, free_port, metric, start_service, wait_for
+from .pg import PgProcess
+from .stored import fetch
+from .webhook_receiver import HANG, Receiver
+
+STORES = ("sqlite", "postgres")
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def env(**values: str) -> dict[str, str]:
+    """The service's environment for webhooks: signed, retried after 1-2 s, 3 s per try."""
+    base = {"webhook_secret": SECRET, "webhook_retry_min": "2", "webhook_timeout": "3"}
+    return {f"PROGRESS_SSE_{k.upper()}": v for k, v in {**base, **values}.items()}
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rx = Receiver().start()
+    yield rx
+    rx.stop()
+
+
+@contextlib.asynccontextmanager
+async def process(db: str, tmp_path: Path, environ: dict[str, str]
+                  ) -> AsyncIterator[PgProcess]:
+    proc = PgProcess(db, free_port(), tmp_path, environ)
+    await asyncio.to_thread(proc.start)
+    try:
+        yield proc
+    finally:
+        await asyncio.to_thread(proc.stop)
+
+
+async def finished_job(url: str, **fields: Any) -> str:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+        job = await create_job(c, **fields)
+        r = await c.post(f"/api/jobs/{job['id']}/finish",
+                         json={"status": "succeeded", "result": {"rows": 3}})
+        assert r.status_code == 200, r.text
+        return str(job["id"])
+
+
+async def notifications(url: str, job_id: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+        r = await c.get(f"/api/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        found: list[dict[str, Any]] = r.json()["notifications"]
+        return found
+
+
+async def test_retried_across_restarts_arrives_once_and_verifies(
+        db: str, tmp_path: Path, receiver: Receiver) -> None:
+    """500, restart, 500, restart, 200: one success, the same webhook-id on every
+    attempt, its signature verified by the standardwebhooks library."""
+    receiver.script = [500, 500]
+    environ = env(webhook_url=receiver.url)
+    async with process(db, tmp_path, environ) as svc:
+        job_id = await finished_job(svc.url, title="export")
+        await wait_for(lambda: len(receiver.requests) >= 1, 10, what="the first attempt")
+    async with process(db, tmp_path, environ) as svc:
+        await wait_for(lambda: len(receiver.requests) >= 2, 15, what="the second attempt")
+    async with process(db, tmp_path, environ) as svc:
+        await wait_for(lambda: len(receiver.successes()) >= 1, 20, what="the success")
+        await wait_for(lambda: _delivered(svc.url, job_id), 5, what="delivered")
+        [note] = await notifications(svc.url, job_id)
+        await asyncio.sleep(0.5)  # nothing more may arrive
+    assert receiver.answered == [500, 500, 200]
+    [ok] = receiver.successes()
+    assert len({r.headers["webhook-id"] for r in receiver.requests}) == 1
+    payload = Webhook(SECRET).verify(ok.body, ok.headers)
+    assert payload["type"] == "finished" and payload["status"] == "succeeded"
+    assert payload["job"]["id"] == job_id and payload["job"]["result"] == {"rows": 3}
+    stored = await fetch(db, "SELECT body FROM events WHERE type = 'finished'")
+    assert ok.body.decode() == stored[0][0]  # the event exactly as streams carry it
+    assert note == {"channel": "service_webhook", "event_id": payload["id"],
+                    "status": "delivered", "attempts": 3, "last_error": "HTTP 500",
+                    "next_attempt_at": None}
+    with pytest.raises(Exception):  # and a tampered body does not verify
+        Webhook(SECRET).verify(ok.body.replace(b"succeeded", b"failed"), ok.headers)
+
+
+async def _delivered(url: str, job_id: str) -> bool:
+    return [n["status"] for n in await notifications(url, job_id)] == ["delivered"]
+
+
+async def test_kill_9_right_after_the_finish_still_delivers(
+        db: str, tmp_path: Path) -> None:
+    """The finish is answered, the service is killed at once, with the receiver not
+    yet listening: after a restart the webhook arrives (the outbox row was committed
+    with the event)."""
+    port = free_port()  # nothing listens here yet
+    url = f"http://127.0.0.1:{port}/hook"
+    proc = PgProcess(db, free_port(), tmp_path, env(webhook_url=url))
+    await asyncio.to_thread(proc.start)
+    try:
+        job_id = await finished_job(proc.url)
+        proc.kill()
+    finally:
+        await asyncio.to_thread(proc.stop)
+    rows = await fetch(db, "SELECT status, channel FROM notifications WHERE job_id = ?",
+                       job_id)
+    assert rows == [("pending", "service_webhook")]
+    rx = Receiver(port=port).start()
+    try:
+        async with process(db, tmp_path, env(webhook_url=url)) as svc:
+            # on PostgreSQL a claim the killed process held comes back after its lease
+            await wait_for(lambda: len(rx.successes()) == 1, 30, what="the webhook")
+            await wait_for(lambda: _delivered(svc.url, job_id), 5, what="delivered")
+        assert json.loads(rx.successes()[0].body)["job_id"] == job_id
+    finally:
+        rx.stop()
+
+
+def hooks(db: str, **values: Any) -> Settings:
+    base: dict[str, Any] = {"webhook_secret": SECRET, "webhook_retry_min": 0.3,
+                            "webhook_timeout": 2.0}
+    return Settings(db=db, **{**base, **values})
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[tuple[Service, httpx.AsyncClient]]:
+    svc = await start_service(settings)
+    try:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=10) as c:
+            yield svc, c
+    finally:
+        await svc.stop()
+
+
+async def test_an_unlisted_origin_is_refused_naming_webhook(db: str, receiver: Receiver
+                                                            ) -> None:
+    """A job's webhook must point at an origin WEBHOOK_ORIGINS lists (SSRF): any other
+    origin, scheme or port is a 400 naming `webhook`, and nothing is stored."""
+    async with serving(hooks(db, webhook_origins=receiver.origin)) as (_, c):
+        for url in ("http://169.254.169.254/latest/meta-data", "http://127.0.0.1:1/hook",
+                    receiver.url.replace("http://", "https://"), "file:///etc/passwd",
+                    f"http://user@{receiver.origin[7:]}/hook", "not a url"):
+            r = await c.post("/api/jobs", json={"webhook": url})
+            assert r.status_code == 400, (url, r.text)
+            assert r.json()["error"]["field"] == "webhook", r.text
+        r = await c.post("/api/jobs", json={"webhook": receiver.url + "?x=1"})
+        assert r.status_code == 201, r.text
+        [(n,)] = await fetch(db, "SELECT COUNT(*) FROM jobs")
+        assert n == 1
+
+
+async def test_mail_is_refused_without_smtp(db: str) -> None:
+    """notify_email on a service with no SMTP_URL is a 400 naming `notify_email`."""
+    async with serving(Settings(db=db)) as (_, c):
+        for value in ("ops@example.com", ["ops@example.com", "dev@example.com"]):
+            r = await c.post("/api/jobs", json={"notify_email": value})
+            assert r.status_code == 400 and r.json()["error"]["field"] == "notify_email"
+        r = await c.post("/api/jobs", json={"webhook": "http://127.0.0.1:9/x"})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "webhook"
+
+
+async def test_a_redirect_is_not_followed(db: str, receiver: Receiver) -> None:
+    """A receiver answering 302 to another URL: the other URL never gets a request, and
+    the delivery is retried, then given up, with the redirect as its reason."""
+    elsewhere = Receiver().start()
+    try:
+        receiver.default = 302
+        receiver.location = elsewhere.url
+        settings = hooks(db, webhook_origins=receiver.origin, webhook_max_age=1.5)
+        async with serving(settings) as (svc, c):
+            job_id = await finished_job(svc.url, webhook=receiver.url)
+            await wait_for(lambda: _status(svc.url, job_id, "failed"), 15, what="given up")
+            [note] = await notifications(svc.url, job_id)
+            text = (await c.get("/metrics")).text
+        assert note["channel"] == "webhook" and note["attempts"] >= 2, note
+        assert "HTTP 302" in note["last_error"] and "not followed" in note["last_error"]
+        assert len(receiver.requests) == note["attempts"]
+        assert elsewhere.requests == []
+        assert metric(text, "progress_sse_notifications_failed_total") == 1
+    finally:
+        elsewhere.stop()
+
+
+async def _status(url: str, job_id: str, status: str) -> bool:
+    return any(n["status"] == status for n in await notifications(url, job_id))
+
+
+async def test_giving_up_is_logged_once_with_the_reason(db: str, receiver: Receiver) -> None:
+    """A receiver that always fails: retried with backoff until WEBHOOK_MAX_AGE, then
+    `failed`, one log line with the reason, and counted in /metrics."""
+    from structlog.testing import capture_logs
+
+    receiver.default = 503
+    with capture_logs() as logs:
+        async with serving(hooks(db, webhook_url=receiver.url, webhook_max_age=2.0)
+                           ) as (svc, c):
+            job_id = await finished_job(svc.url)
+            await wait_for(lambda: _status(svc.url, job_id, "failed"), 15, what="given up")
+            await asyncio.sleep(0.5)
+            text = (await c.get("/metrics")).text
+    gave_up = [e for e in logs if e["event"] == "notify.gave_up"]
+    assert len(gave_up) == 1, gave_up
+    assert "HTTP 503" in gave_up[0]["reason"] and gave_up[0]["job_id"] == job_id
+    assert 2 <= len(receiver.requests) <= 6, receiver.answered  # backoff, not a loop
+    assert metric(text, "progress_sse_notifications_failed_total") == 1
+    assert metric(text, "progress_sse_notifications_delivered_total") == 0
+
+
+async def test_stalled_is_sent_only_to_jobs_that_asked(db: str, receiver: Receiver) -> None:
+    """webhook_events ["stalled", "finished"]: the job's webhook hears of its stall and
+    its finish; a job that did not ask hears of its finish only."""
+    settings = hooks(db, webhook_origins=receiver.origin, stall_check_s=0.1)
+    async with serving(settings) as (svc, c):
+        asked = await create_job(c, webhook=receiver.url + "/asked", heartbeat_timeout_s=1,
+                                 webhook_events=["stalled", "finished"])
+        plain = await create_job(c, webhook=receiver.url + "/plain", heartbeat_timeout_s=1)
+        for job in (asked, plain):
+            await c.post(f"/api/jobs/{job['id']}/progress", json={"progress": 5})
+        await wait_for(lambda: len(receiver.requests) >= 1, 10, what="the stall webhook")
+        for job in (asked, plain):
+            await c.post(f"/api/jobs/{job['id']}/finish", json={"status": "failed",
+                                                                "error": "boom"})
+        await wait_for(lambda: len(receiver.requests) >= 3, 10, what="the finish webhooks")
+        await asyncio.sleep(0.3)
+    seen = sorted((r.path, json.loads(r.body)["type"], json.loads(r.body).get("stalled"))
+                  for r in receiver.requests)
+    assert seen == [("/hook/asked", "finished", None), ("/hook/asked", "status", True),
+                    ("/hook/plain", "finished", None)]
+
+
+def test_webhooks_are_refused_without_a_signing_secret() -> None:
+    """WEBHOOK_URL or WEBHOOK_ORIGINS without a whsec_ secret, or a bad URL or origin,
+    stops the service at start with a clear message."""
+    for values, said in (
+            ({"webhook_url": "http://hooks.example/x"}, "PROGRESS_SSE_WEBHOOK_SECRET"),
+            ({"webhook_origins": "http://hooks.example"}, "PROGRESS_SSE_WEBHOOK_SECRET"),
+            ({"webhook_url": "http://hooks.example/x", "webhook_secret": "hunter2"},
+             "whsec_"),
+            ({"webhook_url": "ftp://hooks.example/x", "webhook_secret": SECRET},
+             "webhook_url"),
+            ({"webhook_origins": "http://hooks.example/path", "webhook_secret": SECRET},
+             "webhook_origins"),
+            ({"webhook_origins": "https://*.example.com", "webhook_secret": SECRET},
+             "webhook_origins")):
+        with pytest.raises(ConfigError, match=said):
+            Settings.load(**values)
+    Settings.load(webhook_url="https://hooks.example/x", webhook_secret=SECRET,
+                  webhook_origins="https://a.example, http://127.0.0.1:8080")
