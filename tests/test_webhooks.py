@@ -17,11 +17,13 @@ from typing import Any
 import httpx
 import pytest
 from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from progress_sse.errors import ConfigError
 from progress_sse.settings import Settings
 
 from .helpers import Service, create_job, free_port, metric, start_service, wait_for
+from . import pg
 from .pg import PgProcess
 from .stored import fetch
 from .webhook_receiver import HANG, Receiver
@@ -98,7 +100,7 @@ async def test_retried_across_restarts_arrives_once_and_verifies(
     assert note == {"channel": "service_webhook", "event_id": payload["id"],
                     "status": "delivered", "attempts": 3, "last_error": "HTTP 500",
                     "next_attempt_at": None}
-    with pytest.raises(Exception):  # and a tampered body does not verify
+    with pytest.raises(WebhookVerificationError):  # and a tampered body does not verify
         Webhook(SECRET).verify(ok.body.replace(b"succeeded", b"failed"), ok.headers)
 
 
@@ -264,3 +266,96 @@ def test_webhooks_are_refused_without_a_signing_secret() -> None:
             Settings.load(**values)
     Settings.load(webhook_url="https://hooks.example/x", webhook_secret=SECRET,
                   webhook_origins="https://a.example, http://127.0.0.1:8080")
+
+
+async def posts_per_second(url: str, job_ids: list[str], seconds: float) -> float:
+    """Progress posts answered per second by 32 workers posting as fast as they can."""
+    done = 0
+    stop = time.monotonic() + seconds
+
+    async def worker(c: httpx.AsyncClient, job_id: str) -> None:
+        nonlocal done
+        n = 0
+        while time.monotonic() < stop:
+            n += 1
+            r = await c.post(f"/api/jobs/{job_id}/progress", json={"current": n})
+            assert r.status_code == 200, r.text
+            done += 1
+
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=10, limits=limits) as c:
+        started = time.monotonic()
+        await asyncio.gather(*(worker(c, j) for j in job_ids))
+        return done / (time.monotonic() - started)
+
+
+async def test_a_hanging_receiver_slows_neither_posts_nor_other_receivers(
+        db: str, tmp_path: Path, receiver: Receiver) -> None:
+    """40 finished jobs whose service-wide webhook never answers: posts/s in the same
+    run stays at 0.7x or more of what it was before them, a stream still gets events at
+    once, and another receiver still gets its webhook within seconds."""
+    other = Receiver().start()
+    receiver.default = HANG
+    environ = env(webhook_url=receiver.url, webhook_origins=other.origin,
+                  webhook_timeout="10")
+    try:
+        async with process(db, tmp_path, environ) as svc, \
+                httpx.AsyncClient(base_url=svc.url, timeout=10) as c:
+            workers = [(await create_job(c))["id"] for _ in range(32)]
+            await posts_per_second(svc.url, workers, 1.0)  # warm up
+            before = await posts_per_second(svc.url, workers, 3.0)
+            for _ in range(40):
+                await finished_job(svc.url)
+            await wait_for(lambda: len(receiver.requests) >= 2, 10, what="hanging attempts")
+            during = await posts_per_second(svc.url, workers, 3.0)
+            # another receiver: its job's webhook arrives while the hanging ones wait
+            started = time.monotonic()
+            await finished_job(svc.url, webhook=other.url)
+            await wait_for(lambda: len(other.successes()) == 1, 5, what="the other receiver")
+            other_s = time.monotonic() - started
+            # a stream: an event posted now arrives at once
+            job = await create_job(c)
+            async with c.stream("GET", "/api/events", params={"job": job["id"]}) as s:
+                lines = s.aiter_lines()
+                async for line in lines:
+                    if line.startswith("event: snapshot"):
+                        break
+                posted = time.monotonic()
+                await c.post(f"/api/jobs/{job['id']}/progress", json={"progress": 50})
+                async with asyncio.timeout(5):
+                    async for line in lines:
+                        if line.startswith("event: progress"):
+                            break
+                stream_s = time.monotonic() - posted
+            hanging = len(receiver.requests)
+    finally:
+        other.stop()
+    print(f"posts/s before {before:.0f}, with a hanging receiver {during:.0f} "
+          f"({during / before:.2f}x); other receiver {other_s:.2f} s; stream {stream_s:.3f} s;"
+          f" {hanging} hanging attempts")
+    assert during >= 0.7 * before, (before, during)
+    assert other_s < 3 and stream_s < 1
+    assert hanging <= 4  # at most per_target (2) at a time on the dead receiver
+
+
+async def test_two_instances_send_each_delivery_once(pg_dsn: str, tmp_path: Path,
+                                                     receiver: Receiver) -> None:
+    """Two service processes on one PostgreSQL database, 30 jobs finished across both,
+    a receiver that takes 0.2 s per request: every webhook-id arrives exactly once
+    (SKIP LOCKED claims; the tail wakes both deliverers for every finish)."""
+    db = pg_dsn
+    await pg.empty(db)
+    receiver.delay_s = 0.2
+    environ = env(webhook_url=receiver.url)
+    async with process(db, tmp_path, environ) as a, process(db, tmp_path, environ) as b:
+        jobs = await asyncio.gather(*(finished_job((a, b)[i % 2].url) for i in range(30)))
+        await wait_for(lambda: len(receiver.successes()) >= 30, 20, what="30 webhooks")
+        await asyncio.sleep(1.0)  # any duplicate would come now
+        async with httpx.AsyncClient(timeout=10) as c:
+            texts = [(await c.get(s.url + "/metrics")).text for s in (a, b)]
+    ids = [r.headers["webhook-id"] for r in receiver.requests]
+    assert len(ids) == len(set(ids)) == 30, sorted(ids)
+    assert {json.loads(r.body)["job_id"] for r in receiver.requests} == set(jobs)
+    counts = [metric(t, "progress_sse_notifications_delivered_total") for t in texts]
+    assert sum(counts) == 30
+    print(f"delivered by each instance: {counts}")

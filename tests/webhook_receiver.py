@@ -4,6 +4,7 @@ answering from a script (statuses in turn, then a default), recording every requ
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -24,6 +25,7 @@ class Receiver:
     default: int = 200
     location: str = ""  # a 3xx answer's Location
     port: int = 0  # 0: any free one
+    delay_s: float = 0.0  # before each answer
     requests: list[Received] = field(default_factory=list)
     answered: list[int] = field(default_factory=list)  # the status of each request
 
@@ -40,6 +42,8 @@ class Receiver:
                         self.path, {k.lower(): v for k, v in self.headers.items()}, body))
                     status = receiver.script.pop(0) if receiver.script else receiver.default
                     receiver.answered.append(status)
+                if receiver.delay_s:
+                    time.sleep(receiver.delay_s)
                 if status == HANG:
                     receiver._release.wait(120)
                     return
