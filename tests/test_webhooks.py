@@ -22,8 +22,8 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from progress_sse.errors import ConfigError
 from progress_sse.settings import Settings
 
-from .helpers import Service, create_job, free_port, metric, start_service, wait_for
 from . import pg
+from .helpers import Service, create_job, free_port, metric, start_service, wait_for
 from .pg import PgProcess
 from .stored import fetch
 from .webhook_receiver import HANG, Receiver
