@@ -81,8 +81,6 @@ def notify_fields(body: schema.CreateJob, settings: Settings
         raise InvalidInput("the webhook's origin is not one the service allows "
                            "(WEBHOOK_ORIGINS)", field="webhook")
     emails = body.notify_email
-    if isinstance(emails, str):
-        emails = [emails]
     if emails and not settings.smtp_url:
         raise InvalidInput("this service sends no mail (SMTP_URL is not set)",
                            field="notify_email")

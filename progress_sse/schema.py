@@ -153,6 +153,16 @@ Address = Annotated[str, StringConstraints(max_length=MAX_ADDRESS), AfterValidat
 NotifyEvent = Literal["finished", "stalled"]
 
 
+def _one_or_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Addresses = Annotated[list[Address], Field(max_length=MAX_EMAILS)]
+# one address or a list of them; always a list once read
+NotifyEmail = Annotated[Addresses, BeforeValidator(_one_or_list,
+                                                   json_schema_input_type=Address | Addresses)]
+
+
 class Body(BaseModel):
     """A request body: no unknown field, no NaN or infinity in a number field."""
 
@@ -189,8 +199,8 @@ class CreateJob(Body):
                           "be listed in WEBHOOK_ORIGINS.")
     webhook_events: Annotated[list[NotifyEvent], Field(max_length=2)] | None = Field(
         None, description="What `webhook` is told of: finished (the default), stalled.")
-    notify_email: Address | Annotated[list[Address], Field(max_length=MAX_EMAILS)] | None = \
-        Field(None, description="Mail the finish to this address (or these); needs SMTP.")
+    notify_email: NotifyEmail | None = Field(
+        None, description="Mail the finish to this address (or these); needs SMTP.")
 
     @field_validator("stages")
     @classmethod
