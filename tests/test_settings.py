@@ -57,6 +57,8 @@ def test_every_field_is_a_variable_and_a_serve_flag(monkeypatch: pytest.MonkeyPa
             env.setenv(env_var("jwt_secret"), SECRET)  # so that auth=jwt is valid
             if name == "smtp_url":  # mail needs a From address
                 env.setenv(env_var("smtp_from"), TEXT["smtp_from"])
+            if name in ("webhook_url", "webhook_origins"):  # webhooks need their secret
+                env.setenv(env_var("webhook_secret"), TEXT["webhook_secret"])
             env.setenv(env_var(name), as_text(value))
             assert getattr(Settings.load(), name) == value, env_var(name)
         if name in ENV_ONLY:
@@ -66,6 +68,7 @@ def test_every_field_is_a_variable_and_a_serve_flag(monkeypatch: pytest.MonkeyPa
             ["serve", flag(name), as_text(value)]
         with monkeypatch.context() as env:
             env.setenv(env_var("jwt_secret"), SECRET)
+            env.setenv(env_var("webhook_secret"), TEXT["webhook_secret"])
             assert getattr(settings_of(build_parser().parse_args(argv)), name) == value, argv
     help_text = subprocess.run(
         [sys.executable, "-m", "progress_sse", "serve", "--help"], cwd=ROOT, env=cli_env(),

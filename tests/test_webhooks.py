@@ -230,7 +230,7 @@ async def test_stalled_is_sent_only_to_jobs_that_asked(db: str, receiver: Receiv
     """webhook_events ["stalled", "finished"]: the job's webhook hears of its stall and
     its finish; a job that did not ask hears of its finish only."""
     settings = hooks(db, webhook_origins=receiver.origin, stall_check_s=0.1)
-    async with serving(settings) as (svc, c):
+    async with serving(settings) as (_, c):
         asked = await create_job(c, webhook=receiver.url + "/asked", heartbeat_timeout_s=1,
                                  webhook_events=["stalled", "finished"])
         plain = await create_job(c, webhook=receiver.url + "/plain", heartbeat_timeout_s=1)
