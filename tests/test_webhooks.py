@@ -21,6 +21,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from progress_sse.errors import ConfigError
 from progress_sse.settings import Settings
+from progress_sse.store.postgres_schema import is_postgres
 
 from . import pg
 from .helpers import Service, create_job, free_port, metric, start_service, wait_for
@@ -359,3 +360,34 @@ async def test_two_instances_send_each_delivery_once(pg_dsn: str, tmp_path: Path
     counts = [metric(t, "progress_sse_notifications_delivered_total") for t in texts]
     assert sum(counts) == 30
     print(f"delivered by each instance: {counts}")
+
+
+async def test_a_claim_held_by_a_killed_instance_comes_back(
+        db: str, tmp_path: Path, receiver: Receiver) -> None:
+    """The service is killed while its attempt hangs (the row claimed): after a restart
+    the notification is sent again and delivered, with the same webhook-id (SQLite:
+    at once, the file's one service takes its claims back; PostgreSQL: once the dead
+    claim's lease, 2 x 2 s + 5 s here, has passed)."""
+    receiver.script = [HANG]
+    environ = env(webhook_url=receiver.url, webhook_timeout="2")
+    proc = PgProcess(db, free_port(), tmp_path, environ)
+    await asyncio.to_thread(proc.start)
+    try:
+        job_id = await finished_job(proc.url)
+        await wait_for(lambda: len(receiver.requests) == 1, 10, what="the hanging attempt")
+        proc.kill()
+    finally:
+        await asyncio.to_thread(proc.stop)
+    [(claimed_until, attempts)] = await fetch(
+        db, "SELECT claimed_until, attempts FROM notifications WHERE job_id = ?", job_id)
+    assert claimed_until > time.time() and attempts == 1  # held by the dead process
+    started = time.monotonic()
+    async with process(db, tmp_path, environ) as svc:
+        await wait_for(lambda: len(receiver.successes()) == 1, 20, what="the retry")
+        waited = time.monotonic() - started
+        await wait_for(lambda: _delivered(svc.url, job_id), 5, what="delivered")
+    first, second = receiver.requests
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    print(f"delivered {waited:.1f} s after the restart began")
+    if not is_postgres(db):
+        assert waited < 5  # not the lease: taken back at start
