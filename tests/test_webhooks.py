@@ -391,3 +391,24 @@ async def test_a_claim_held_by_a_killed_instance_comes_back(
     print(f"delivered {waited:.1f} s after the restart began")
     if not is_postgres(db):
         assert waited < 5  # not the lease: taken back at start
+
+
+async def test_a_stopped_instance_lets_go_of_its_claims(
+        db: str, tmp_path: Path, receiver: Receiver) -> None:
+    """SIGTERM while an attempt hangs: the attempt ends and its row is due again at
+    once, not held until its lease runs out (another instance may take it now)."""
+    receiver.script = [HANG]
+    proc = PgProcess(db, free_port(), tmp_path, env(webhook_url=receiver.url,
+                                                    webhook_timeout="10"))
+    await asyncio.to_thread(proc.start)
+    try:
+        job_id = await finished_job(proc.url)
+        await wait_for(lambda: len(receiver.requests) == 1, 10, what="the hanging attempt")
+    finally:
+        await asyncio.to_thread(proc.stop)
+    assert "service.stopped" in proc.log_path.read_text()  # stopped, not killed
+    [(status, claimed_until, error)] = await fetch(
+        db, "SELECT status, claimed_until, last_error FROM notifications WHERE job_id = ?",
+        job_id)
+    assert (status, claimed_until) == ("pending", 0)
+    assert error == "the service stopped during the attempt"

@@ -35,6 +35,7 @@ log = structlog.get_logger("progress_sse.notify")
 
 Send = Callable[[Delivery], Awaitable[None]]  # one attempt; SendError when not taken
 PENDING_EVERY_S = 5.0  # how often the pending count (/metrics) is read again
+STOP_RELEASE_S = 2.0  # at most this long letting go of interrupted rows at stop
 T = TypeVar("T")
 
 
@@ -67,7 +68,7 @@ class Deliverer:
         self.delivered = 0  # by this instance (for /metrics)
         self.failed = 0  # given up by this instance
         self.pending = 0  # in the outbox (every instance's), read every PENDING_EVERY_S
-        self._inflight: dict[asyncio.Task[None], str] = {}  # attempt -> its target
+        self._inflight: dict[asyncio.Task[None], Delivery] = {}  # attempt -> its row
         self._targets: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -77,8 +78,10 @@ class Deliverer:
         self._task = asyncio.create_task(self._run(), name="progress-sse-notify")
 
     async def stop(self) -> None:
-        """Stop claiming and end the attempts in flight; their rows are due again (the
-        lease; on SQLite at once at the next start)."""
+        """Stop claiming and end the attempts in flight; their rows are let go, due at
+        once (for another instance, or this one's next start; if even that fails, their
+        lease runs out)."""
+        interrupted = list(self._inflight.values())
         tasks = [t for t in (self._task, *self._inflight) if t is not None]
         for task in tasks:
             task.cancel()
@@ -86,6 +89,11 @@ class Deliverer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._task = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_RELEASE_S):
+                for d in interrupted:
+                    await self._quietly(self.outbox.retry(
+                        d.id, 0.0, "the service stopped during the attempt"))
 
     def nudge(self) -> None:
         """Something may be due now (an event that asks for notifications was stored)."""
@@ -128,12 +136,12 @@ class Deliverer:
 
     def _launch(self, d: Delivery) -> None:
         task = asyncio.create_task(self._attempt(d), name=f"progress-sse-notify-{d.id}")
-        self._inflight[task] = d.target
+        self._inflight[task] = d
         self._targets[d.target] += 1
         task.add_done_callback(self._landed)
 
     def _landed(self, task: asyncio.Task[None]) -> None:
-        target = self._inflight.pop(task)
+        target = self._inflight.pop(task).target
         self._targets[target] -= 1
         if self._targets[target] <= 0:
             del self._targets[target]

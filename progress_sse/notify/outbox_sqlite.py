@@ -4,6 +4,7 @@ lock of its own; its statements run on the writer's connection, between commits
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -34,8 +35,6 @@ class SQLiteOutbox:
 
     async def claim(self, limit: int, per_target: int, busy: Sequence[str],
                     lease_s: float) -> list[Delivery]:
-        import json
-
         rows = await self.store.side_write(
             _CLAIM, (time.time(), lease_s, json.dumps(list(busy)), per_target, limit))
         return [Delivery(*r) for r in rows]
