@@ -166,9 +166,10 @@ def create_app(settings: Settings | None = None, *,
         # one service per file, not a damaged one; migrated (see store/guard.py)
         held = lock if lock is not None else await asyncio.to_thread(factory.prepare,
                                                                      settings.db)
+
         def publish(events: Sequence[Event]) -> None:
             hub.publish(events)
-            notes.committed(events)
+            notes.committed(events)  # a finish may be due for delivery
 
         try:
             head = await store.start(publish)

@@ -32,14 +32,14 @@ def open_store(settings: Settings, on_commit: Callable[[float, int], None]) -> S
         return PostgresStore(settings.db, retention_events=settings.retention_events,
                              estimate_every_s=settings.estimate_every_s,
                              write_timeout_s=settings.write_timeout_s, on_commit=on_commit,
-                             notify=notify)
+                       notify=notify)
     from .sqlite import SQLiteStore
 
     return SQLiteStore(settings.db, synchronous=settings.synchronous,
                        retention_events=settings.retention_events,
                        estimate_every_s=settings.estimate_every_s,
                        write_timeout_s=settings.write_timeout_s, on_commit=on_commit,
-                             notify=notify)
+                       notify=notify)
 
 
 def prepare(db: str) -> DatabaseLock | Migrated:
