@@ -19,3 +19,5 @@ CREATE TABLE notifications (
 );
 CREATE INDEX notifications_due ON notifications (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX notifications_job ON notifications (job_id, id);
+-- delivered and failed rows go once they are older than the retention (delivery.py)
+CREATE INDEX notifications_done ON notifications (finished_at) WHERE status <> 'pending';

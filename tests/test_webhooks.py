@@ -412,3 +412,26 @@ async def test_a_stopped_instance_lets_go_of_its_claims(
         job_id)
     assert (status, claimed_until) == ("pending", 0)
     assert error == "the service stopped during the attempt"
+
+
+async def test_ended_notifications_are_pruned_and_pending_ones_kept(
+        db: str, receiver: Receiver) -> None:
+    """The outbox does not grow for ever: delivered (and failed) rows older than the
+    retention go, a page per transaction; a pending one stays, whatever its age."""
+    failing = Receiver(default=500).start()
+    try:
+        settings = hooks(db, webhook_url=failing.url, webhook_origins=receiver.origin,
+                         webhook_retry_min=30)
+        async with serving(settings) as (svc, _):
+            job_id = await finished_job(svc.url, webhook=receiver.url)
+            await wait_for(lambda: len(receiver.successes()) == 1 and failing.requests, 10,
+                           what="both attempts")
+            await wait_for(lambda: _status(svc.url, job_id, "delivered"), 5, what="delivered")
+            notes = svc.ctx.notifications
+            assert notes is not None
+            assert await notes.outbox.prune(3600.0, 1000) == 0  # too recent
+            assert await notes.outbox.prune(0.0, 1000) == 1
+            left = await notifications(svc.url, job_id)
+    finally:
+        failing.stop()
+    assert [(n["channel"], n["status"]) for n in left] == [("service_webhook", "pending")]

@@ -36,6 +36,8 @@ log = structlog.get_logger("progress_sse.notify")
 Send = Callable[[Delivery], Awaitable[None]]  # one attempt; SendError when not taken
 PENDING_EVERY_S = 5.0  # how often the pending count (/metrics) is read again
 STOP_RELEASE_S = 2.0  # at most this long letting go of interrupted rows at stop
+PRUNE_EVERY_S = 600.0  # how often ended rows older than keep_s are deleted
+PRUNE_PAGE = 1000  # rows per delete (one short transaction each)
 T = TypeVar("T")
 
 
@@ -48,6 +50,7 @@ class Policy:
     concurrency: int = 16
     per_target: int = 2
     poll_s: float = 1.0  # look for due rows at least this often (retries, other instances)
+    keep_s: float = 0.0  # delete delivered and failed rows this long after (0: keep them)
 
     @property
     def lease_s(self) -> float:
@@ -102,6 +105,7 @@ class Deliverer:
     async def _run(self) -> None:
         await self._quietly(self.outbox.recover())
         counted = -PENDING_EVERY_S
+        pruned = time.monotonic()  # not at start: a restart loop would prune each time
         p = self.policy
         while True:
             self._wake.clear()
@@ -117,10 +121,24 @@ class Deliverer:
             if time.monotonic() - counted >= PENDING_EVERY_S:
                 counted = time.monotonic()
                 self.pending = await self._quietly(self.outbox.pending()) or self.pending
+            if p.keep_s and time.monotonic() - pruned >= PRUNE_EVERY_S:
+                pruned = time.monotonic()
+                await self.prune()
             if claimed and claimed == free:
                 continue  # a full page: there may be more due already (after a slot frees)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), p.poll_s)
+
+    async def prune(self) -> int:
+        """Delete the ended rows older than keep_s, a page at a time; how many went."""
+        gone = 0
+        while True:
+            n = await self._quietly(self.outbox.prune(self.policy.keep_s, PRUNE_PAGE)) or 0
+            gone += n
+            if n < PRUNE_PAGE:
+                if gone:
+                    log.info("notify.pruned", rows=gone)
+                return gone
 
     async def _quietly(self, step: Awaitable[T]) -> T | None:
         """A step on the outbox; None (logged once until one succeeds) if it failed."""

@@ -73,6 +73,16 @@ class PgOutbox:
     async def recover(self) -> None:
         """Nothing: another instance may hold a claim now; a dead one's lease runs out."""
 
+    async def prune(self, older_than_s: float, limit: int) -> int:
+        async def run(conn: asyncpg.Connection) -> int:
+            done: str = await conn.execute(
+                "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications"
+                f" WHERE status <> 'pending' AND finished_at < {_NOW} - $1 LIMIT $2"
+                " FOR UPDATE SKIP LOCKED)", older_than_s, limit)
+            return int(done.rsplit(" ", 1)[1])
+
+        return await self.store.read(run)
+
     async def for_job(self, job_id: str) -> list[dict[str, Any]]:
         async def run(conn: asyncpg.Connection) -> list[Any]:
             return list(await conn.fetch(f"SELECT {VIEW_COLS} FROM notifications"

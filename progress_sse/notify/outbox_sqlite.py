@@ -60,6 +60,13 @@ class SQLiteOutbox:
             "UPDATE notifications SET claimed_until = 0 WHERE status = 'pending'"
             " AND claimed_until > 0")
 
+    async def prune(self, older_than_s: float, limit: int) -> int:
+        rows = await self.store.side_write(
+            "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications"
+            " WHERE status <> 'pending' AND finished_at < ? LIMIT ?) RETURNING id",
+            (time.time() - older_than_s, limit))
+        return len(rows)
+
     async def for_job(self, job_id: str) -> list[dict[str, Any]]:
         def read(conn: sqlite3.Connection) -> list[Any]:
             return conn.execute(f"SELECT {VIEW_COLS} FROM notifications WHERE job_id = ?"

@@ -23,7 +23,8 @@ def policy(settings: Settings) -> Policy:
     return Policy(max_age_s=settings.webhook_max_age, timeout_s=settings.webhook_timeout,
                   retry_min_s=settings.webhook_retry_min,
                   retry_max_s=settings.webhook_retry_max,
-                  poll_s=min(1.0, settings.webhook_retry_min))
+                  poll_s=min(1.0, settings.webhook_retry_min),
+                  keep_s=settings.retention_days * 86400.0)
 
 
 class Notifications:
