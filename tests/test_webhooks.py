@@ -82,9 +82,9 @@ async def test_retried_across_restarts_arrives_once_and_verifies(
     environ = env(webhook_url=receiver.url)
     async with process(db, tmp_path, environ) as svc:
         job_id = await finished_job(svc.url, title="export")
-        await wait_for(lambda: len(receiver.requests) >= 1, 10, what="the first attempt")
+        await wait_for(lambda: _failed(svc.url, job_id, 1), 10, what="the first attempt")
     async with process(db, tmp_path, environ) as svc:
-        await wait_for(lambda: len(receiver.requests) >= 2, 15, what="the second attempt")
+        await wait_for(lambda: _failed(svc.url, job_id, 2), 15, what="the second attempt")
     async with process(db, tmp_path, environ) as svc:
         await wait_for(lambda: len(receiver.successes()) >= 1, 20, what="the success")
         await wait_for(lambda: _delivered(svc.url, job_id), 5, what="delivered")
@@ -103,6 +103,13 @@ async def test_retried_across_restarts_arrives_once_and_verifies(
                     "next_attempt_at": None}
     with pytest.raises(WebhookVerificationError):  # and a tampered body does not verify
         Webhook(SECRET).verify(ok.body.replace(b"succeeded", b"failed"), ok.headers)
+
+
+async def _failed(url: str, job_id: str, attempts: int) -> bool:
+    """The notification's `attempts`-th attempt has failed and is recorded so."""
+    found = await notifications(url, job_id)
+    return bool(found) and found[0]["attempts"] == attempts \
+        and found[0]["last_error"] == "HTTP 500"
 
 
 async def _delivered(url: str, job_id: str) -> bool:
