@@ -5,10 +5,10 @@ Each pass claims due rows in pages (at most as many as it has free slots, so wha
 in flight is bounded: `concurrency` rows and their bodies), and sends each in a task
 of its own, with a deadline per attempt. Fairness: a page takes at most `per_target`
 rows of one target, round robin, and none of a target that already has that many in
-flight, so a dead receiver with a thousand due rows holds `per_target` slots and the
-others keep theirs. Posts and streams never wait for it: it only reads and updates
-the outbox's rows (short statements), and the rows themselves were written by the
-event's own commit.
+flight, so a dead receiver with a thousand due rows holds a few slots (fewer than
+2 x `per_target`) and the others keep theirs. Posts and streams never wait for it:
+it only reads and updates the outbox's rows (short statements), and the rows
+themselves were written by the event's own commit.
 
 After a failed attempt the row is due again after an exponential backoff with jitter
 (`retry_min_s` doubled per attempt, at most `retry_max_s`, times a random 0.5-1), until
@@ -120,7 +120,9 @@ class Deliverer:
                 claimed = len(rows or ())
             if time.monotonic() - counted >= PENDING_EVERY_S:
                 counted = time.monotonic()
-                self.pending = await self._quietly(self.outbox.pending()) or self.pending
+                pending = await self._quietly(self.outbox.pending())
+                if pending is not None:
+                    self.pending = pending
             if p.keep_s and time.monotonic() - pruned >= PRUNE_EVERY_S:
                 pruned = time.monotonic()
                 await self.prune()
