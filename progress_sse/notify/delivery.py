@@ -170,8 +170,9 @@ class Deliverer:
     async def _attempt(self, d: Delivery) -> None:
         p = self.policy
         started = time.monotonic()
-        if d.age_s > p.max_age_s:
-            await self._give_up(d, f"not sent within {p.max_age_s:g} s of its event")
+        if d.age_s > p.max_age_s:  # the service was down, or far behind
+            said = f"; the last attempt: {d.last_error}" if d.last_error else ""
+            await self._give_up(d, f"not sent within {p.max_age_s:g} s of its event{said}")
             return
         send = self.senders.get(d.channel)
         try:

@@ -30,6 +30,7 @@ class Delivery:
     body: str  # the event as streams carry it
     age_s: float  # since the event, on the outbox's clock
     attempts: int  # this one included
+    last_error: str | None  # the last failed attempt's
 
 
 # what the job's JSON shows of each of its notifications (schema.Notification)

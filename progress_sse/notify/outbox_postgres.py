@@ -33,7 +33,7 @@ WITH due AS (
 UPDATE notifications o SET claimed_until = {_NOW} + $4, attempts = o.attempts + 1
 FROM locked WHERE o.id = locked.id
 RETURNING o.id, o.event_id, o.job_id, o.channel, o.target, o.body,
-          {_NOW} - o.created_at, o.attempts
+          {_NOW} - o.created_at, o.attempts, o.last_error
 """
 
 

@@ -25,7 +25,8 @@ WHERE id IN (
     WHERE status = 'pending' AND next_attempt_at <= ?1 AND claimed_until <= ?1
       AND target NOT IN (SELECT value FROM json_each(?3))
   ) WHERE n <= ?4 ORDER BY n, next_attempt_at LIMIT ?5)
-RETURNING id, event_id, job_id, channel, target, body, ?1 - created_at, attempts
+RETURNING id, event_id, job_id, channel, target, body, ?1 - created_at, attempts,
+          last_error
 """
 
 
