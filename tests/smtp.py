@@ -14,6 +14,7 @@ import email
 import email.policy
 import ssl
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -23,9 +24,32 @@ from urllib.parse import quote
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from .helpers import free_port, wait_for
+
+
+class _Controller(Controller):
+    """aiosmtpd's Controller, counting open connections: its stop() ends the loop
+    without letting connections close, so MailServer.stop waits for them first."""
+
+    def __init__(self, handler: Any, **options: Any) -> None:
+        super().__init__(handler, **options)
+        self.open: set[SMTP] = set()
+
+    def factory(self) -> SMTP:
+        controller = self
+
+        class Counted(SMTP):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                controller.open.add(self)
+                super().connection_made(transport)
+
+            def connection_lost(self, error: Exception | None) -> None:
+                super().connection_lost(error)
+                controller.open.discard(self)
+
+        return Counted(self.handler, **self.SMTP_kwargs)
 
 
 @dataclass(frozen=True)
@@ -82,7 +106,7 @@ class MailServer:
     implicit_tls: Cert | None = None      # TLS from the first byte (smtps)
     refuse_domain: str = "refused.example"  # RCPT to this domain gets 550
     received: list[Received] = field(default_factory=list)
-    _controller: Controller | None = None
+    _controller: _Controller | None = None
 
     def url(self, user: str | None = None, password: str | None = None,
             query: str = "") -> str:
@@ -104,7 +128,7 @@ class MailServer:
             kwargs["tls_context"] = self.starttls.server_context()
         if self.implicit_tls is not None:
             kwargs["ssl_context"] = self.implicit_tls.server_context()
-        controller = Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
+        controller = _Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
         controller.start()
         self._controller = controller
 
@@ -113,7 +137,11 @@ class MailServer:
         await asyncio.to_thread(self.start)
 
     def stop(self) -> None:
+        """Stop once the clients have hung up (5 s at most)."""
         if self._controller is not None:
+            deadline = time.monotonic() + 5.0
+            while self._controller.open and time.monotonic() < deadline:
+                time.sleep(0.01)
             self._controller.stop()
             self._controller = None
 

@@ -253,3 +253,36 @@ def test_smtp_urls_that_do_not(url: str, said: str) -> None:
 ])
 def test_durations_read_as_people_say_them(seconds: float, said: str) -> None:
     assert duration_text(seconds) == said
+
+
+async def test_timeout_s_bounds_the_whole_attempt() -> None:
+    """A server answering every command a little under timeout_s still costs timeout_s
+    in all, not that for each of the seven commands of a mail."""
+    ended = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"220 slow.test ESMTP\r\n")
+            while line := await reader.readline():
+                await asyncio.sleep(0.3)
+                writer.write(b"354 go on\r\n" if line.upper().startswith(b"DATA")
+                             else b"250 OK\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            ended.set()
+
+    listener = await asyncio.start_server(slow, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        message = compose(job=job(), sender=SENDER, to=["a@example.com"], public_url="")
+        began = time.monotonic()
+        with pytest.raises(EmailError, match=r"no answer within 0\.8 s"):
+            await send(SmtpServer.parse(f"smtp://127.0.0.1:{port}"), message, timeout_s=0.8)
+        assert time.monotonic() - began < 1.5
+        await asyncio.wait_for(ended.wait(), 5)  # the client hung up
+    finally:
+        listener.close()
+        await listener.wait_closed()
