@@ -62,7 +62,7 @@ async def test_the_mail_arrives_with_subject_recipients_and_both_parts(
     for part in (plain, html):
         assert "Nightly export" in part and "disk full" in part
         assert "https://progress.example.com" in part
-    assert note["channel"] == "email" and note["attempts"] == 1
+    assert note["channel"] == "email" and note["attempts"] == 1, note
     assert metric(text, "progress_sse_notifications_delivered_total") == 1
 
 

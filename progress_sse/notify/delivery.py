@@ -188,9 +188,9 @@ class Deliverer:
             log.exception("notify.attempt_crashed", notification=d.id)
             error = f"{type(exc).__name__}: {exc}"[:300]
         else:
-            await self._quietly(self.outbox.delivered(d.id))
-            self.delivered += 1
+            self.delivered += 1  # counted before the row says so: /metrics never lags it
             self.pending = max(0, self.pending - 1)
+            await self._quietly(self.outbox.delivered(d.id))
             log.info("notify.delivered", notification=d.id, job_id=d.job_id,
                      channel=d.channel, attempts=d.attempts)
             return
@@ -203,8 +203,8 @@ class Deliverer:
         await self._quietly(self.outbox.retry(d.id, delay, error))
 
     async def _give_up(self, d: Delivery, reason: str) -> None:
-        await self._quietly(self.outbox.failed(d.id, reason))
         self.failed += 1
         self.pending = max(0, self.pending - 1)
+        await self._quietly(self.outbox.failed(d.id, reason))
         log.warning("notify.gave_up", notification=d.id, job_id=d.job_id,
                     channel=d.channel, attempts=d.attempts, reason=reason)
