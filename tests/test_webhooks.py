@@ -300,8 +300,9 @@ async def posts_per_second(url: str, job_ids: list[str], seconds: float) -> floa
 async def test_a_hanging_receiver_slows_neither_posts_nor_other_receivers(
         db: str, tmp_path: Path, receiver: Receiver) -> None:
     """40 finished jobs whose service-wide webhook never answers: posts/s in the same
-    run stays at 0.7x or more of what it was before them, a stream still gets events at
-    once, and another receiver still gets its webhook within seconds."""
+    run stays at 0.7x or more of the mean of before them and after the receiver answers
+    again, a stream still gets events at once, and another receiver still gets its
+    webhook within seconds."""
     other = Receiver().start()
     receiver.default = HANG
     environ = env(webhook_url=receiver.url, webhook_origins=other.origin,
@@ -336,12 +337,21 @@ async def test_a_hanging_receiver_slows_neither_posts_nor_other_receivers(
                             break
                 stream_s = time.monotonic() - posted
             hanging = len(receiver.requests)
+            # and without again, once the receiver answers (drift of a shared machine)
+            receiver.default = 200
+            receiver.release()
+            try:
+                await wait_for(lambda: len(receiver.successes()) >= 40, 30, what="40 webhooks")
+            except AssertionError:  # seen once, not since: say what the receiver saw
+                raise AssertionError(f"answers: {receiver.answered}") from None
+            after = await posts_per_second(svc.url, workers, 3.0)
     finally:
         other.stop()
-    print(f"posts/s before {before:.0f}, with a hanging receiver {during:.0f} "
-          f"({during / before:.2f}x); other receiver {other_s:.2f} s; stream {stream_s:.3f} s;"
-          f" {hanging} hanging attempts")
-    assert during >= 0.7 * before, (before, during)
+    without = (before + after) / 2
+    print(f"posts/s without a hanging receiver {before:.0f} and {after:.0f}, with one "
+          f"{during:.0f} ({during / without:.2f}x); other receiver {other_s:.2f} s; stream "
+          f"{stream_s:.3f} s; {hanging} hanging attempts")
+    assert during >= 0.7 * without, (before, during, after)
     assert other_s < 3 and stream_s < 1
     assert hanging <= 4  # at most per_target (2) at a time on the dead receiver
 

@@ -71,6 +71,10 @@ class Receiver:
     def url(self) -> str:
         return self.origin + "/hook"
 
+    def release(self) -> None:
+        """End the hanging requests (closed without an answer)."""
+        self._release.set()
+
     def stop(self) -> None:
         self._release.set()
         self._server.shutdown()
