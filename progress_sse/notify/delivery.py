@@ -103,6 +103,16 @@ class Deliverer:
         self._wake.set()
 
     async def _run(self) -> None:
+        """The deliverer's life: a bug in a pass is logged and the next pass goes on,
+        rather than ending every delivery of the instance."""
+        while True:
+            try:
+                await self._passes()
+            except Exception:
+                log.exception("notify.deliverer_failed")
+                await asyncio.sleep(self.policy.poll_s)
+
+    async def _passes(self) -> None:
         await self._quietly(self.outbox.recover())
         counted = -PENDING_EVERY_S
         pruned = time.monotonic()  # not at start: a restart loop would prune each time
