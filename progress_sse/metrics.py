@@ -134,7 +134,7 @@ class _Scraped(Collector):
             yield _counter("progress_sse_notifications_failed", "Notifications this instance"
                            " gave up on (retried for WEBHOOK_MAX_AGE).", d.failed)
             yield _gauge("progress_sse_notifications_pending", "Notifications waiting in the"
-                         " outbox (every instance's; read every few seconds).", d.pending)
+                         " outbox (every instance's; read every second).", d.pending)
         yield _gauge("progress_sse_store_writable", "1 unless the store knows that writes"
                      " cannot succeed now (writer not answering, last commit"
                      " failed); /healthz also probes for a lock.",

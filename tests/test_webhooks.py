@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,10 @@ async def test_a_redirect_is_not_followed(db: str, receiver: Receiver) -> None:
         assert metric(text, "progress_sse_notifications_failed_total") == 1
     finally:
         elsewhere.stop()
+
+
+async def _equal(value: Awaitable[float], expected: float) -> bool:
+    return await value == expected
 
 
 async def _status(url: str, job_id: str, status: str) -> bool:
@@ -439,13 +443,19 @@ async def test_ended_notifications_are_pruned_and_pending_ones_kept(
     try:
         settings = hooks(db, webhook_url=failing.url, webhook_origins=receiver.origin,
                          webhook_retry_min=30)
-        async with serving(settings) as (svc, _):
+        async with serving(settings) as (svc, c):
             job_id = await finished_job(svc.url, webhook=receiver.url)
             await wait_for(lambda: len(receiver.successes()) == 1 and failing.requests, 10,
                            what="both attempts")
             await wait_for(lambda: _status(svc.url, job_id, "delivered"), 5, what="delivered")
             notes = svc.ctx.notifications
             assert notes is not None
+
+            async def pending() -> float:
+                return metric((await c.get("/metrics")).text,
+                              "progress_sse_notifications_pending")
+
+            await wait_for(lambda: _equal(pending(), 1), 5, what="one pending in /metrics")
             assert await notes.outbox.prune(3600.0, 1000) == 0  # too recent
             assert await notes.outbox.prune(0.0, 1000) == 1
             left = await notifications(svc.url, job_id)

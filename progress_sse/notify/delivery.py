@@ -34,7 +34,7 @@ from .webhook import SendError
 log = structlog.get_logger("progress_sse.notify")
 
 Send = Callable[[Delivery], Awaitable[None]]  # one attempt; SendError when not taken
-PENDING_EVERY_S = 5.0  # how often the pending count (/metrics) is read again
+PENDING_EVERY_S = 1.0  # how often the pending count (/metrics) is read again
 STOP_RELEASE_S = 2.0  # at most this long letting go of interrupted rows at stop
 PRUNE_EVERY_S = 600.0  # how often ended rows older than keep_s are deleted
 PRUNE_PAGE = 1000  # rows per delete (one short transaction each)
