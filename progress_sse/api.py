@@ -19,7 +19,9 @@ from .codec import dumps
 from .errors import Conflict, InvalidInput, Unavailable
 from .jobs import Job, Outcome
 from .metrics import CONTENT_TYPE
+from .notify.origins import allowed
 from .request_headers import header
+from .settings import Settings
 from .store import Filter, Write, WriteResult
 
 B = TypeVar("B", bound=schema.Body)
@@ -39,6 +41,7 @@ async def create_job(request: Request) -> Response:
     who = require(request, CREATE)
     body = await inputs.parse(request, schema.CreateJob, ctx.settings.max_body_bytes)
     job_id = body.id or f"j_{secrets.token_hex(8)}"
+    webhook, events, emails = notify_fields(body, ctx.settings)
     token, token_hash = new_worker_token()
     spec = worker_rules.NewJob(
         id=job_id,
@@ -52,6 +55,9 @@ async def create_job(request: Request) -> Response:
         meta=body.meta or {},
         heartbeat_timeout_s=body.heartbeat_timeout_s or ctx.settings.heartbeat_timeout_s,
         token_hash=token_hash,
+        webhook=webhook,
+        webhook_events=events,
+        notify_email=emails,
     )
 
     def apply(job: Job | None, now: float) -> Outcome:
@@ -65,6 +71,21 @@ async def create_job(request: Request) -> Response:
     return json_response(dumps({"job": Fragment(result.job_json),
                                 "event_id": result.events[0].id, "worker_token": token,
                                 "created": True}), 201)
+
+
+def notify_fields(body: schema.CreateJob, settings: Settings
+                  ) -> tuple[str | None, tuple[str, ...], tuple[str, ...]]:
+    """A create's notification fields, checked against what the service allows: a
+    webhook only to a listed origin (SSRF), mail only with SMTP configured."""
+    if body.webhook is not None and not allowed(body.webhook, settings.webhook_origin_list):
+        raise InvalidInput("the webhook's origin is not one the service allows "
+                           "(WEBHOOK_ORIGINS)", field="webhook")
+    emails = body.notify_email
+    if emails and not settings.smtp_url:
+        raise InvalidInput("this service sends no mail (SMTP_URL is not set)",
+                           field="notify_email")
+    events = ("finished",) if body.webhook_events is None else tuple(body.webhook_events)
+    return body.webhook, events, tuple(emails or ())
 
 
 # ---------------------------------------------------------------- viewers
@@ -93,7 +114,10 @@ async def get_job(request: Request) -> Response:
     ctx = context_of(request)
     job = await streams.visible_job(ctx, request.path_params["job_id"],
                                     require(request, READ).owner_filter)
-    return json_response(dumps({"job": job.public(time.time()), "control": control(job)}))
+    notes = ctx.notifications
+    sent = await notes.for_job(job.id) if notes is not None else []
+    return json_response(dumps({"job": job.public(time.time()), "control": control(job),
+                                "notifications": sent}))
 
 
 async def job_events(request: Request) -> Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -27,6 +27,7 @@ from .errors import BugAnswer, ProgressError, Refused, error_response
 from .hub import Hub
 from .logs import RequestLogMiddleware
 from .metrics import Metrics
+from .notify.service import Notifications
 from .security import (
     CORS_EXPOSE,
     CORS_HEADERS,
@@ -36,7 +37,7 @@ from .security import (
     SecurityMiddleware,
 )
 from .settings import Settings
-from .store import factory
+from .store import Event, factory
 from .store.lock import DatabaseLock
 from .store.postgres_schema import Migrated, redacted
 from .streams import STREAM_HOST, StreamHost
@@ -145,6 +146,7 @@ def create_app(settings: Settings | None = None, *,
     line does it before the server starts, to refuse without a traceback)."""
     settings = settings or Settings()
     settings.validate_security()  # no unauthenticated service on a public address
+    settings.validate_webhooks()  # none unsigned
     if settings.auth == "none" and not settings.loopback:
         log.warning("auth.disabled_on_public_address", host=settings.host,
                     hint="anyone who can reach this address can read and control every job")
@@ -154,8 +156,9 @@ def create_app(settings: Settings | None = None, *,
     why_not = check_direct_writes()
     if why_not is not None:  # streams use uvicorn's public send alone: slower, as lossless
         log.warning("streams.direct_writes_off", why=why_not)
+    notes = Notifications(settings, store)
     ctx = Context(settings=settings, store=store, hub=hub, metrics=metrics,
-                  direct_writes=why_not is None)
+                  direct_writes=why_not is None, notifications=notes)
     metrics.watch(ctx)
 
     @contextlib.asynccontextmanager
@@ -163,8 +166,13 @@ def create_app(settings: Settings | None = None, *,
         # one service per file, not a damaged one; migrated (see store/guard.py)
         held = lock if lock is not None else await asyncio.to_thread(factory.prepare,
                                                                      settings.db)
+
+        def publish(events: Sequence[Event]) -> None:
+            hub.publish(events)
+            notes.committed(events)  # a finish may be due for delivery
+
         try:
-            head = await store.start(hub.publish)
+            head = await store.start(publish)
         except BaseException:
             held.release()
             raise
@@ -172,11 +180,13 @@ def create_app(settings: Settings | None = None, *,
         stalls = asyncio.create_task(control.watch_stalls(ctx), name="progress-sse-stalls")
         ticks = asyncio.create_task(hub.keep_alive(settings.keepalive_s / 3),
                                     name="progress-sse-keepalive")
+        notes.start()
         log.info("service.started", db=redacted(settings.db), head=head, auth=settings.auth)
         try:
             yield
         finally:
             hub.close()
+            await notes.stop()
             for task in (stalls, ticks):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

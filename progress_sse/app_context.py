@@ -4,6 +4,7 @@ request (`context_of`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
 
@@ -14,6 +15,9 @@ from .snapshots import Snapshots
 from .store import Store
 from .stream_quota import StreamQuota
 
+if TYPE_CHECKING:
+    from .notify.service import Notifications
+
 
 @dataclass
 class Context:
@@ -22,6 +26,7 @@ class Context:
     hub: Hub
     metrics: Metrics
     direct_writes: bool = False  # streams may write live chunks to uvicorn (uvicorn_direct)
+    notifications: Notifications | None = None  # the outbox and its deliverer (notify/)
     snapshots: Snapshots = field(init=False)
     stream_quota: StreamQuota = field(init=False)
 

@@ -78,6 +78,11 @@ class Job:
     # time the worker spent paused, left out of the estimator's clock and of history
     paused_s: float = 0.0
     paused_at: float | None = None  # when the worker acknowledged the current pause
+    # completion notifications asked for at create (notify/): private, as a URL or an
+    # address is no viewer's business
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] = ("finished",)
+    notify_email: tuple[str, ...] = ()
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with `changes`: a dict copy, far cheaper than dataclasses.replace."""
@@ -160,6 +165,9 @@ class Job:
         d.update(private)
         d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
         d["eta_state"] = eta.EtaState.from_dict(d["eta_doc"]) if d.get("eta_doc") else None
+        for name in ("webhook_events", "notify_email"):  # JSON lists
+            if name in d:
+                d[name] = tuple(d[name])
         return cls(**d)
 
 
@@ -167,7 +175,7 @@ _FIELDS = frozenset(f.name for f in dataclasses.fields(Job))
 _PRIVATE = ("owner", "token_hash", "last_seq", "last_post_at", "stage_times",
             "stage_started_at", "eta_doc", "eta_s", "eta_at", "queue_position", "wait_s",
             "announced_position", "final_event_id", "cancel_requested_at", "paused_s",
-            "paused_at")
+            "paused_at", "webhook", "webhook_events", "notify_email")
 
 
 # a rule's result: the job as changed, and the events it produced

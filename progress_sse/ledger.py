@@ -26,6 +26,7 @@ from .codec import dumps
 from .errors import Conflict, ProgressError
 from .eta import FinishedRun, estimate_wait
 from .jobs import Draft, Job
+from .notify.rules import Rule
 from .store import Event, Write, WriteResult
 from .worker_rules import check_seq, finished_run, with_estimate, with_queue_position
 
@@ -44,8 +45,9 @@ def iso(ts: float) -> str:
 class Ledger:
     """The writer's committed state, and the rules that build a batch on it."""
 
-    def __init__(self, estimate_every_s: float = 1.0) -> None:
+    def __init__(self, estimate_every_s: float = 1.0, notify: Rule | None = None) -> None:
         self.estimate_every_s = estimate_every_s
+        self.notify = notify  # the outbox rows an event asks for (notify/rules.py)
         self.jobs: dict[str, Job] = {}  # active jobs' committed state; the writer owns it
         self.queues: dict[str, list[str]] = {}  # queued job ids per queue, in order
         self.history: dict[str, list[FinishedRun]] = {}  # succeeded runs per kind
@@ -165,6 +167,9 @@ class Batch:
         # body), in id order
         self.event_rows: list[tuple[Any, ...]] = []
         self.seqs: dict[tuple[str, int, int], Event] = {}
+        # the outbox rows its events ask for (notify/): (event id, job id, channel,
+        # target, body, created at), written in the same transaction as the events
+        self.notify_rows: list[tuple[Any, ...]] = []
         self.queues: dict[str, list[str]] = {}  # copies of the queues this batch changes
         self.moved: set[str] = set()  # queues where someone left: places behind change
         self.running: dict[str, int] = {}  # jobs running per queue, counted once a batch
@@ -180,6 +185,7 @@ class Batch:
         job_json = dumps(job.public(self.now))
         job_fragment = Fragment(job_json)
         events = []
+        notify = self.ledger.notify
         for eid, d in heads:
             body = dumps({"id": eid, "job_id": job.id, "type": d.type, "ts": self.ts,
                           **d.fields, "job": job_fragment})
@@ -189,6 +195,9 @@ class Batch:
                                     d.seq, body))
             if d.seq is not None:
                 self.seqs[(job.id, job.attempt, d.seq)] = ev
+            if notify is not None and d.type != "progress":
+                for channel, target in notify(job, d):
+                    self.notify_rows.append((eid, job.id, channel, target, body, self.now))
         self.working[job.id] = job
         self.changed[job.id] = job_json
         self.events.extend(events)

@@ -126,6 +126,15 @@ class _Scraped(Collector):
         yield _counter("progress_sse_write_timeouts", "Writes answered 503 because the"
                        " store did not confirm them within the write timeout.",
                        store.timeouts)
+        notes = self.ctx.notifications
+        if notes is not None:
+            d = notes.deliverer
+            yield _counter("progress_sse_notifications_delivered", "Notifications (webhooks,"
+                           " mail) this instance delivered.", d.delivered)
+            yield _counter("progress_sse_notifications_failed", "Notifications this instance"
+                           " gave up on (retried for WEBHOOK_MAX_AGE).", d.failed)
+            yield _gauge("progress_sse_notifications_pending", "Notifications waiting in the"
+                         " outbox (every instance's; read every second).", d.pending)
         yield _gauge("progress_sse_store_writable", "1 unless the store knows that writes"
                      " cannot succeed now (writer not answering, last commit"
                      " failed); /healthz also probes for a lock.",

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from .codec import dumps
+from .notify.origins import origin
 
 MAX_NAME = 64  # ids, kinds, queues, stage keys
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
@@ -43,6 +44,9 @@ MAX_TEXT = 8000  # a log line, a finish's error
 MAX_REASON = 500
 MAX_DOC_BYTES = 16 * 1024  # `data`, `meta`, `result` each, as serialised JSON characters
 MAX_DEPTH = 8
+MAX_URL = 2000  # a job's webhook
+MAX_ADDRESS = 254  # a mail address (RFC 5321's path limit)
+MAX_EMAILS = 10  # addresses in a job's notify_email
 # query strings
 MAX_PAGE = 500  # jobs in a page
 MAX_HISTORY = 1000  # events in a page of history
@@ -129,6 +133,36 @@ Mapping = Annotated[dict[str, Any], AfterValidator(_document),
                     Field(json_schema_extra=_DOC_BOUNDS)]
 
 
+def _url(value: str) -> str:
+    if origin(value) is None:
+        raise ValueError("is not an http(s) URL such as https://hooks.example.com/progress")
+    return value
+
+
+def _address(value: str) -> str:
+    from .notify.email import check_address  # not at import: the SDK reads this module
+
+    return check_address(value)
+
+
+# the URL's origin must also be in WEBHOOK_ORIGINS (api.create_job: the settings')
+WebhookUrl = Annotated[str, StringConstraints(max_length=MAX_URL), AfterValidator(_url),
+                       Field(json_schema_extra={"format": "uri"})]
+Address = Annotated[str, StringConstraints(max_length=MAX_ADDRESS), AfterValidator(_address),
+                    Field(json_schema_extra={"format": "email"})]
+NotifyEvent = Literal["finished", "stalled"]
+
+
+def _one_or_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Addresses = Annotated[list[Address], Field(max_length=MAX_EMAILS)]
+# one address or a list of them; always a list once read
+NotifyEmail = Annotated[Addresses, BeforeValidator(_one_or_list,
+                                                   json_schema_input_type=Address | Addresses)]
+
+
 class Body(BaseModel):
     """A request body: no unknown field, no NaN or infinity in a number field."""
 
@@ -160,6 +194,13 @@ class CreateJob(Body):
     total: Amount | None = None
     meta: Mapping | None = None
     heartbeat_timeout_s: Annotated[float, Field(ge=1, le=86400)] | None = None
+    webhook: WebhookUrl | None = Field(
+        None, description="POST the job's finish here (Standard Webhooks); its origin must "
+                          "be listed in WEBHOOK_ORIGINS.")
+    webhook_events: Annotated[list[NotifyEvent], Field(max_length=2)] | None = Field(
+        None, description="What `webhook` is told of: finished (the default), stalled.")
+    notify_email: NotifyEmail | None = Field(
+        None, description="Mail the finish to this address (or these); needs SMTP.")
 
     @field_validator("stages")
     @classmethod
@@ -225,6 +266,17 @@ class Answer(BaseModel):
     until it is declared here."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class Notification(Answer):
+    """A notification of the job (notify/outbox.py), as its outbox row stands."""
+
+    channel: Literal["service_webhook", "webhook", "email"]
+    event_id: int
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_error: str | None
+    next_attempt_at: float | None = Field(description="When it is tried next (pending).")
 
 
 class StageAnswer(Answer):
@@ -320,6 +372,7 @@ class JobPage(Answer):
 class JobState(Answer):
     job: Job
     control: Control
+    notifications: list[Notification]
 
 
 class EventPage(Answer):
@@ -359,6 +412,7 @@ class Error(Answer):
 
 REQUESTS: tuple[type[Body], ...] = (CreateJob, Progress, Log, Finish, Heartbeat,
                                     ControlRequest, CancelRequest, TokenRotation)
-ANSWERS: tuple[type[Answer], ...] = (Job, Control, Event, WorkerAnswer, Created, Existing,
+ANSWERS: tuple[type[Answer], ...] = (Notification, Job, Control, Event, WorkerAnswer, Created,
+                                     Existing,
                                      JobPage, JobState, EventPage, ControlState, TokenRotated,
                                      Healthy, Unhealthy, Error)

@@ -18,6 +18,7 @@ from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
+from .notify.email import SmtpServer, check_address
 
 PREFIX = "PROGRESS_SSE_"
 # fields with no `serve` flag: a flag's value is visible to every user of the host (ps)
@@ -111,6 +112,13 @@ class Settings(BaseSettings):
         default=None, repr=False, description="whsec_... secret webhooks are signed with")
     webhook_max_age: Duration = Field(
         default=86400.0, description="retry a notification for this long, then give up")
+    webhook_timeout: Duration = Field(
+        default=10.0, gt=0, description="longest wait for one attempt's answer")
+    webhook_retry_min: Duration = Field(
+        default=5.0, gt=0, description="wait after a first failed attempt (doubled after"
+        " each, with jitter)")
+    webhook_retry_max: Duration = Field(
+        default=3600.0, gt=0, description="longest wait between two attempts")
     smtp_url: str | None = Field(
         default=None, repr=False,
         description="smtp://user:pass@host:587 for email notifications (STARTTLS if offered)")
@@ -175,6 +183,8 @@ class Settings(BaseSettings):
             raise ConfigError("; ".join(_explain(error, given) for error in exc.errors())
                               ) from None
         settings.validate_security()
+        settings.validate_email()
+        settings.validate_webhooks()
         return settings
 
     def validate_security(self) -> None:
@@ -195,6 +205,67 @@ class Settings(BaseSettings):
                     or parts.path or parts.query or parts.fragment or "*" in origin:
                 raise ConfigError(f"cors_origins: {origin!r} is not an origin such as "
                                   "https://dash.example.com (no wildcards, no path)")
+
+    def validate_email(self) -> None:
+        """Refuse an SMTP URL that does not parse, or mail with no From address."""
+        if self.public_url:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ConfigError(f"public_url: {self.public_url!r} is not a URL such as "
+                                  "https://progress.example.com")
+        if not self.smtp_url:
+            return
+        try:
+            SmtpServer.parse(self.smtp_url)
+        except ConfigError as exc:
+            raise ConfigError(f"{env_var('smtp_url')}: {exc}") from None
+        if not self.smtp_from:
+            raise ConfigError(f"{env_var('smtp_url')} needs a From address: set "
+                              f"{env_var('smtp_from')} (or {flag('smtp_from')})")
+        try:
+            check_address(self.smtp_from)
+        except ValueError as exc:
+            raise ConfigError(f"smtp_from: {exc}") from None
+
+    def validate_webhooks(self) -> None:
+        """Refuse webhooks that could not be signed, and URLs or origins that are not."""
+        if self.webhook_url:
+            parts = urlsplit(self.webhook_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"webhook_url: {self.webhook_url!r} is not a URL such as "
+                                  "https://hooks.example.com/progress")
+        for origin in self.webhook_origin_list:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc \
+                    or parts.path or parts.query or parts.fragment or "*" in origin \
+                    or "@" in parts.netloc:
+                raise ConfigError(f"webhook_origins: {origin!r} is not an origin such as "
+                                  "https://hooks.example.com (no wildcards, no path)")
+        if not (self.webhook_url or self.webhook_origin_list):
+            return
+        if not self.webhook_secret:
+            raise ConfigError(f"webhooks are configured but not their signing secret: set "
+                              f"{env_var('webhook_secret')} (whsec_ and base64)")
+        from standardwebhooks import Webhook
+
+        try:
+            if not self.webhook_secret.startswith("whsec_"):
+                raise ValueError("it does not start with whsec_")
+            Webhook(self.webhook_secret)
+        except Exception as exc:
+            raise ConfigError(f"{env_var('webhook_secret')} is not a whsec_... secret: "
+                              f"{exc}") from None
+
+    @property
+    def webhook_origin_list(self) -> tuple[str, ...]:
+        """The allowed origins, as compared (lower case, no trailing slash)."""
+        return tuple(o.strip().rstrip("/").lower() for o in self.webhook_origins.split(",")
+                     if o.strip())
+
+    @property
+    def smtp_server(self) -> SmtpServer | None:
+        """Where notification mail goes; None when SMTP is not configured."""
+        return SmtpServer.parse(self.smtp_url) if self.smtp_url else None
 
     @property
     def loopback(self) -> bool:

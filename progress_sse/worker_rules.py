@@ -30,6 +30,9 @@ class NewJob:
     meta: dict[str, Any]
     heartbeat_timeout_s: float
     token_hash: str
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] = ("finished",)
+    notify_email: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -78,6 +81,9 @@ def create_job(spec: NewJob, now: float) -> Outcome:
         stages=spec.stages,
         meta=spec.meta,
         total=spec.total,
+        webhook=spec.webhook,
+        webhook_events=spec.webhook_events,
+        notify_email=spec.notify_email,
     )
     return job, [Draft("created")]
 

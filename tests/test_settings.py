@@ -14,6 +14,7 @@ import pytest
 
 from progress_sse.cli import build_parser
 from progress_sse.cli.service import settings_of
+from progress_sse.errors import ConfigError
 from progress_sse.settings import ENV_ONLY, Settings, env_var, flag
 
 from .helpers import ROOT, ProcessService, free_port
@@ -54,6 +55,10 @@ def test_every_field_is_a_variable_and_a_serve_flag(monkeypatch: pytest.MonkeyPa
         value = other_value(name) if name != "jwt_secret" else SECRET
         with monkeypatch.context() as env:
             env.setenv(env_var("jwt_secret"), SECRET)  # so that auth=jwt is valid
+            if name == "smtp_url":  # mail needs a From address
+                env.setenv(env_var("smtp_from"), TEXT["smtp_from"])
+            if name in ("webhook_url", "webhook_origins"):  # webhooks need their secret
+                env.setenv(env_var("webhook_secret"), TEXT["webhook_secret"])
             env.setenv(env_var(name), as_text(value))
             assert getattr(Settings.load(), name) == value, env_var(name)
         if name in ENV_ONLY:
@@ -63,6 +68,7 @@ def test_every_field_is_a_variable_and_a_serve_flag(monkeypatch: pytest.MonkeyPa
             ["serve", flag(name), as_text(value)]
         with monkeypatch.context() as env:
             env.setenv(env_var("jwt_secret"), SECRET)
+            env.setenv(env_var("webhook_secret"), TEXT["webhook_secret"])
             assert getattr(settings_of(build_parser().parse_args(argv)), name) == value, argv
     help_text = subprocess.run(
         [sys.executable, "-m", "progress_sse", "serve", "--help"], cwd=ROOT, env=cli_env(),
@@ -157,3 +163,44 @@ def test_settings_read_no_environment_until_built() -> None:
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           text=True, env={**cli_env(), "PROGRESS_SSE_TAIL_SIZE": "50"})
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(("env", "said"), [
+    ({"PROGRESS_SSE_SMTP_URL": "http://u:hunter2@mail.example"},
+     "PROGRESS_SSE_SMTP_URL: the SMTP URL must start with smtp:// or smtps://, not http:"),
+    ({"PROGRESS_SSE_SMTP_URL": "smtp://u:hunter2@mail.example:99999"},
+     "PROGRESS_SSE_SMTP_URL: the SMTP URL is not a URL such as"),
+    ({"PROGRESS_SSE_SMTP_URL": "smtp://u:hunter2@mail.example?verify=maybe"},
+     "the SMTP URL's verify takes yes or no, not 'maybe'"),
+    ({"PROGRESS_SSE_SMTP_URL": "smtp://u:hunter2@mail.example"},
+     "PROGRESS_SSE_SMTP_URL needs a From address: set PROGRESS_SSE_SMTP_FROM (or --smtp-from)"),
+    ({"PROGRESS_SSE_SMTP_URL": "smtp://u:hunter2@mail.example",
+      "PROGRESS_SSE_SMTP_FROM": "progress at example"},
+     "smtp_from: 'progress at example' is not a mail address such as name@example.com"),
+    ({"PROGRESS_SSE_PUBLIC_URL": "progress.example"},
+     "public_url: 'progress.example' is not a URL such as https://progress.example.com"),
+])
+def test_mail_settings_are_checked_at_start(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], said: str) -> None:
+    """A bad SMTP URL, or mail with no From address, stops the service with a message
+    that never shows the password."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as refused:
+        Settings.load()
+    assert said in str(refused.value), refused.value
+    assert "hunter2" not in str(refused.value)
+
+
+def test_good_mail_settings_start() -> None:
+    """The usual forms are taken, and the server is parsed once, as configured."""
+    settings = Settings.load(smtp_from="Progress <progress@example.com>",
+                             public_url="https://progress.example/dash/")
+    assert settings.smtp_server is None
+    settings = Settings(smtp_url="smtps://bot%40example.com:p%3Ass@mail.example",
+                        smtp_from="progress@example.com")
+    settings.validate_email()
+    server = settings.smtp_server
+    assert server is not None and (server.host, server.port, server.implicit_tls,
+                                   server.username, server.password) == \
+        ("mail.example", 465, True, "bot@example.com", "p:ss")

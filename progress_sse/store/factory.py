@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import ConfigError
+from ..notify.rules import Targets
 from ..settings import Settings
 from . import Store
 from .lock import DatabaseLock
@@ -21,20 +22,24 @@ def _require_asyncpg() -> None:
 
 
 def open_store(settings: Settings, on_commit: Callable[[float, int], None]) -> Store:
-    """The store `settings.db` names (not started)."""
+    """The store `settings.db` names (not started); its writer adds the outbox rows of
+    the notifications the settings configure (notify/rules.py)."""
+    notify = Targets(webhook_url=settings.webhook_url, email=bool(settings.smtp_url))
     if is_postgres(settings.db):
         _require_asyncpg()
         from .postgres import PostgresStore
 
         return PostgresStore(settings.db, retention_events=settings.retention_events,
                              estimate_every_s=settings.estimate_every_s,
-                             write_timeout_s=settings.write_timeout_s, on_commit=on_commit)
+                             write_timeout_s=settings.write_timeout_s, on_commit=on_commit,
+                       notify=notify)
     from .sqlite import SQLiteStore
 
     return SQLiteStore(settings.db, synchronous=settings.synchronous,
                        retention_events=settings.retention_events,
                        estimate_every_s=settings.estimate_every_s,
-                       write_timeout_s=settings.write_timeout_s, on_commit=on_commit)
+                       write_timeout_s=settings.write_timeout_s, on_commit=on_commit,
+                       notify=notify)
 
 
 def prepare(db: str) -> DatabaseLock | Migrated:

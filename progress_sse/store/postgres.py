@@ -28,6 +28,7 @@ import structlog
 
 from ..errors import Unavailable
 from ..ledger import Ledger
+from ..notify.rules import Rule
 from . import Event, Write, WriteResult
 from .postgres_reads import PgReads
 from .postgres_schema import redacted
@@ -44,7 +45,8 @@ FAILED_HOLD_S = 30.0  # an unsettled commit keeps health at 503 this long, or un
 class PostgresStore(PgReads):
     def __init__(self, dsn: str, *, readers: int = 3, retention_events: int = 0,
                  estimate_every_s: float = 1.0, write_timeout_s: float = WRITE_TIMEOUT_S,
-                 on_commit: Callable[[float, int], None] = lambda s, n: None) -> None:
+                 on_commit: Callable[[float, int], None] = lambda s, n: None,
+                 notify: Rule | None = None) -> None:
         self.dsn = dsn
         self.readers = readers
         self.retention_events = retention_events
@@ -52,7 +54,8 @@ class PostgresStore(PgReads):
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.pool: asyncpg.Pool | None = None
         self.tail: Tail | None = None
-        self._writer = PgWriter(dsn, Ledger(estimate_every_s), write_timeout_s=write_timeout_s,
+        self._writer = PgWriter(dsn, Ledger(estimate_every_s, notify),
+                                write_timeout_s=write_timeout_s,
                                 on_events=self._committed,
                                 on_commit=self._landed)
         self._on_commit = on_commit

@@ -38,6 +38,11 @@ class PgReads:
     _body_mean: float = 512.0  # the mean length of event bodies read (sizes each read)
 
     async def _read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        return await self.read(fn)
+
+    async def read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run `fn` on a pooled connection; Unavailable when the database cannot be
+        read (also for other modules' tables: the notification outbox's)."""
         if self.pool is None:
             raise Unavailable("the store is not open")
         try:

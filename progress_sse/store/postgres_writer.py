@@ -8,8 +8,9 @@ waiting and commits it as one transaction:
    instance's last batch (taken into the ledger, see postgres_sync.py);
 2. the ledger's rules (shared with SQLite, unchanged) on those fresh rows, with ids
    from head+1;
-3. one statement: insert the events (unnest), upsert the jobs, move the head, and one
-   NOTIFY carrying only the new head;
+3. one statement: insert the events (unnest), upsert the jobs, move the head, insert
+   the notifications the events ask for (the outbox, notify/), and one NOTIFY carrying
+   only the new head;
 4. COMMIT; then answer the callers and hand the events to the tail (postgres_tail.py).
 
 Only one transaction is in flight, because the lock cannot be held across
@@ -80,6 +81,12 @@ WITH ev AS (
     queue_seq = COALESCE(excluded.queue_seq, jobs.queue_seq)
 ), hd AS (
   UPDATE event_head SET head = $24, version = $22 WHERE k = 1
+), nt AS (
+  INSERT INTO notifications (event_id, job_id, channel, target, body, created_at,
+                             next_attempt_at)
+  SELECT n.*, n.created_at FROM unnest($26::bigint[], $27::text[], $28::text[],
+                                       $29::text[], $30::text[], $31::float8[])
+       AS n(event_id, job_id, channel, target, body, created_at)
 )
 SELECT CASE WHEN $25 THEN pg_notify('progress_sse', $24::text) END
 """
@@ -309,7 +316,8 @@ class PgWriter:
         jobs = [job_row(b.working[j], js, version, seqs.get(j)) for j, js in b.changed.items()]
         jcols: list[list[Any]] = [[r[i] for r in jobs] for i in range(15)]
         head = b.next_id - 1
-        return [*cols, *jcols[:13], version, jcols[14], head, bool(rows)]
+        ncols: list[list[Any]] = [[r[i] for r in b.notify_rows] for i in range(6)]
+        return [*cols, *jcols[:13], version, jcols[14], head, bool(rows), *ncols]
 
     async def _settle(self, old: asyncpg.Connection, xid: str) -> bool | None:
         """Whether the transaction `xid` committed, asked on a new connection; None when

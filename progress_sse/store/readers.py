@@ -109,6 +109,11 @@ class SQLiteReads:
 
     _readers: Readers
 
+    async def read(self, fn: Read[T]) -> T:
+        """Run `fn` in one read transaction (see Readers): for reads of other modules'
+        tables (the notification outbox's)."""
+        return await self._readers.read(fn)
+
     async def get_job(self, job_id: str) -> Job | None:
         def read(conn: sqlite3.Connection) -> Job | None:
             row = conn.execute("SELECT doc FROM jobs WHERE id=?", (job_id,)).fetchone()

@@ -21,6 +21,9 @@ Rows = Sequence[Sequence[Any]]
 
 INSERT_EVENTS = ("INSERT INTO events (id, job_id, owner, kind, type, attempt, seq, body)"
                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+# the outbox (notify/outbox.py): a batch's notifications, due at once
+INSERT_NOTIFICATIONS = ("INSERT INTO notifications (event_id, job_id, channel, target, body,"
+                        " created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
 UPSERT_JOBS = (
     "INSERT INTO jobs (id, owner, kind, queue, status, created_at, updated_at,"
     " finished_at, last_post_at, heartbeat_timeout_s, stalled, token_hash, doc)"
@@ -52,6 +55,11 @@ def job_rows(b: Batch, committed: Mapping[str, Job]
         else:
             upserts.append(row)
     return upserts, updates
+
+
+def notification_rows(b: Batch) -> list[tuple[Any, ...]]:
+    """The batch's outbox rows for INSERT_NOTIFICATIONS (first attempt: at once)."""
+    return [(*row, row[-1]) for row in b.notify_rows]
 
 
 def job_doc(job: Job, job_json: str) -> str:

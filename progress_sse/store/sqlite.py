@@ -31,11 +31,12 @@ import structlog
 
 from ..errors import ProgressError, Unavailable
 from ..ledger import HISTORY, Ledger
+from ..notify.rules import Rule
 from . import Event, Write, WriteResult, settle
 from .health import FAILED_HOLD_S, WRITE_TIMEOUT_S, Pending, WriteHealth
 from .health import PROBE_EVERY_S as PROBE_EVERY_S  # re-exported: tests read it here
 from .readers import EVENT_COLS, Readers, SQLiteReads, read_head
-from .rows import job_from_doc, job_rows
+from .rows import job_from_doc, job_rows, notification_rows
 from .writer import Writer, WriterError
 
 log = structlog.get_logger("progress_sse.store")
@@ -64,7 +65,8 @@ class SQLiteStore(WriteHealth, SQLiteReads):
                  retention_events: int = 0, estimate_every_s: float = 1.0,
                  clock: Callable[[], float] = time.time,
                  write_timeout_s: float = WRITE_TIMEOUT_S,
-                 on_commit: Callable[[float, int], None] = lambda s, n: None) -> None:
+                 on_commit: Callable[[float, int], None] = lambda s, n: None,
+                 notify: Rule | None = None) -> None:
         self.path = path
         self._on_commit = on_commit  # each commit confirmed: seconds, writes (metrics)
         self.synchronous = synchronous.upper()
@@ -79,7 +81,7 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         self._task: asyncio.Task[None] | None = None
         self._publish: Callable[[Sequence[Event]], None] = lambda events: None
         # the job rules and the writer's memory of what is committed (see ledger.py)
-        self._ledger = Ledger(estimate_every_s)
+        self._ledger = Ledger(estimate_every_s, notify)
         self._oldest: int | None = None
         self._closing = False
         self.batches = 0  # group commits so far, and the writes they carried (for /metrics)
@@ -138,6 +140,16 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         await self._readers.read(read_head)
 
     # ------------------------------------------------------------ writes
+
+    async def side_write(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        """One statement on the writing connection, outside the log's batches (the
+        notification outbox's bookkeeping, notify/outbox_sqlite.py); its rows."""
+        if self._writer is None:
+            raise Unavailable("the store is closed")
+        try:
+            return await self._writer.fetchall(sql, args)
+        except WriterError as exc:
+            raise Unavailable(f"store write failed: {exc}") from None
 
     async def submit(self, write: Write) -> WriteResult:
         """The write's outcome, or Unavailable once write_timeout_s has passed (_expire)."""
@@ -292,7 +304,8 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         b = await ledger.build([p.write for p in batch], self._clock(), self._event_by_seq)
         commit = None
         if b.changed:
-            commit = conn.commit(b.event_rows, *job_rows(b, ledger.jobs))
+            commit = conn.commit(b.event_rows, *job_rows(b, ledger.jobs),
+                                 notification_rows(b))
             # sent (or the writer is closed: nothing is); from here on the batch's changes
             # are the writer's memory
             if self._oldest is None and b.events:

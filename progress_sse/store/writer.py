@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from .rows import INSERT_EVENTS, UPDATE_JOBS, UPSERT_JOBS, Rows
+from .rows import INSERT_EVENTS, INSERT_NOTIFICATIONS, UPDATE_JOBS, UPSERT_JOBS, Rows
 
 BUSY_TIMEOUT_MS = 5000  # how long a commit waits for another process's lock
 CLOSE_WAIT_S = 5.0  # how long close waits for the thread to finish (a stalled disk)
@@ -80,10 +80,12 @@ class Writer:
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
         await self._send(["query", sql, args])
 
-    def commit(self, events: Rows, upserts: Rows, updates: Rows) -> asyncio.Future[Any]:
-        """Send a transaction (insert events, write job rows; all or nothing); the future
-        is its answer. Sent at once: the caller need not wait for it to send the next."""
-        return self._send(["commit", events, upserts, updates])
+    def commit(self, events: Rows, upserts: Rows, updates: Rows,
+               notifications: Rows = ()) -> asyncio.Future[Any]:
+        """Send a transaction (insert events, write job rows, insert the notifications
+        the events ask for; all or nothing); the future is its answer. Sent at once: the
+        caller need not wait for it to send the next."""
+        return self._send(["commit", events, upserts, updates, notifications])
 
     def probe(self, busy_ms: int) -> asyncio.Future[Any]:
         """Send a probe: take the write lock, waiting at most `busy_ms` for another
@@ -161,12 +163,15 @@ def _open(path: str, synchronous: str) -> sqlite3.Connection:
     return conn
 
 
-def _commit(conn: sqlite3.Connection, events: Rows, upserts: Rows, updates: Rows) -> None:
+def _commit(conn: sqlite3.Connection, events: Rows, upserts: Rows, updates: Rows,
+            notifications: Rows) -> None:
     try:
         conn.execute("BEGIN")
         conn.executemany(INSERT_EVENTS, events)
         conn.executemany(UPSERT_JOBS, upserts)
         conn.executemany(UPDATE_JOBS, updates)
+        if notifications:
+            conn.executemany(INSERT_NOTIFICATIONS, notifications)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
