@@ -99,7 +99,8 @@ def test_make_run_installs_the_service_alone(tmp_path: Path) -> None:
     installs = [line for line in run.splitlines() if "pip install" in line]
     assert installs and all("[" not in line for line in installs), run
     assert f"{venv}/bin/progress-sse serve" in run
-    assert any("'.[test,lint,postgres]'" in line for line in plan("test").splitlines())
+    assert any("'.[test,lint,postgres,celery,arq]'" in line
+               for line in plan("test").splitlines())
 
 
 def test_a_postgresql_dsn_without_the_driver_is_a_message_not_a_traceback() -> None:
