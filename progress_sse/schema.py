@@ -84,7 +84,7 @@ Attempt = Annotated[int, Field(ge=1, le=MAX_ATTEMPT,
                                            "(409).")]
 
 
-def _document(value: Any) -> Any:
+def check_document(value: Any) -> Any:
     """A free JSON value: bounded in depth and size, and only numbers any peer reads back."""
     if _depth(value) > MAX_DEPTH:
         raise ValueError(f"is nested deeper than {MAX_DEPTH} levels")
@@ -128,8 +128,8 @@ def _depth(value: Any, level: int = 0) -> int:
 _DOC_BOUNDS = {"description": f"Any JSON value: at most {MAX_DOC_BYTES} characters "
                               f"serialised, {MAX_DEPTH} levels deep.",
                DOC_BYTES_KEY: MAX_DOC_BYTES, DOC_DEPTH_KEY: MAX_DEPTH}
-Document = Annotated[Any, AfterValidator(_document), WithJsonSchema(_DOC_BOUNDS)]
-Mapping = Annotated[dict[str, Any], AfterValidator(_document),
+Document = Annotated[Any, AfterValidator(check_document), WithJsonSchema(_DOC_BOUNDS)]
+Mapping = Annotated[dict[str, Any], AfterValidator(check_document),
                     Field(json_schema_extra=_DOC_BOUNDS)]
 
 

@@ -29,7 +29,7 @@ from .protocol import (
     Control,
     _fields,
     _finish_body,
-    _unreachable,
+    unreachable,
 )
 from .state import OUTAGE_RETRY_CAP_S, _JobState
 
@@ -117,7 +117,7 @@ class _JobCore(_JobState):
                 self._set_control((yield from self._client._control(
                     self._id(), token=self.token, retries=0)))
             except ProgressClientError as exc:
-                if not _unreachable(exc):
+                if not unreachable(exc):
                     raise
                 self._failed(exc)
                 yield WAKE
@@ -159,7 +159,7 @@ class _JobCore(_JobState):
                     self._id(), wait=LONG_POLL_S, pause_requested=True, token=self.token,
                     retries=0)))
             except ProgressClientError as exc:
-                if not _unreachable(exc):
+                if not unreachable(exc):
                     raise
                 self._failed(exc)
                 yield Sleep(max(0.0, self._retry_at - time.monotonic()))
@@ -203,7 +203,7 @@ class _JobCore(_JobState):
             try:
                 yield from self._post(head.what, self._stamp(head))
             except Exception as exc:
-                if _unreachable(exc):
+                if unreachable(exc):
                     self._failed(exc)
                     return False
                 self._outbox.sent(head)
@@ -254,7 +254,7 @@ class _JobCore(_JobState):
                 "POST", f"/api/jobs/{self._id()}/heartbeat", json={"attempt": self.attempt},
                 token=self.token, retries=0)
         except ProgressClientError as exc:
-            if not _unreachable(exc):
+            if not unreachable(exc):
                 raise
             self._failed(exc)
             return

@@ -150,7 +150,7 @@ def _retryable(status: int) -> bool:
     return status >= 500 or status in (408, 429)
 
 
-def _unreachable(exc: BaseException) -> bool:
+def unreachable(exc: BaseException) -> bool:
     """A failure that says nothing about the post itself: keep it and send it again later."""
     return isinstance(exc, ServiceUnavailable) or (
         isinstance(exc, APIError) and _retryable(exc.status_code))

@@ -69,8 +69,8 @@ from ..client import (
     ProgressClientError,
     StaleAttemptError,
 )
-from ..client.protocol import _unreachable
-from ..schema import _document
+from ..client.protocol import unreachable
+from ..schema import check_document
 
 __all__ = ["CREATE_FIELDS", "HEADER", "ProgressTask", "progress_task"]
 
@@ -189,7 +189,7 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
         try:
             created = self.progress_client(producer=True).create(id=task_id, **spec)
         except ProgressClientError as exc:
-            if not _unreachable(exc):  # refused (a bad field, a bad token): say so now
+            if not unreachable(exc):  # refused (a bad field, a bad token): say so now
                 raise
             log.warning("job %s: not created at enqueue (%s); the worker creates it", task_id,
                         exc)
@@ -300,7 +300,7 @@ def _start(task: ProgressTask, pc: ProgressClient, request: _Request) -> Job:
             log.info("job %s: %s; the delivery is skipped", request.id, exc)
             raise _Skip() from None
         except ProgressClientError as exc:
-            if not _unreachable(exc):
+            if not unreachable(exc):
                 log.error("job %s: the service refused it (%s); the task runs unreported",
                           request.id, exc)
                 return _Unreported(pc, request.id)
@@ -376,7 +376,7 @@ def _storable(job: Job, value: Any) -> Any:
     """The return value as the job's result, if the service can store it; else None, and
     a line in the job's log saying why."""
     try:
-        return _document(json.loads(json.dumps(value, allow_nan=False)))
+        return check_document(json.loads(json.dumps(value, allow_nan=False)))
     except (TypeError, ValueError) as exc:
         with contextlib.suppress(ProgressClientError):
             job.log(f"the task's return value is not stored as the job's result: {exc}",
