@@ -203,7 +203,8 @@ async def post_finish(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     """200 only while writes can succeed: a load balancer's question. Else 503 and why;
-    it answers within the write deadline (store.health)."""
+    it answers within the write deadline (store.health). `?verbose` adds what the log
+    keeps (the horizon, as pruning last saw it)."""
     ctx = context_of(request)
     try:
         reason = await ctx.store.health()
@@ -213,8 +214,15 @@ async def healthz(request: Request) -> Response:
         reason = exc.message
     if reason is not None:
         return json_response(dumps({"status": "unavailable", "reason": reason}), 503)
-    return json_response(dumps({"status": "ok", "head": ctx.hub.head,
-                                "streams": ctx.hub.streams}))
+    body: dict[str, object] = {"status": "ok", "head": ctx.hub.head,
+                               "streams": ctx.hub.streams}
+    if "verbose" in request.query_params:
+        pruner = ctx.store.retention
+        body["retention"] = {"horizon": pruner.retained.horizon,
+                             "oldest_event": pruner.retained.oldest,
+                             "events_pruned": pruner.expired,
+                             "events_compacted": pruner.compacted, "jobs_pruned": pruner.dropped}
+    return json_response(dumps(body))
 
 
 async def metrics(request: Request) -> Response:
