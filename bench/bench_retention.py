@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from bench.bench_service import Conn, Proc, create_jobs, post_load, service
+from progress_sse.logs import configure_logging
 from progress_sse.migrations import migrate_sqlite
 
 OLD_EVENTS = 1_000_000
@@ -82,9 +83,14 @@ async def ratio(tmp: str, secs: float, rounds: int) -> None:
           f"{time.monotonic() - started:.0f} s)")
     rates: dict[str, list[float]] = {"keep": [], "prune": []}
     for r in range(rounds):
+        # both copies made, and on disk, before either is measured: the write-back of a
+        # fresh copy would compete with the service's commits
         for kind in ("keep", "prune"):
+            shutil.copyfile(template, f"{tmp}/{kind}{r}.db")
+        os.sync()
+        # in turns, first one then the other, to share the machine's noise
+        for kind in (("keep", "prune") if r % 2 == 0 else ("prune", "keep")):
             db = f"{tmp}/{kind}{r}.db"
-            shutil.copyfile(template, db)
             extra = ["--retention-days", "0"] if kind == "keep" else []
             proc = service(db, *extra)
             jobs = await create_jobs(proc.port, WORKERS)
@@ -97,11 +103,12 @@ async def ratio(tmp: str, secs: float, rounds: int) -> None:
             rates[kind].append(rate)
             if kind == "prune":
                 assert during > 0, "nothing was pruned during the measurement"
-                left = old_left(db)
-                print(f"   round {r + 1}: without pruning {rates['keep'][-1]:6.0f}/s, pruning "
-                      f"{rate:6.0f}/s ({rate / rates['keep'][-1]:.2f}x); {during:,} events"
-                      f" pruned in the {secs:.0f} s, {left:,} old ones still left at its end")
+                pruned_in, left = during, old_left(db)
             os.remove(db)
+        keep, prune = rates["keep"][-1], rates["prune"][-1]
+        print(f"   round {r + 1}: without pruning {keep:6.0f}/s, pruning {prune:6.0f}/s"
+              f" ({prune / keep:.2f}x); {pruned_in:,} events pruned in the {secs:.0f} s,"
+              f" {left:,} old ones still left at its end")
     keep, prune = statistics.median(rates["keep"]), statistics.median(rates["prune"])
     print(f"   median: without pruning {keep:7.0f} posts/s, while pruning {prune:7.0f}"
           f" posts/s: ratio {prune / keep:.2f}  (goal >= 0.80)")
@@ -178,6 +185,7 @@ async def soak(tmp: str, seconds: float, rate: float, keep_s: float) -> None:
 
 
 async def main(only: str | None, secs: float, rounds: int, soak_s: float) -> None:
+    configure_logging("console", "warning")
     tmp = tempfile.mkdtemp(prefix="progress-sse-bench-retention-")
     print(f"progress-sse retention bench  (python {sys.version.split()[0]}, "
           f"{os.cpu_count()} cores)\n")

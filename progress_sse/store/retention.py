@@ -41,7 +41,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 import structlog
 
@@ -157,26 +157,27 @@ class Pruner:
         assert steps is not None
         self.rounds += 1
         if await steps.mark():
-            expired = await self._repeat(steps.expire, policy)
-            compacted = await self._repeat(steps.compact, policy) \
+            expired = await self._repeat(steps.expire, policy, "expired")
+            compacted = await self._repeat(steps.compact, policy, "compacted") \
                 if policy.compact_after_s else 0
-            dropped = await self._repeat(steps.drop_jobs, policy)
-            await self._repeat(steps.reclaim, policy)
-            self.expired += expired
-            self.compacted += compacted
-            self.dropped += dropped
+            dropped = await self._repeat(steps.drop_jobs, policy, "dropped")
+            await self._repeat(steps.reclaim, policy, None)
             if expired or compacted or dropped:
                 log.info("retention.pruned", events=expired, compacted=compacted,
                          jobs=dropped)
         self.retained = await steps.retained()
 
-    async def _repeat(self, step: Callable[[Policy], Awaitable[Done]], policy: Policy) -> int:
-        """Run `step` until it has nothing left, resting after each transaction."""
+    async def _repeat(self, step: Callable[[Policy], Awaitable[Done]], policy: Policy,
+                      counter: Literal["expired", "compacted", "dropped"] | None) -> int:
+        """Run `step` until it has nothing left, resting after each transaction; count
+        its rows in `counter` as it goes."""
         total = 0
         while True:
             started = time.monotonic()
             rows, more = await step(policy)
             total += rows
+            if counter is not None:
+                setattr(self, counter, getattr(self, counter) + rows)
             if not more:
                 return total
             await asyncio.sleep(max(MIN_REST_S, (time.monotonic() - started) * REST))
