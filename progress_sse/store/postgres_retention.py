@@ -40,8 +40,10 @@ class PgSteps:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise Unavailable(f"the database cannot be pruned: {exc}") from None
 
-    async def mark(self) -> bool:
+    async def mark(self, stamp: bool) -> bool:
         async def mark(conn: asyncpg.Connection) -> bool:
+            if not stamp:
+                return True
             await conn.execute(
                 "INSERT INTO retention_marks SELECT GREATEST(h.head, r.horizon), " + NOW +
                 " FROM event_head h, retention r WHERE h.k = 1 AND r.k = 1"

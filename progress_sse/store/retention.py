@@ -96,7 +96,8 @@ KEEP_ALL = Policy()
 class Steps(Protocol):
     """A store's pruning transactions; each deletes at most `policy.batch` rows."""
 
-    async def mark(self) -> bool: ...  # write a time mark; False: another instance prunes
+    # write a time mark (when `stamp`: expiry uses them); False: another instance prunes
+    async def mark(self, stamp: bool) -> bool: ...
     async def expire(self, policy: Policy) -> Done: ...
     async def compact(self, policy: Policy) -> Done: ...
     async def drop_jobs(self, policy: Policy) -> Done: ...
@@ -115,6 +116,7 @@ class Pruner:
         self.compacted = 0  # progress events compacted away
         self.dropped = 0  # jobs deleted
         self.rounds = 0
+        self.longest_s = 0.0  # the longest transaction of the last round, as awaited
         self._steps: Steps | None = None
         self._task: asyncio.Task[None] | None = None
         self._woken = asyncio.Event()
@@ -156,7 +158,8 @@ class Pruner:
         steps, policy = self._steps, self.policy
         assert steps is not None
         self.rounds += 1
-        if await steps.mark():
+        self.longest_s = 0.0
+        if await steps.mark(bool(policy.max_age_s or policy.max_events)):
             expired = await self._repeat(steps.expire, policy, "expired")
             compacted = await self._repeat(steps.compact, policy, "compacted") \
                 if policy.compact_after_s else 0
@@ -164,7 +167,7 @@ class Pruner:
             await self._repeat(steps.reclaim, policy, None)
             if expired or compacted or dropped:
                 log.info("retention.pruned", events=expired, compacted=compacted,
-                         jobs=dropped)
+                         jobs=dropped, longest_ms=round(self.longest_s * 1000, 1))
         self.retained = await steps.retained()
 
     async def _repeat(self, step: Callable[[Policy], Awaitable[Done]], policy: Policy,
@@ -175,9 +178,11 @@ class Pruner:
         while True:
             started = time.monotonic()
             rows, more = await step(policy)
+            took = time.monotonic() - started
+            self.longest_s = max(self.longest_s, took)
             total += rows
             if counter is not None:
                 setattr(self, counter, getattr(self, counter) + rows)
             if not more:
                 return total
-            await asyncio.sleep(max(MIN_REST_S, (time.monotonic() - started) * REST))
+            await asyncio.sleep(max(MIN_REST_S, took * REST))

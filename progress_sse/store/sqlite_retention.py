@@ -36,7 +36,9 @@ class SQLiteSteps:
         self.readers = readers
         self.clock = clock
 
-    async def mark(self) -> bool:
+    async def mark(self, stamp: bool) -> bool:
+        if not stamp:
+            return True
         clock = self.clock
 
         def mark(conn: sqlite3.Connection) -> None:
