@@ -107,8 +107,14 @@ async def job_events(request: Request) -> Response:
     after = inputs.query_int(request, "after", default=0, low=0, high=schema.MAX_CURSOR)
     limit = inputs.query_int(request, "limit", default=100, low=1, high=schema.MAX_HISTORY)
     head = ctx.hub.head
-    events = (await ctx.store.events_after(after, head, flt, limit)).events
-    return json_response(dumps({"events": [Fragment(e.body) for e in events], "head": head}))
+    page = await ctx.store.events_after(after, head, flt, limit)
+    answer: dict[str, object] = {}
+    while page.reset:  # `after` is older than the horizon: say so, and go on from it
+        first, _ = await ctx.store.bounds()
+        after = answer["horizon"] = max(after, (first or 1) - 1)
+        page = await ctx.store.events_after(after, head, flt, limit)
+    answer = {"events": [Fragment(e.body) for e in page.events], "head": head, **answer}
+    return json_response(dumps(answer))
 
 
 async def all_events(request: Request) -> Response:

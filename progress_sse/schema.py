@@ -325,6 +325,8 @@ class JobState(Answer):
 class EventPage(Answer):
     events: list[Event]
     head: int
+    # `after` was older than the horizon: the page starts after it, at what is kept
+    horizon: int | None = None
 
 
 class ControlState(Answer):

@@ -94,6 +94,14 @@ async def test_old_events_and_finished_jobs_go(settings: Settings) -> None:
             # nothing after the horizon is missing
             assert ids == list(range(ids[0], svc.ctx.hub.head + 1))
             assert set(newer) <= set(ids)
+            # the JSON history from before the horizon says where what is kept starts
+            r = await client.get(f"/api/jobs/{active['id']}/events", params={"after": 0})
+            page = r.json()
+            got = [e["id"] for e in page["events"]]
+            assert page["horizon"] >= state["horizon"] and got == sorted(got)
+            assert got[0] > page["horizon"] and got[-3:] == newer
+            # read after it: pruning may have gone on since, never back
+            assert set(await event_ids(db, active["id"])) <= set(got)
             m = (await client.get("/metrics")).text
             assert metric(m, "progress_sse_retention_horizon") >= last_old
             assert metric(m, "progress_sse_events_pruned_total") >= 7
