@@ -10,15 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
+import shutil
+import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 
+from progress_sse import migrations
 from progress_sse.settings import Settings
+from progress_sse.store.sqlite_retention import KEEP_FREE_PAGES
 
 from .helpers import create_job, metric, start_service, wait_for
 from .stored import fetch
@@ -374,3 +381,66 @@ async def test_pruning_under_load_loses_nothing_newer_than_the_horizon(
         last = max([c for c, _ in segments] + [got[-1][0] for _, got in segments if got])
         assert last >= max(final[j] for j in flt[name]), f"{name}: did not reach the end"
     assert total_resets > 0, "no reader was ever reset: the pauses did not outlast retention"
+
+
+# ---------------------------------------------------------------- SQLite's space
+
+
+@pytest.mark.sqlite_only("PostgreSQL leaves the space to autovacuum")
+async def test_sqlite_gives_the_space_back(settings: Settings) -> None:
+    """Once old events are pruned, the file gives its free pages back (incremental
+    vacuum), keeping a few for the next inserts, and the file shrinks."""
+    svc = await start_service(settings.model_copy(update=PRUNE))
+    db = settings.db
+    try:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=10) as client:
+            job = await create_job(client)
+            for _ in range(300):
+                await post(client, job["id"], progress=1, data={"pad": "x" * 15_000})
+            grown = file_size(db)
+            assert grown > 3_000_000
+
+            async def pruned() -> bool:
+                return await event_ids(db) == []
+
+            def given_back() -> bool:
+                with contextlib.closing(sqlite3.connect(db)) as conn:
+                    (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+                return bool(free <= KEEP_FREE_PAGES)
+
+            await wait_for(pruned, timeout=RETENTION_S + 10, what="the events pruned")
+            await wait_for(given_back, timeout=10, what="the free pages given back")
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                (vacuum,) = conn.execute("PRAGMA auto_vacuum").fetchone()
+            assert vacuum == 2  # incremental
+            assert file_size(db) < grown / 2
+    finally:
+        await svc.stop()
+
+
+def file_size(path: str) -> int:
+    return os.path.getsize(path)
+
+
+def test_an_older_file_is_switched_to_incremental_vacuum(tmp_path: Path) -> None:
+    """A file made before retention (no auto-vacuum, events pruned by count) is switched
+    once by migration 0002, keeps its rows, and its horizon starts below its oldest
+    event."""
+    old = tmp_path / "only-0001"
+    old.mkdir()
+    shutil.copy(migrations.DEFAULT_DIR / "0001_initial.sql", old)
+    db = str(tmp_path / "old.db")
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # as the older code made it
+        conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                     " name TEXT NOT NULL, applied_at REAL NOT NULL)")
+    assert migrations.migrate_sqlite(db, old) == [1]
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone() == (0,)
+        conn.executemany("INSERT INTO events VALUES (?, 'j', '', 'k', 'log', 1, NULL, '{}')",
+                         [(i,) for i in range(1, 101)])
+        conn.execute("DELETE FROM events WHERE id <= 40")  # the old retention_events
+    assert migrations.migrate_sqlite(db) == [2]
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
+        assert conn.execute("SELECT COUNT(*), MIN(id) FROM events").fetchone() == (60, 41)
+        assert conn.execute("SELECT horizon, expired FROM retention").fetchone() == (40, 40)

@@ -21,7 +21,7 @@ from .retention import COMPACT_JOBS, Done, Policy, Retained
 from .writer import Writer
 
 RECLAIM_PAGES = 256  # pages given back per transaction (1 MiB of 4 KiB pages)
-KEEP_FREE_PAGES = 1024  # free pages left for inserts to reuse (4 MiB)
+KEEP_FREE_PAGES = 256  # free pages left for inserts to reuse (1 MiB)
 INCREMENTAL = 2  # PRAGMA auto_vacuum's value for incremental vacuum
 
 HEAD = ("SELECT MAX(COALESCE((SELECT MAX(id) FROM events), 0),"
@@ -163,5 +163,11 @@ def _reclaim(conn: sqlite3.Connection) -> Done:
     step = min(free - KEEP_FREE_PAGES, RECLAIM_PAGES)
     if step <= 0:
         return 0, False
-    conn.execute(f"PRAGMA incremental_vacuum({step})").fetchall()
-    return step, free - step > KEEP_FREE_PAGES
+    # run to its end: each step of the statement frees one page, and execute() takes one
+    conn.executescript(f"PRAGMA incremental_vacuum({step});")
+    if free - step > KEEP_FREE_PAGES:
+        return step, True
+    # the file is cut at a checkpoint: one now (waiting for no reader), not at the next
+    # automatic one, which a quiet service may not reach for a long time
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    return step, False
