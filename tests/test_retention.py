@@ -111,6 +111,8 @@ async def test_old_events_and_finished_jobs_go(settings: Settings) -> None:
             assert set(await event_ids(db, active["id"])) <= set(got)
             m = (await client.get("/metrics")).text
             assert metric(m, "progress_sse_retention_horizon") >= last_old
+            assert metric(m, "progress_sse_oldest_event_id") > \
+                metric(m, "progress_sse_retention_horizon")
             assert metric(m, "progress_sse_events_pruned_total") >= 7
             assert metric(m, "progress_sse_jobs_pruned_total") == 1
     finally:

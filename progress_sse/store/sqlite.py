@@ -294,8 +294,8 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         commit = None
         if b.changed:
             commit = conn.commit(b.event_rows, *job_rows(b, ledger.jobs))
-            # sent (or the writer is closed: nothing is); from here on the batch's changes
-            # are the writer's memory
+        # sent (or the writer is closed: nothing is); from here on the batch's changes
+        # are the writer's memory
         ledger.adopt(b)
         return _Flight(batch, b.answers, b.events, commit, asyncio.get_running_loop().time())
 
