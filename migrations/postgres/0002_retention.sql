@@ -22,4 +22,6 @@ CREATE TABLE retention_marks (
 );
 INSERT INTO retention_marks SELECT head, extract(epoch FROM now()) FROM event_head;
 
+CREATE INDEX retention_marks_at ON retention_marks (at);
+
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;

@@ -91,9 +91,8 @@ class Policy:
 # what a pruning transaction did: rows deleted (pages, for reclaim), and whether more
 # is left to do
 Done = tuple[int, bool]
-
-
 KEEP_ALL = Policy()
+
 
 class Steps(Protocol):
     """A store's pruning transactions; each deletes at most `policy.batch` rows."""
@@ -183,8 +182,10 @@ class Pruner:
             took = time.monotonic() - started
             self.longest_s = max(self.longest_s, took)
             total += rows
-            if counter is not None:
+            if counter is not None and rows:
                 setattr(self, counter, getattr(self, counter) + rows)
+                assert self._steps is not None
+                self.retained = await self._steps.retained()  # /metrics follows a long round
             if not more:
                 return total
             await asyncio.sleep(max(MIN_REST_S, took * REST))
