@@ -64,6 +64,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_service.py
+	$(BIN)/python -m bench.bench_retention
 
 # PostgreSQL (one and two instances) against SQLite: needs a server at 127.0.0.1:5432
 # (or PROGRESS_SSE_BENCH_POSTGRES); see bench/bench_scale.py

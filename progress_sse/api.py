@@ -131,8 +131,14 @@ async def job_events(request: Request) -> Response:
     after = inputs.query_int(request, "after", default=0, low=0, high=schema.MAX_CURSOR)
     limit = inputs.query_int(request, "limit", default=100, low=1, high=schema.MAX_HISTORY)
     head = ctx.hub.head
-    events = (await ctx.store.events_after(after, head, flt, limit)).events
-    return json_response(dumps({"events": [Fragment(e.body) for e in events], "head": head}))
+    page = await ctx.store.events_after(after, head, flt, limit)
+    answer: dict[str, object] = {}
+    while page.reset:  # `after` is older than the horizon: say so, and go on from it
+        first, _ = await ctx.store.bounds()
+        after = answer["horizon"] = max(after, (first or 1) - 1)
+        page = await ctx.store.events_after(after, head, flt, limit)
+    answer = {"events": [Fragment(e.body) for e in page.events], "head": head, **answer}
+    return json_response(dumps(answer))
 
 
 async def all_events(request: Request) -> Response:
@@ -227,7 +233,8 @@ async def post_finish(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     """200 only while writes can succeed: a load balancer's question. Else 503 and why;
-    it answers within the write deadline (store.health)."""
+    it answers within the write deadline (store.health). `?verbose` adds what the log
+    keeps (the horizon, as pruning last saw it)."""
     ctx = context_of(request)
     try:
         reason = await ctx.store.health()
@@ -237,8 +244,15 @@ async def healthz(request: Request) -> Response:
         reason = exc.message
     if reason is not None:
         return json_response(dumps({"status": "unavailable", "reason": reason}), 503)
-    return json_response(dumps({"status": "ok", "head": ctx.hub.head,
-                                "streams": ctx.hub.streams}))
+    body: dict[str, object] = {"status": "ok", "head": ctx.hub.head,
+                               "streams": ctx.hub.streams}
+    if "verbose" in request.query_params:
+        pruner = ctx.store.retention
+        body["retention"] = {"horizon": pruner.retained.horizon,
+                             "oldest_event": pruner.retained.oldest,
+                             "events_pruned": pruner.expired,
+                             "events_compacted": pruner.compacted, "jobs_pruned": pruner.dropped}
+    return json_response(dumps(body))
 
 
 async def metrics(request: Request) -> Response:

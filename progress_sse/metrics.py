@@ -135,6 +135,18 @@ class _Scraped(Collector):
                            " gave up on (retried for WEBHOOK_MAX_AGE).", d.failed)
             yield _gauge("progress_sse_notifications_pending", "Notifications waiting in the"
                          " outbox (every instance's; read every second).", d.pending)
+        pruner = store.retention
+        yield _gauge("progress_sse_retention_horizon", "Every event after this id is kept;"
+                     " a resume from before it gets a reset snapshot (as pruning last saw"
+                     " it).", pruner.retained.horizon)
+        yield _gauge("progress_sse_oldest_event_id", "The oldest event kept (0: none), as"
+                     " pruning last saw it.", pruner.retained.oldest or 0)
+        yield _counter("progress_sse_events_pruned", "Events deleted for their age or by"
+                       " count by this instance.", pruner.expired)
+        yield _counter("progress_sse_events_compacted", "Progress events of finished jobs"
+                       " deleted by compaction by this instance.", pruner.compacted)
+        yield _counter("progress_sse_jobs_pruned", "Finished jobs deleted with their"
+                       " events by this instance.", pruner.dropped)
         yield _gauge("progress_sse_store_writable", "1 unless the store knows that writes"
                      " cannot succeed now (writer not answering, last commit"
                      " failed); /healthz also probes for a lock.",

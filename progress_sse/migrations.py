@@ -1,4 +1,12 @@
-"""Numbered SQL migrations, applied in order, each once, each in its own transaction."""
+"""Numbered SQL migrations, applied in order, each once, each in its own transaction.
+
+A new SQLite file is made with `auto_vacuum=INCREMENTAL` (it must be set before the
+first table): retention's pruner gives freed pages back to the file system a few at
+a time (store/retention.py). A file made before that (migrated to 0002 here) is
+switched by one VACUUM right after 0002 is applied: it rewrites the whole file once,
+taking time and free disk space in proportion to its size, before the service
+serves (logged as migration.vacuumed).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,8 @@ _HERE = Path(__file__).resolve().parent
 # a wheel carries the files inside the package (setup.cfg); a checkout has them at its top
 DEFAULT_DIR = _HERE / "_migrations" if (_HERE / "_migrations").is_dir() \
     else _HERE.parent / "migrations"
+VACUUM_AFTER = 2  # the migration after which a file is switched to incremental vacuum
+INCREMENTAL = 2  # PRAGMA auto_vacuum's value for it
 _NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
 
 
@@ -37,6 +47,7 @@ def migrate_sqlite(db_path: str, directory: Path = DEFAULT_DIR) -> list[int]:
     known = available(directory)
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # a no-op once a table exists
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -68,9 +79,21 @@ def migrate_sqlite(db_path: str, directory: Path = DEFAULT_DIR) -> list[int]:
                 raise ConfigError(f"migration {path.name} failed: {exc}") from exc
             log.info("migration.applied", version=version, name=path.name)
             applied.append(version)
+        if VACUUM_AFTER in applied:
+            _incremental(conn, db_path)
         return applied
     finally:
         conn.close()
+
+
+def _incremental(conn: sqlite3.Connection, db_path: str) -> None:
+    """Switch a file made without incremental auto-vacuum to it (one whole VACUUM)."""
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == INCREMENTAL:
+        return
+    started = time.monotonic()
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    conn.execute("VACUUM")
+    log.info("migration.vacuumed", db=db_path, seconds=round(time.monotonic() - started, 3))
 
 
 def _statements(sql: str) -> list[str]:

@@ -266,6 +266,8 @@ def spec(settings: Settings) -> Schema:
         "/healthz": {"get": {
             "operationId": "healthz", "tags": ["ops"], "security": [],
             "summary": "200 while writes can succeed; 503 and the reason when they cannot.",
+            "parameters": [query("verbose", {"type": "string"},
+                                 "present: add what the log keeps (`retention`)")],
             "responses": {**ok(schema.Healthy),
                           **ok(schema.Unhealthy, "Writes cannot succeed now.", 503)}}},
         "/metrics": {"get": {

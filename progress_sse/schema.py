@@ -378,6 +378,8 @@ class JobState(Answer):
 class EventPage(Answer):
     events: list[Event]
     head: int
+    # `after` was older than the horizon: the page starts after it, at what is kept
+    horizon: int | None = None
 
 
 class ControlState(Answer):
@@ -389,10 +391,21 @@ class TokenRotated(Answer):
     worker_token: str
 
 
+class RetentionState(Answer):
+    """What the log keeps, as pruning last saw it (`/healthz?verbose`)."""
+
+    horizon: int  # every event after it is kept; a resume from before it is reset
+    oldest_event: int | None
+    events_pruned: int  # by this instance, since it started
+    events_compacted: int
+    jobs_pruned: int
+
+
 class Healthy(Answer):
     status: Literal["ok"]
     head: int
     streams: int
+    retention: RetentionState | None = None  # with ?verbose
 
 
 class Unhealthy(Answer):

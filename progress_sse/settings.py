@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     compact_after: Duration = Field(
         default=0.0, description="drop a finished job's progress events this long after "
         "it finished, e.g. 1d (0: never)")
+    retention_every_s: Duration = Field(
+        default=60.0, gt=0, description="how often pruning looks for events to delete; "
+        "also how finely an event's age is known")
+    retention_batch: int = Field(
+        default=2000, ge=1, le=100_000,
+        description="rows deleted per pruning transaction (smaller: shorter write locks)")
     # completion notifications (README, "Notifications")
     webhook_url: str = Field(default="",
                              description="POST every job's finish to this URL (Standard Webhooks)")

@@ -28,7 +28,7 @@ class Taken:
 
     frame: bytes  # the whole `snapshot` event, id to blank line
     head: int  # its id: the stream goes on after it
-    oldest: int | None  # the oldest event still kept, read with it
+    oldest: int | None  # the first id after the horizon, read with it
     finished: frozenset[str]  # jobs in it whose `finished` event is at or before head
 
 
@@ -44,8 +44,12 @@ class Snapshots:
         self._swept = 0.0
         self.reads = 0  # snapshot reads made (for /metrics and tests)
 
-    async def take(self, flt: Filter, reset: bool) -> Taken:
-        """The snapshot of what `flt` shows; `reset` marks one sent instead of a resume."""
+    async def take(self, flt: Filter, reset: bool, fresh: bool = False) -> Taken:
+        """The snapshot of what `flt` shows; `reset` marks one sent instead of a resume.
+        `fresh`: read now, for a stream whose cursor was pruned under it (a shared one
+        may be from before events it has sent)."""
+        if fresh:
+            return await self._read(flt, reset)
         key = (flt, reset)
         now = self._clock()
         recent = self._recent.get(key)

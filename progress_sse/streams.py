@@ -335,19 +335,23 @@ class EventStream(Response):
             if start is not None:
                 cursor = start
             else:
-                snap = await ctx.snapshots.take(flt, reset=spec.cursor is not None)
-                await send(_body(prefix + snap.frame))
-                prefix = b""
-                self.last_write = time.monotonic()
-                cursor = snap.head
-                if spec.job_id is not None and spec.job_id in snap.finished:
-                    self.stop("finished")
+                fresh = await self._start_over(prefix, reset=spec.cursor is not None)
+                if fresh is None:
                     return
-                del snap  # up to a few hundred KiB, which no idle stream should keep
+                prefix = b""
+                cursor = fresh
         while not hub.closed:
             events = hub.after(cursor, batch)
             if events is None:  # behind the tail: read on from the store
                 page = await store.events_after(cursor, hub.head, flt, batch, budget)
+                if page.reset:  # pruned under this reader: start over, never skip
+                    log.info("stream.reset", job_id=spec.job_id, cursor=cursor)
+                    fresh = await self._start_over(prefix, reset=True, fresh=True)
+                    if fresh is None:
+                        return
+                    prefix = b""
+                    cursor = max(cursor, fresh)
+                    continue
                 matched: Sequence[Event] = page.events
                 cursor = page.upto
                 del page
@@ -381,6 +385,18 @@ class EventStream(Response):
                     self.stop("finished")
                     return
         self.stop("shutdown")
+
+    async def _start_over(self, prefix: bytes, reset: bool, fresh: bool = False
+                          ) -> int | None:
+        """Send a snapshot (`fresh`: read now, not shared with streams that opened
+        earlier); its head, or None when the stream's job ended in it (stopped)."""
+        snap = await self.ctx.snapshots.take(self.spec.flt, reset=reset, fresh=fresh)
+        await self._send(_body(prefix + snap.frame))
+        self.last_write = time.monotonic()
+        if self.spec.job_id is not None and self.spec.job_id in snap.finished:
+            self.stop("finished")
+            return None
+        return snap.head  # and not the snapshot: up to a few hundred KiB, no idle stream's
 
 
 def _within(events: list[Event], budget: int) -> list[Event]:

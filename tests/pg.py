@@ -31,7 +31,7 @@ ADMIN = os.environ.get("PROGRESS_SSE_TEST_POSTGRES",
                        "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 # tables `empty` leaves: the applied migrations, and the one-row tables it resets
-KEPT = ("schema_migrations", "event_head", "leases")
+KEPT = ("schema_migrations", "event_head", "leases", "retention")
 
 T = TypeVar("T")
 
@@ -106,7 +106,7 @@ def module_database() -> Iterator[str]:
 async def empty(dsn: str) -> None:
     """Make the database as a new one is once migrated, fast (~15 ms, where creating,
     migrating and dropping a database takes ~0.5 s): migrate (nothing to do after the
-    first time), empty every table, reset the head and the leases. Fails at once if a
+    first time), empty every table, reset the head, the leases and the horizon. Fails at once if a
     service left running still holds a table."""
     import asyncpg
 
@@ -124,6 +124,7 @@ async def empty(dsn: str) -> None:
                                + " RESTART IDENTITY")
             await conn.execute("UPDATE event_head SET head = 0, version = 0")
             await conn.execute("UPDATE leases SET holder = '', until = '-infinity'")
+            await conn.execute("UPDATE retention SET horizon = 0, expired = 0, compacted = 0")
     finally:
         await conn.close()
 

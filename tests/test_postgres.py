@@ -21,12 +21,14 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
-from progress_sse import migrations
+from progress_sse.migrations import available
 from progress_sse.settings import Settings
-from progress_sse.store import postgres_schema
+from progress_sse.store.postgres_schema import DIRECTORY
 
 from .helpers import ROOT, Service, create_job, free_port, start_service, wait_for
 from .pg import PgProcess, database, module_fixture, query, stored_ids
+
+VERSIONS = [v for v, _ in available(DIRECTORY)]  # the PostgreSQL migrations, in order
 
 module_database = module_fixture()
 
@@ -83,19 +85,18 @@ async def test_three_instances_start_at_once_on_an_empty_database(tmp_path: Path
                 async with httpx.AsyncClient(base_url=s.url) as c:
                     r = await c.get("/healthz")
                 assert r.status_code == 200, r.text
-        versions = [v for v, _ in migrations.available(postgres_schema.DIRECTORY)]
         rows = await query(dsn, "SELECT version FROM schema_migrations ORDER BY version")
-        assert [r[0] for r in rows] == versions
+        assert [r[0] for r in rows] == VERSIONS
         again = await cli("migrate", "--db", dsn)
         assert again.returncode == 0 and "nothing (up to date)" in again.stdout, again
         await query(dsn, "INSERT INTO schema_migrations VALUES (99, '0099_future.sql', now())")
         refused = await cli("migrate", "--db", dsn)
         assert refused.returncode == 2, refused
-        assert f"schema version 99, newer than this code knows ({versions[-1]})" \
+        assert f"schema version 99, newer than this code knows ({VERSIONS[-1]})" \
             in refused.stderr
     async with database() as dsn:
         fresh = await cli("migrate", "--db", dsn)
-        assert fresh.returncode == 0 and f"applied {versions}" in fresh.stdout, fresh
+        assert fresh.returncode == 0 and f"applied {VERSIONS}" in fresh.stdout, fresh
 
 
 # ---------------------------------------------------------------- delivery

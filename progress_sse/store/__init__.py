@@ -9,6 +9,8 @@ from typing import NamedTuple, Protocol
 
 from ..codec import escape_separators
 from ..jobs import Job, Outcome
+from .retention import Pruner as Pruner
+from .retention import Retained as Retained
 
 
 class Event(NamedTuple):
@@ -44,14 +46,18 @@ Apply = Callable[[Job | None, float], Outcome]
 
 class Page(NamedTuple):
     """Events read from the log, and the id up to which the read is complete: a reader's
-    cursor may move to `upto` and no further (a filtered read may end on no event)."""
+    cursor may move to `upto` and no further (a filtered read may end on no event).
+    `reset`: events after the reader's cursor were pruned under it (its cursor is older
+    than the horizon, seen in the read's own snapshot): no events, start over."""
 
     events: list[Event]
     upto: int
+    reset: bool = False
 
 
 class Snapshot(NamedTuple):
-    """Jobs as of the event `head`, and the oldest event still kept, from one read."""
+    """Jobs as of the event `head`, and the first id after the horizon (a resume from
+    before it is reset), from one read."""
 
     jobs: list[Job]
     head: int
@@ -118,6 +124,7 @@ class Store(Protocol):
     writes: int  # write requests they carried
     redone: int  # writes done again one at a time after their batch failed
     timeouts: int  # writes answered 503 at the write deadline
+    retention: Pruner  # pruning, and what the log holds as it last saw (for /metrics)
 
     async def start(self, publish: Callable[[Sequence[Event]], None]) -> int: ...
     async def close(self) -> None: ...
@@ -130,6 +137,7 @@ class Store(Protocol):
     async def events_after(
         self, after: int, upto: int, flt: Filter, limit: int, max_bytes: int = 0
     ) -> Page: ...
+    # the first id after the horizon (a resume from before it is reset) and the head
     async def bounds(self) -> tuple[int | None, int]: ...
     async def stale_jobs(self, now: float) -> list[str]: ...
     async def check(self) -> None: ...

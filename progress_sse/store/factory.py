@@ -10,6 +10,7 @@ from ..settings import Settings
 from . import Store
 from .lock import DatabaseLock
 from .postgres_schema import Migrated, is_postgres
+from .retention import Policy
 
 
 def _require_asyncpg() -> None:
@@ -29,14 +30,14 @@ def open_store(settings: Settings, on_commit: Callable[[float, int], None]) -> S
         _require_asyncpg()
         from .postgres import PostgresStore
 
-        return PostgresStore(settings.db, retention_events=settings.retention_events,
+        return PostgresStore(settings.db, retention=Policy.of(settings),
                              estimate_every_s=settings.estimate_every_s,
                              write_timeout_s=settings.write_timeout_s, on_commit=on_commit,
                        notify=notify)
     from .sqlite import SQLiteStore
 
     return SQLiteStore(settings.db, synchronous=settings.synchronous,
-                       retention_events=settings.retention_events,
+                       retention=Policy.of(settings),
                        estimate_every_s=settings.estimate_every_s,
                        write_timeout_s=settings.write_timeout_s, on_commit=on_commit,
                        notify=notify)

@@ -31,9 +31,11 @@ from ..ledger import Ledger
 from ..notify.rules import Rule
 from . import Event, Write, WriteResult
 from .postgres_reads import PgReads
+from .postgres_retention import PgSteps
 from .postgres_schema import redacted
 from .postgres_tail import Tail
 from .postgres_writer import Pending, PgWriter
+from .retention import KEEP_ALL, Policy, Pruner
 
 log = structlog.get_logger("progress_sse.store.postgres")
 
@@ -43,13 +45,13 @@ FAILED_HOLD_S = 30.0  # an unsettled commit keeps health at 503 this long, or un
 
 
 class PostgresStore(PgReads):
-    def __init__(self, dsn: str, *, readers: int = 3, retention_events: int = 0,
+    def __init__(self, dsn: str, *, readers: int = 3, retention: Policy = KEEP_ALL,
                  estimate_every_s: float = 1.0, write_timeout_s: float = WRITE_TIMEOUT_S,
                  on_commit: Callable[[float, int], None] = lambda s, n: None,
                  notify: Rule | None = None) -> None:
         self.dsn = dsn
         self.readers = readers
-        self.retention_events = retention_events
+        self.retention = Pruner(retention)  # pruning (retention.py, postgres_retention.py)
         self.write_timeout_s = write_timeout_s
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.pool: asyncpg.Pool | None = None
@@ -59,8 +61,6 @@ class PostgresStore(PgReads):
                                 on_events=self._committed,
                                 on_commit=self._landed)
         self._on_commit = on_commit
-        self._oldest: int | None = None
-        self._pruning: asyncio.Task[None] | None = None
         self.timeouts = 0
         # the Store protocol's counters (for /metrics): the writer's, copied at each commit
         self.batches = self.writes = self.redone = self.restarts = 0
@@ -80,18 +80,19 @@ class PostgresStore(PgReads):
             raise Unavailable(f"cannot connect to PostgreSQL at {redacted(self.dsn)}: {exc}"
                               ) from None
         await self._writer.start()
-        self._oldest, head = await self.bounds()
+        _, head = await self.bounds()
         self.tail = Tail(self.dsn, self.pool, head, publish)
         self.tail.start()
+        steps = PgSteps(self.pool, self.holder)
+        self.retention.start(steps, await steps.retained())
         log.info("store.postgres_started", db=redacted(self.dsn), head=head,
                  holder=self.holder)
         return head
 
     async def close(self) -> None:
         """Finish the writes already queued, then close."""
+        await self.retention.close()
         await self._writer.close()
-        if self._pruning is not None:
-            await asyncio.gather(self._pruning, return_exceptions=True)
         if self.tail is not None:
             await self.tail.close()
         if self.pool is not None:
@@ -127,22 +128,7 @@ class PostgresStore(PgReads):
     def _committed(self, events: Sequence[Event]) -> None:
         assert self.tail is not None
         self.tail.own(events)
-        if self.retention_events and self._oldest is None:
-            self._oldest = events[0].id
-        if self.retention_events and self._oldest is not None and self._pruning is None \
-                and events[-1].id - self._oldest >= self.retention_events * 1.1:
-            self._pruning = asyncio.create_task(self._prune())
-
-    async def _prune(self) -> None:
-        try:
-            kept = await self.prune(self.retention_events)
-            if kept is not None:
-                log.info("store.pruned", oldest=kept)
-            self._oldest, _ = await self.bounds()
-        except Unavailable as exc:
-            log.warning("store.prune_failed", error=exc.message)
-        finally:
-            self._pruning = None
+        self.retention.nudge(events[-1].id)
 
     # ------------------------------------------------------------ health
 

@@ -27,6 +27,9 @@ T = TypeVar("T")
 # behind read millions of rows, 8.5k events/s); a sparse filter takes more, cheap, round
 # trips
 WINDOW = 4
+# the horizon and the database's head, from one snapshot
+HORIZON_HEAD = ("SELECT (SELECT horizon FROM retention WHERE k = 1), head"
+                " FROM event_head WHERE k = 1")
 LEASE_S = 5.0  # a periodic task's lease: another instance takes it over this long after
 
 
@@ -88,10 +91,9 @@ class PgReads:
 
         async def read(conn: asyncpg.Connection) -> Snapshot:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                oldest, head = await conn.fetchrow(
-                    "SELECT (SELECT min(id) FROM events), head FROM event_head WHERE k = 1")
+                horizon, head = await conn.fetchrow(HORIZON_HEAD)
                 docs = await conn.fetch(sql, *args)
-            return Snapshot([job_from_doc(d[0]) for d in docs], head, oldest)
+            return Snapshot([job_from_doc(d[0]) for d in docs], head, horizon + 1)
 
         return await self._read(read)
 
@@ -99,7 +101,8 @@ class PgReads:
                            max_bytes: int = 0) -> Page:
         """Events with after < id <= upto that `flt` matches, in id order: at most
         `limit`, and no more once `max_bytes` of bodies are read (0: no byte bound); the
-        page may end before `upto` (at most limit * WINDOW ids are read)."""
+        page may end before `upto` (at most limit * WINDOW ids are read). A reset page
+        when `after` is older than the horizon that the read saw (pruned under it)."""
         if upto <= after:
             return Page([], after)
         # rows past the byte bound would be sent and decoded for nothing: ask for about
@@ -111,15 +114,23 @@ class PgReads:
         args += [after, upto, limit]
         n = len(args)
         where += [f"id > ${n - 2}", f"id <= ${n - 1}"]
-        sql = f"SELECT {EVENT_COLS} FROM events{_and(where)} ORDER BY id LIMIT ${n}"
+        # the horizon and the events in one statement, so from one snapshot: a prune
+        # commits both or neither (one row of NULL events when none match)
+        sql = (f"SELECT e.*, r.horizon FROM retention r LEFT JOIN LATERAL"
+               f" (SELECT {EVENT_COLS} FROM events{_and(where)} ORDER BY id LIMIT ${n}) e"
+               " ON true WHERE r.k = 1")
 
         async def read(conn: asyncpg.Connection) -> Page:
             rows = await conn.fetch(sql, *args)
+            if after < rows[0][6]:
+                return Page([], after, reset=True)  # pruned under the reader: start over
+            if rows[0][0] is None:
+                rows = []
             events: list[Event] = []
             size = 0
             build = Event.stored
             for row in rows:
-                events.append(build(*row))
+                events.append(build(*row[:6]))
                 size += len(row[5])
                 if max_bytes and size >= max_bytes:
                     break
@@ -132,13 +143,12 @@ class PgReads:
         return await self._read(read)
 
     async def bounds(self) -> tuple[int | None, int]:
-        """The oldest event still kept (None: none) and the database's head, in one
-        statement: a cursor ahead of this instance's hub but not of the database is
-        resumed, not reset (the hub catches up)."""
+        """The first id after the horizon (a resume from before it is reset) and the
+        database's head, in one statement: a cursor ahead of this instance's hub but not
+        of the database is resumed, not reset (the hub catches up)."""
         async def read(conn: asyncpg.Connection) -> tuple[int | None, int]:
-            oldest, head = await conn.fetchrow(
-                "SELECT (SELECT min(id) FROM events), head FROM event_head WHERE k = 1")
-            return oldest, head
+            horizon, head = await conn.fetchrow(HORIZON_HEAD)
+            return horizon + 1, head
 
         return await self._read(read)
 
@@ -156,25 +166,16 @@ class PgReads:
         return await self._read(read)
 
     async def _lease(self, conn: asyncpg.Connection, name: str) -> bool:
-        """Take or renew the lease `name` for LEASE_S; False while another holds it."""
-        got = await conn.fetchval(
-            "UPDATE leases SET holder = $1, until = now() + make_interval(secs => $2)"
-            " WHERE name = $3 AND (until < now() OR holder = $1) RETURNING true",
-            self.holder, LEASE_S, name)
-        return bool(got)
+        return await take_lease(conn, self.holder, name)
 
-    async def prune(self, keep: int) -> int | None:
-        """Under the retention lease, delete all but the newest `keep` events; the oldest
-        id kept, or None when another instance holds the lease."""
-        async def read(conn: asyncpg.Connection) -> int | None:
-            if not await self._lease(conn, "retention"):
-                return None
-            head = await conn.fetchval("SELECT head FROM event_head WHERE k = 1")
-            keep_from = int(head) - keep + 1
-            await conn.execute("DELETE FROM events WHERE id < $1", keep_from)
-            return keep_from
 
-        return await self._read(read)
+async def take_lease(conn: asyncpg.Connection, holder: str, name: str) -> bool:
+    """Take or renew the lease `name` for LEASE_S; False while another holds it."""
+    got = await conn.fetchval(
+        "UPDATE leases SET holder = $1, until = now() + make_interval(secs => $2)"
+        " WHERE name = $3 AND (until < now() OR holder = $1) RETURNING true",
+        holder, LEASE_S, name)
+    return bool(got)
 
 
 def _where(flt: Filter, job_column: str = "id") -> tuple[list[str], list[Any]]:

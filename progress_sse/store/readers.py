@@ -145,17 +145,18 @@ class SQLiteReads:
                " ORDER BY finished_at IS NOT NULL, updated_at DESC LIMIT ?")
 
         def read(conn: sqlite3.Connection) -> Snapshot:
-            oldest, head = conn.execute(
-                "SELECT MIN(id), COALESCE(MAX(id), 0) FROM events").fetchone()
+            first, head = _bounds(conn)
             docs = conn.execute(sql, [*args, limit]).fetchall()
-            return Snapshot([job_from_doc(d) for (d,) in docs], head, oldest)
+            return Snapshot([job_from_doc(d) for (d,) in docs], head, first)
 
         return await self._readers.read(read)
 
     async def events_after(self, after: int, upto: int, flt: Filter, limit: int,
                            max_bytes: int = 0) -> Page:
         """Events with after < id <= upto that `flt` matches, in id order: at most
-        `limit`, and no more once `max_bytes` of bodies are read (0: no byte bound)."""
+        `limit`, and no more once `max_bytes` of bodies are read (0: no byte bound).
+        A reset page when `after` is older than the horizon in this read's snapshot:
+        events after it were pruned (perhaps while the reader read its last page)."""
         where, args = _where(flt, job_column="job_id")
         where += ["id > ?", "id <= ?"]
         args += [after, upto]
@@ -163,7 +164,11 @@ class SQLiteReads:
         build = Event.stored
 
         def read(conn: sqlite3.Connection) -> Page:
-            seen = read_head(conn)  # what this snapshot holds: the read is complete up to it
+            # the horizon and the events from one snapshot: a prune commits both or neither
+            horizon, seen = conn.execute(_HORIZON_HEAD).fetchone()
+            if after < horizon:
+                return Page([], after, reset=True)
+            # `seen`: what this snapshot holds: the read is complete up to it
             events: list[Event] = []
             size = 0
             for row in conn.execute(sql, [*args, limit]):
@@ -178,13 +183,9 @@ class SQLiteReads:
         return await self._readers.read(read)
 
     async def bounds(self) -> tuple[int | None, int]:
-        """The oldest event still kept (None: none) and the newest, from one read."""
-        def read(conn: sqlite3.Connection) -> tuple[int | None, int]:
-            oldest, head = conn.execute(
-                "SELECT MIN(id), COALESCE(MAX(id), 0) FROM events").fetchone()
-            return oldest, head
-
-        return await self._readers.read(read)
+        """The first id after the horizon (a resume from before it is reset) and the
+        newest, from one read."""
+        return await self._readers.read(_bounds)
 
     async def stale_jobs(self, now: float) -> list[str]:
         def read(conn: sqlite3.Connection) -> list[str]:
@@ -196,8 +197,19 @@ class SQLiteReads:
 
 
 def read_head(conn: sqlite3.Connection) -> int:
-    """The newest event's id (0: none), in the read's snapshot."""
-    return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+    """The newest event's id (0: none; the horizon, if every event was pruned), in the
+    read's snapshot."""
+    return int(conn.execute(_HORIZON_HEAD).fetchone()[1])
+
+
+# the horizon, and the head (never below it: every event may have been pruned)
+_HORIZON_HEAD = ("SELECT horizon, MAX(horizon, COALESCE((SELECT MAX(id) FROM events), 0))"
+                 " FROM retention")
+
+
+def _bounds(conn: sqlite3.Connection) -> tuple[int | None, int]:
+    horizon, head = conn.execute(_HORIZON_HEAD).fetchone()
+    return horizon + 1, head
 
 
 def _where(flt: Filter, job_column: str = "id") -> tuple[list[str], list[Any]]:

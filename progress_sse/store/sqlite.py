@@ -36,7 +36,9 @@ from . import Event, Write, WriteResult, settle
 from .health import FAILED_HOLD_S, WRITE_TIMEOUT_S, Pending, WriteHealth
 from .health import PROBE_EVERY_S as PROBE_EVERY_S  # re-exported: tests read it here
 from .readers import EVENT_COLS, Readers, SQLiteReads, read_head
+from .retention import KEEP_ALL, Policy, Pruner
 from .rows import job_from_doc, job_rows, notification_rows
+from .sqlite_retention import HEAD, SQLiteSteps
 from .writer import Writer, WriterError
 
 log = structlog.get_logger("progress_sse.store")
@@ -62,7 +64,7 @@ class _Flight:
 
 class SQLiteStore(WriteHealth, SQLiteReads):
     def __init__(self, path: str, *, synchronous: str = "NORMAL", readers: int = 3,
-                 retention_events: int = 0, estimate_every_s: float = 1.0,
+                 retention: Policy = KEEP_ALL, estimate_every_s: float = 1.0,
                  clock: Callable[[], float] = time.time,
                  write_timeout_s: float = WRITE_TIMEOUT_S,
                  on_commit: Callable[[float, int], None] = lambda s, n: None,
@@ -70,7 +72,7 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         self.path = path
         self._on_commit = on_commit  # each commit confirmed: seconds, writes (metrics)
         self.synchronous = synchronous.upper()
-        self.retention_events = retention_events
+        self.retention = Pruner(retention)  # pruning (retention.py, sqlite_retention.py)
         self._clock = clock
         self._writer: Writer | None = None
         self._readers = Readers(path, readers)
@@ -82,7 +84,6 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         self._publish: Callable[[Sequence[Event]], None] = lambda events: None
         # the job rules and the writer's memory of what is committed (see ledger.py)
         self._ledger = Ledger(estimate_every_s, notify)
-        self._oldest: int | None = None
         self._closing = False
         self.batches = 0  # group commits so far, and the writes they carried (for /metrics)
         self.writes = 0
@@ -107,14 +108,16 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         await self._readers.open()
         head = await self._load_state()
         self._task = asyncio.create_task(self._run(), name="progress-sse-writer")
+        steps = SQLiteSteps(self._writer, self._readers, self._clock)
+        self.retention.start(steps, await steps.retained())
         return head
 
     async def _load_state(self) -> int:
         """The writer's memory of the database, as committed: the next id, the active
         jobs, the queues; the estimators' history is read again as it is needed."""
         assert self._writer is not None
-        [(oldest, head)] = await self._writer.fetchall("SELECT MIN(id), MAX(id) FROM events")
-        self._oldest = oldest
+        # after the horizon: with every event pruned, ids go on from it
+        [(head,)] = await self._writer.fetchall(HEAD)
         docs = await self._writer.fetchall(
             "SELECT doc FROM jobs WHERE status IN ('queued', 'running', 'paused', 'cancelling')"
             " ORDER BY rowid")
@@ -124,6 +127,7 @@ class SQLiteStore(WriteHealth, SQLiteReads):
     async def close(self) -> None:
         """Finish the writes already queued, then close."""
         self._closing = True
+        await self.retention.close()
         if self._task is not None:
             self._put(None)
             await self._task
@@ -269,10 +273,7 @@ class SQLiteStore(WriteHealth, SQLiteReads):
             return
         try:
             self._publish(flight.events)
-            head = flight.events[-1].id
-            if self.retention_events and self._oldest is not None \
-                    and head - self._oldest >= self.retention_events * 1.1:
-                await self._prune(head)
+            self.retention.nudge(flight.events[-1].id)
         except Exception:  # stored and answered; the writer must go on
             log.exception("store.publish_failed", first=flight.events[0].id)
 
@@ -306,19 +307,10 @@ class SQLiteStore(WriteHealth, SQLiteReads):
         if b.changed:
             commit = conn.commit(b.event_rows, *job_rows(b, ledger.jobs),
                                  notification_rows(b))
-            # sent (or the writer is closed: nothing is); from here on the batch's changes
-            # are the writer's memory
-            if self._oldest is None and b.events:
-                self._oldest = b.events[0].id
+        # sent (or the writer is closed: nothing is); from here on the batch's changes
+        # are the writer's memory
         ledger.adopt(b)
         return _Flight(batch, b.answers, b.events, commit, asyncio.get_running_loop().time())
-
-    async def _prune(self, head: int) -> None:
-        assert self._writer is not None
-        keep_from = head - self.retention_events + 1
-        await self._writer.execute("DELETE FROM events WHERE id < ?", (keep_from,))
-        self._oldest = keep_from
-        log.info("store.pruned", oldest=keep_from)
 
     async def _load_missing(self, job_ids: set[str]) -> None:
         """Feed the ledger the jobs a batch touches that it does not hold (finished ones)

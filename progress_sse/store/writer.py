@@ -24,11 +24,13 @@ import queue
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .rows import INSERT_EVENTS, INSERT_NOTIFICATIONS, UPDATE_JOBS, UPSERT_JOBS, Rows
 
+# the WAL is cut back to this when a checkpoint resets it (else it keeps its largest size)
+JOURNAL_SIZE_LIMIT = 64 << 20
 BUSY_TIMEOUT_MS = 5000  # how long a commit waits for another process's lock
 CLOSE_WAIT_S = 5.0  # how long close waits for the thread to finish (a stalled disk)
 
@@ -87,6 +89,11 @@ class Writer:
         caller need not wait for it to send the next."""
         return self._send(["commit", events, upserts, updates, notifications])
 
+    def call(self, fn: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[Any]:
+        """Send `fn` to run on the connection between commits (retention's transactions:
+        they neither wait for the write lock nor make a commit wait for it)."""
+        return self._send(["call", fn])
+
     def probe(self, busy_ms: int) -> asyncio.Future[Any]:
         """Send a probe: take the write lock, waiting at most `busy_ms` for another
         process to let go of it, and let it go. It runs after what was asked before."""
@@ -143,6 +150,8 @@ class Writer:
                         raise
                 elif kind == "resume":
                     refusing = False
+                elif kind == "call":
+                    value = request[1](conn)
                 elif kind == "probe":
                     _probe(conn, request[1])
                 else:
@@ -160,6 +169,7 @@ def _open(path: str, synchronous: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
     return conn
 
 
