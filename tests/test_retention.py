@@ -441,7 +441,7 @@ def test_an_older_file_is_switched_to_incremental_vacuum(tmp_path: Path) -> None
         conn.executemany("INSERT INTO events VALUES (?, 'j', '', 'k', 'log', 1, NULL, '{}')",
                          [(i,) for i in range(1, 101)])
         conn.execute("DELETE FROM events WHERE id <= 40")  # the old retention_events
-    assert migrations.migrate_sqlite(db) == [2]
+    assert migrations.migrate_sqlite(db) == [2, 3]
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
         assert conn.execute("SELECT COUNT(*), MIN(id) FROM events").fetchone() == (60, 41)
