@@ -23,8 +23,8 @@ from arq.jobs import Job as ArqJob
 from arq.jobs import JobStatus
 
 from progress_sse.auth import mint_token
-from progress_sse.client import APIError, AsyncProgressClient
-from progress_sse.integrations.arq import Handover, enqueue, handover_key
+from progress_sse.client import APIError, AsyncJob, AsyncProgressClient
+from progress_sse.integrations.arq import Handover, enqueue, handover_key, progress_job
 from progress_sse.settings import Settings
 from tests import arq_worker
 from tests.helpers import ROOT, ProcessService, Service, free_port, start_service, wait_for
@@ -324,6 +324,21 @@ async def test_job_timeout_ends_cancelled(arq: Arq, pc: AsyncProgressClient,
     assert job["status"] == "cancelled"
     with pytest.raises(asyncio.TimeoutError):
         await arq_job.result(timeout=10)
+
+
+@progress_job(kind="mailed", notify_email=["ops@example.com"])
+async def mailed(ctx: dict[Any, Any], job: AsyncJob) -> None:
+    """Never run: its enqueue is refused."""
+
+
+async def test_notification_fields_are_create_fields(arq: Arq, pc: AsyncProgressClient
+                                                     ) -> None:
+    """webhook, webhook_events and notify_email reach the create: this service has no
+    SMTP, so the enqueue is refused naming the field (and nothing is enqueued)."""
+    with pytest.raises(APIError) as refused:
+        await arq.enqueue(mailed, _progress=pc)
+    assert refused.value.field == "notify_email"
+    assert await arq.pool.zcard(arq.queue) == 0
 
 
 async def test_service_down_at_enqueue(arq: Arq, pc: AsyncProgressClient, service: Service,

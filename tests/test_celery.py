@@ -31,6 +31,7 @@ from celery.exceptions import TaskRevokedError
 
 from progress_sse.auth import mint_token
 from progress_sse.client import APIError
+from progress_sse.integrations.celery import progress_task
 
 from .helpers import ROOT, ProcessService, free_port
 
@@ -261,6 +262,24 @@ def test_refused_create_raises_at_enqueue(tasks: Any, api: httpx.Client) -> None
         tasks.count.apply_async((1,), task_id=task_id, progress_sse={"stages": ["a", "a"]})
     assert api.get(f"/api/jobs/{task_id}").status_code == 404
     assert tasks.app.backend.get_task_meta(task_id)["status"] == states.PENDING
+
+
+def test_notification_fields_are_create_fields(tasks: Any, api: httpx.Client) -> None:
+    """webhook, webhook_events and notify_email set the job, from the decorator or one
+    call: this service has no SMTP and no webhook origins, so it refuses each at
+    enqueue, naming it (not passed to Celery as task options and lost)."""
+    mailed = progress_task(tasks.app, name=f"mailed-{uuid.uuid4()}",
+                           notify_email="ops@example.com")(_no_work)
+    with pytest.raises(APIError) as mail:
+        mailed.delay()
+    assert mail.value.field == "notify_email"
+    with pytest.raises(APIError) as hook:
+        tasks.count.apply_async((1,), progress_sse={"webhook": "http://127.0.0.1:9/x"})
+    assert hook.value.field == "webhook"
+
+
+def _no_work(job: Any) -> None:
+    """A task body that is never run."""
 
 
 def test_expired_task_cancels_its_job(tasks: Any, api: httpx.Client) -> None:

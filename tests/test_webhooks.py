@@ -19,6 +19,7 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from progress_sse.client import APIError, AsyncProgressClient, ProgressClient
 from progress_sse.errors import ConfigError
 from progress_sse.settings import Settings
 from progress_sse.store.postgres_schema import is_postgres
@@ -462,3 +463,30 @@ async def test_ended_notifications_are_pruned_and_pending_ones_kept(
     finally:
         failing.stop()
     assert [(n["channel"], n["status"]) for n in left] == [("service_webhook", "pending")]
+
+
+async def test_the_sdk_asks_for_notifications(db: str, receiver: Receiver) -> None:
+    """The SDK's create and job() carry webhook, webhook_events and notify_email, in
+    both drivers: the finish of each job reaches its webhook; mail without SMTP is
+    refused naming the field."""
+    async with serving(hooks(db, webhook_origins=receiver.origin)) as (svc, _):
+        async with AsyncProgressClient(svc.url) as apc:
+            async with apc.job(kind="aio", webhook=receiver.url + "/aio",
+                               webhook_events=["finished"]) as job:
+                await job.progress(50)
+            created = await apc.create(kind="made", webhook=receiver.url + "/made")
+            made = apc.attach(created.job["id"], token=created.worker_token)
+            await made.finish("failed", error="boom")
+            with pytest.raises(APIError) as refused:
+                await apc.create(notify_email=["ops@example.com"])
+            assert refused.value.field == "notify_email"
+
+        def sync_job() -> None:
+            with ProgressClient(svc.url) as pc, \
+                    pc.job(kind="sync", webhook=receiver.url + "/sync") as job:
+                job.progress(50)
+        await asyncio.to_thread(sync_job)
+        await wait_for(lambda: len(receiver.requests) >= 3, 15, what="three webhooks")
+    seen = sorted((r.path, json.loads(r.body)["job"]["status"]) for r in receiver.requests)
+    assert seen == [("/hook/aio", "succeeded"), ("/hook/made", "failed"),
+                    ("/hook/sync", "succeeded")]

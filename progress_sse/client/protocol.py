@@ -202,12 +202,17 @@ def _merge(pending: dict[str, Any] | None, update: dict[str, Any]) -> dict[str, 
 
 def _job_spec(*, kind: str, title: str, queue: str | None, stages: Sequence[StageSpec] | None,
               total: float | None, meta: Mapping[str, Any] | None, id: str | None,
-              heartbeat_timeout_s: float | None) -> dict[str, Any]:
+              heartbeat_timeout_s: float | None, webhook: str | None = None,
+              webhook_events: Sequence[str] | None = None,
+              notify_email: str | Sequence[str] | None = None) -> dict[str, Any]:
     """The create body; a client-made id makes a retried create safe."""
     return _fields(id=id or f"j_{secrets.token_hex(8)}", kind=kind, title=title, queue=queue,
                    stages=[dict(s) if isinstance(s, Mapping) else s for s in stages or ()] or None,
                    total=total, meta=dict(meta) if meta else None,
-                   heartbeat_timeout_s=heartbeat_timeout_s)
+                   heartbeat_timeout_s=heartbeat_timeout_s, webhook=webhook,
+                   webhook_events=None if webhook_events is None else list(webhook_events),
+                   notify_email=notify_email if notify_email is None
+                   or isinstance(notify_email, str) else list(notify_email))
 
 
 def _control_params(wait: float, cancel_requested: bool, pause_requested: bool

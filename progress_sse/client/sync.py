@@ -84,11 +84,14 @@ class ProgressClient(_ClientCore[httpx.BaseTransport]):
     def create(self, *, kind: str = "job", title: str = "", queue: str | None = None,
                stages: Sequence[StageSpec] | None = None, total: float | None = None,
                meta: Mapping[str, Any] | None = None, id: str | None = None,
-               heartbeat_timeout_s: float | None = None) -> CreatedJob:
+               heartbeat_timeout_s: float | None = None, webhook: str | None = None,
+            webhook_events: Sequence[str] | None = None,
+            notify_email: str | Sequence[str] | None = None) -> CreatedJob:
         """Create a queued job for some worker to attach to."""
         return self._drive(self._create(_job_spec(
             kind=kind, title=title, queue=queue, stages=stages, total=total, meta=meta, id=id,
-            heartbeat_timeout_s=heartbeat_timeout_s)), self._perform)
+            heartbeat_timeout_s=heartbeat_timeout_s, webhook=webhook,
+            webhook_events=webhook_events, notify_email=notify_email)), self._perform)
 
     def get(self, job_id: str) -> dict[str, Any]:
         """The job's current state."""
@@ -163,10 +166,14 @@ class ProgressClient(_ClientCore[httpx.BaseTransport]):
     def job(self, *, kind: str = "job", title: str = "", queue: str | None = None,
             stages: Sequence[StageSpec] | None = None, total: float | None = None,
             meta: Mapping[str, Any] | None = None, id: str | None = None,
-            heartbeat_timeout_s: float | None = None) -> Job:
+            heartbeat_timeout_s: float | None = None, webhook: str | None = None,
+            webhook_events: Sequence[str] | None = None,
+            notify_email: str | Sequence[str] | None = None) -> Job:
         """A job created when its block is entered, and finished when the block is left."""
         spec = _job_spec(kind=kind, title=title, queue=queue, stages=stages, total=total,
-                         meta=meta, id=id, heartbeat_timeout_s=heartbeat_timeout_s)
+                         meta=meta, id=id, heartbeat_timeout_s=heartbeat_timeout_s,
+                         webhook=webhook, webhook_events=webhook_events,
+                         notify_email=notify_email)
         return Job(self, job_id=None, token=None, attempt=None, spec=spec)
 
     def attach(self, job_id: str, *, token: str | None = None, attempt: int | None = None) -> Job:

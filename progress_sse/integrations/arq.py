@@ -87,12 +87,17 @@ class JobSpec:
     total: float | None = None
     meta: Mapping[str, Any] | None = None
     heartbeat_timeout_s: float | None = None
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] | None = None
+    notify_email: str | tuple[str, ...] | None = None
 
     async def create(self, pc: AsyncProgressClient, job_id: str) -> CreatedJob:
         """Create the job with this id; a repeat answers the existing job."""
         return await pc.create(kind=self.kind, title=self.title, queue=self.queue,
                                stages=self.stages or None, total=self.total, meta=self.meta,
-                               id=job_id, heartbeat_timeout_s=self.heartbeat_timeout_s)
+                               id=job_id, heartbeat_timeout_s=self.heartbeat_timeout_s,
+                               webhook=self.webhook, webhook_events=self.webhook_events,
+                               notify_email=self.notify_email)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "stages": [
@@ -100,7 +105,9 @@ class JobSpec:
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> JobSpec:
-        return cls(**{**doc, "stages": tuple(doc.get("stages") or ())})
+        lists = {k: tuple(v) for k in ("stages", "webhook_events", "notify_email")
+                 if isinstance(v := doc.get(k), list)}
+        return cls(**{**doc, "stages": (), **lists})
 
 
 class ProgressFunction(Protocol[P, R_co]):
@@ -249,7 +256,10 @@ async def _abandon(pc: AsyncProgressClient | None, job_id: str, reason: str) -> 
 def progress_job(*, kind: str | None = None, title: str = "",
                  stages: Sequence[StageSpec] | None = None, total: float | None = None,
                  meta: Mapping[str, Any] | None = None,
-                 heartbeat_timeout_s: float | None = None, max_tries: int = ARQ_MAX_TRIES
+                 heartbeat_timeout_s: float | None = None, webhook: str | None = None,
+                 webhook_events: Sequence[str] | None = None,
+                 notify_email: str | Sequence[str] | None = None,
+                 max_tries: int = ARQ_MAX_TRIES
                  ) -> Callable[[JobFunction[P, R]], ProgressFunction[P, R]]:
     """Make `async def f(ctx, job, ...)` an ARQ function whose job reports to progress-sse.
 
@@ -266,7 +276,10 @@ def progress_job(*, kind: str | None = None, title: str = "",
     def decorate(fn: JobFunction[P, R]) -> ProgressFunction[P, R]:
         spec = JobSpec(kind=kind or fn.__name__, title=title, stages=tuple(stages or ()),
                        total=total, meta=dict(meta) if meta else None,
-                       heartbeat_timeout_s=heartbeat_timeout_s)
+                       heartbeat_timeout_s=heartbeat_timeout_s, webhook=webhook,
+                       webhook_events=None if webhook_events is None else tuple(webhook_events),
+                       notify_email=notify_email if notify_email is None
+                       or isinstance(notify_email, str) else tuple(notify_email))
 
         async def run(ctx: dict[Any, Any], *args: P.args, **kwargs: P.kwargs) -> R | None:
             return await _Run(ctx, spec, max_tries).run(

@@ -78,7 +78,8 @@ log = logging.getLogger("progress_sse.integrations.celery")
 
 HEADER = "progress_sse"  # the message header that carries the job's hand-over
 OPTION = "progress_sse"  # apply_async(..., progress_sse={...}): create fields for one call
-CREATE_FIELDS = frozenset({"kind", "title", "stages", "total", "meta", "heartbeat_timeout_s"})
+CREATE_FIELDS = frozenset({"kind", "title", "stages", "total", "meta", "heartbeat_timeout_s",
+                           "webhook", "webhook_events", "notify_email"})
 ENQUEUE_TIMEOUT_S = 3.0  # enqueue waits at most this long for the service
 DEFAULT_START_TIMEOUT_S = 60.0
 
@@ -212,8 +213,8 @@ class ProgressTask(Task):  # type: ignore[misc]  # celery ships no type informat
 def progress_task(app: Celery, **fields: Any) -> Callable[[Callable[..., Any]], Any]:
     """A decorator: the function becomes a Celery task of `app` whose first argument is
     its attached SDK job. Create fields (kind, title, stages, total, meta,
-    heartbeat_timeout_s) set the job; every other keyword goes to `app.task` (name,
-    queue, autoretry_for, acks_late, ...)."""
+    heartbeat_timeout_s, webhook, webhook_events, notify_email) set the job; every other
+    keyword goes to `app.task` (name, queue, autoretry_for, acks_late, ...)."""
     create = {k: v for k, v in fields.items() if k in CREATE_FIELDS}
     options = {k: v for k, v in fields.items() if k not in CREATE_FIELDS}
     task_revoked.connect(_on_revoked, weak=False, dispatch_uid=f"{__name__}.revoked")
