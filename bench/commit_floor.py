@@ -33,7 +33,7 @@ def _paced_commits(path: str, rate: float, seconds: float) -> float:
     cpu0, t0 = time.process_time(), time.monotonic()
     for i in range(1, n + 1):
         _commit(conn, [(i, "j", "o", "k", "progress", 1, None, DOC)], [],
-                [(float(i), float(i), 0, "t", DOC, "j")])
+                [(float(i), float(i), 0, "t", DOC, "j")], [])
         time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
     cpu = time.process_time() - cpu0
     conn.close()
