@@ -46,6 +46,7 @@ UVICORN_LOWEST := $(shell sed -n 's/.*uvicorn\[standard\]>=\([0-9.]*\),.*/\1/p' 
 VENV_LOWEST := .venv-uvicorn-$(UVICORN_LOWEST)
 test-lowest-uvicorn: $(NODE_STAMP)
 	test -x $(VENV_LOWEST)/bin/python || $(PYTHON) -m venv $(VENV_LOWEST)
+	$(VENV_LOWEST)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV_LOWEST)/bin/python -m pip install --quiet -e '.[test,postgres,celery,arq]' \
 	    'uvicorn[standard]==$(UVICORN_LOWEST)'
 	$(VENV_LOWEST)/bin/python -c 'import uvicorn; print("uvicorn", uvicorn.__version__)'
