@@ -145,6 +145,12 @@ class MailServer:
             self._controller.stop()
             self._controller = None
 
+    async def wait_idle(self, timeout: float = 5.0) -> None:
+        """Until every client has hung up: a TLS client's shutdown runs on the test's
+        loop, which must keep running until it is done."""
+        await wait_for(lambda: self._controller is None or not self._controller.open,
+                       timeout=timeout, what="the SMTP clients to hang up")
+
     async def wait_for_mail(self, count: int = 1, timeout: float = 5.0) -> list[Received]:
         await wait_for(lambda: len(self.received) >= count, timeout=timeout,
                        what=f"{count} mail(s) at the SMTP server")
@@ -166,13 +172,20 @@ class MailServer:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         message = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
         self.received.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos),
-                                      message, raw, session.ssl is not None))
+                                      message, raw, self._encrypted(server, session)))
         return "250 Message accepted for delivery"
+
+    @staticmethod
+    def _encrypted(server: SMTP, session: Session) -> bool:
+        """After STARTTLS (session.ssl), or TLS from the start (the transport's)."""
+        transport = server.transport
+        return session.ssl is not None or (
+            transport is not None and transport.get_extra_info("ssl_object") is not None)
 
     def _authenticate(self, server: Any, session: Session, envelope: Envelope,
                       mechanism: str, auth_data: Any) -> AuthResult:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid, parseaddr
+from email.utils import formataddr, formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -107,7 +107,7 @@ def check_address(text: str) -> str:
     else ValueError saying why."""
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise ValueError("a mail address cannot hold control characters or line breaks")
-    _, spec = parseaddr(text)
+    _, spec = _split(text)
     local, at, domain = spec.rpartition("@")
     if not (at and local and domain) or ("." not in domain.strip(".")
                                          and domain != "localhost"):
@@ -129,8 +129,8 @@ def compose(*, job: Mapping[str, Any], sender: str, to: Sequence[str], public_ur
     status = _one_line(str(job.get("status", "")))
     lines = _facts(job, name, public_url)
     message = EmailMessage()
-    message["From"] = _one_line(sender)
-    message["To"] = ", ".join(_one_line(address) for address in to)
+    message["From"] = _address(sender)
+    message["To"] = ", ".join(_address(address) for address in to)
     mark = _MARKS.get(status)
     short = name if len(name) <= SUBJECT_CHARS else name[:SUBJECT_CHARS - 1] + "…"
     message["Subject"] = f"{mark + ' ' if mark else ''}{short} {status}"
@@ -240,13 +240,32 @@ def _html(name: str, status: str, facts: list[tuple[str, str]]) -> str:
 
 
 def _message_id(key: str | None, sender: str) -> str:
-    domain = parseaddr(sender)[1].rpartition("@")[2] or "progress-sse.invalid"
+    domain = _split(sender)[1].rpartition("@")[2] or "progress-sse.invalid"
     if key is None:
         return make_msgid(domain=domain)
     key = _one_line(key).replace(" ", "")
     if key.startswith("<") and key.endswith(">"):
         return key
     return f"<{key}@{domain}>" if "@" not in key else f"<{key}>"
+
+
+def _address(text: str) -> str:
+    """One address for a header: a display name holding a comma is quoted."""
+    name, spec = _split(_one_line(text))
+    return formataddr((name, spec)) if name else spec
+
+
+def _split(text: str) -> tuple[str, str]:
+    """(display name, address) of ONE address: `Smith, Bob <bob@example.org>` is
+    one (parseaddr would read two)."""
+    text = text.strip()
+    if text.endswith(">") and "<" in text:
+        name, _, spec = text[:-1].rpartition("<")
+        name = name.strip()
+        if len(name) >= 2 and name[0] == name[-1] == '"':
+            name = name[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        return name, spec.strip()
+    return "", text
 
 
 def _one_line(text: str) -> str:
