@@ -145,8 +145,7 @@ def create_app(settings: Settings | None = None, *,
     `lock`: the database, already locked and migrated by guard.prepare (the command
     line does it before the server starts, to refuse without a traceback)."""
     settings = settings or Settings()
-    settings.validate_security()  # no unauthenticated service on a public address
-    settings.validate_webhooks()  # none unsigned
+    settings.validate_all()  # no unauthenticated service on a public address, no unsigned webhook
     if settings.auth == "none" and not settings.loopback:
         log.warning("auth.disabled_on_public_address", host=settings.host,
                     hint="anyone who can reach this address can read and control every job")

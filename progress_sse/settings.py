@@ -188,10 +188,15 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise ConfigError("; ".join(_explain(error, given) for error in exc.errors())
                               ) from None
-        settings.validate_security()
-        settings.validate_email()
-        settings.validate_webhooks()
+        settings.validate_all()
         return settings
+
+    def validate_all(self) -> None:
+        """Every check a configuration must pass before the service touches anything:
+        `load`, `serve` and create_app each run all of them."""
+        self.validate_security()
+        self.validate_email()
+        self.validate_webhooks()
 
     def validate_security(self) -> None:
         """Refuse configurations that would expose the service without authentication."""
@@ -205,20 +210,11 @@ class Settings(BaseSettings):
             raise ConfigError(
                 f"refusing to serve {self.host!r} without authentication: set "
                 f"{env_var('jwt_secret')}, listen on 127.0.0.1, or pass {flag('insecure')}")
-        for origin in self.cors_origin_list:
-            parts = urlsplit(origin)
-            if parts.scheme not in ("http", "https") or not parts.netloc \
-                    or parts.path or parts.query or parts.fragment or "*" in origin:
-                raise ConfigError(f"cors_origins: {origin!r} is not an origin such as "
-                                  "https://dash.example.com (no wildcards, no path)")
+        _check_origins("cors_origins", self.cors_origin_list, "https://dash.example.com")
 
     def validate_email(self) -> None:
         """Refuse an SMTP URL that does not parse, or mail with no From address."""
-        if self.public_url:
-            parts = urlsplit(self.public_url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ConfigError(f"public_url: {self.public_url!r} is not a URL such as "
-                                  "https://progress.example.com")
+        _check_url("public_url", self.public_url, "https://progress.example.com")
         if not self.smtp_url:
             return
         try:
@@ -235,18 +231,8 @@ class Settings(BaseSettings):
 
     def validate_webhooks(self) -> None:
         """Refuse webhooks that could not be signed, and URLs or origins that are not."""
-        if self.webhook_url:
-            parts = urlsplit(self.webhook_url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(f"webhook_url: {self.webhook_url!r} is not a URL such as "
-                                  "https://hooks.example.com/progress")
-        for origin in self.webhook_origin_list:
-            parts = urlsplit(origin)
-            if parts.scheme not in ("http", "https") or not parts.netloc \
-                    or parts.path or parts.query or parts.fragment or "*" in origin \
-                    or "@" in parts.netloc:
-                raise ConfigError(f"webhook_origins: {origin!r} is not an origin such as "
-                                  "https://hooks.example.com (no wildcards, no path)")
+        _check_url("webhook_url", self.webhook_url, "https://hooks.example.com/progress")
+        _check_origins("webhook_origins", self.webhook_origin_list, "https://hooks.example.com")
         if not (self.webhook_url or self.webhook_origin_list):
             return
         if not self.webhook_secret:
@@ -287,6 +273,24 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
         return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
+
+
+def _check_url(name: str, url: str, example: str) -> None:
+    """An http(s) URL with a host, or nothing."""
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{name}: {url!r} is not a URL such as {example}")
+
+
+def _check_origins(name: str, origins: tuple[str, ...], example: str) -> None:
+    """Each an origin: scheme and host (and port), nothing else, no wildcard."""
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or "@" in parts.netloc \
+                or parts.path or parts.query or parts.fragment or "*" in origin:
+            raise ConfigError(f"{name}: {origin!r} is not an origin such as {example} "
+                              "(no wildcards, no path)")
 
 
 def env_var(name: str) -> str:

@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_of(args)
     configure_logging(settings.log_format, settings.log_level)
-    settings.validate_security()  # before the database is touched (create_app checks too)
+    settings.validate_all()  # before the database is touched (create_app checks too)
     try:
         sockets = bind(settings.host, settings.port)  # before the database and the log
     except PortInUse as exc:
